@@ -214,6 +214,17 @@ func validateAttributes(e event.Event) (*typeInfo, error) {
 	if v := e.SpecVersion(); v != event.CloudEventsVersionV1 {
 		return nil, invalid("specversion", "must be %q, got %q", event.CloudEventsVersionV1, v)
 	}
+	// Setter errors (e.g. a source that is not a URI-reference) say more than the "REQUIRED" the
+	// context check then reports for the same field.
+	if len(e.FieldErrors) > 0 {
+		fields := make([]string, 0, len(e.FieldErrors))
+		for f := range e.FieldErrors {
+			fields = append(fields, f)
+		}
+		sort.Strings(fields)
+		err := e.FieldErrors[fields[0]]
+		return nil, &ValidationError{Field: fields[0], Reason: err.Error(), Err: err}
+	}
 	if err := e.Validate(); err != nil {
 		var ce event.ValidationError
 		if errors.As(err, &ce) && len(ce) > 0 {
@@ -272,7 +283,7 @@ func eventSize(e event.Event) int {
 }
 
 // schemaError turns a JSON Schema validation error into one *ValidationError: the first problem
-// by field path, with a count of the others.
+// by field path, naming up to three others in its reason.
 func schemaError(verr *jsonschema.ValidationError) *ValidationError {
 	var probs []*ValidationError
 	collectSchemaErrors(verr, &probs)
@@ -282,7 +293,15 @@ func schemaError(verr *jsonschema.ValidationError) *ValidationError {
 	sort.SliceStable(probs, func(i, j int) bool { return probs[i].Field < probs[j].Field })
 	first := *probs[0]
 	if len(probs) > 1 {
-		first.Reason += fmt.Sprintf(" (and %d more problem(s))", len(probs)-1)
+		var also []string
+		for i, p := range probs[1:] {
+			if i == 3 {
+				also = append(also, fmt.Sprintf("%d more", len(probs)-4))
+				break
+			}
+			also = append(also, p.Field+": "+p.Reason)
+		}
+		first.Reason += " (also " + strings.Join(also, "; ") + ")"
 	}
 	first.Err = verr
 	return &first
