@@ -1,0 +1,162 @@
+package consumers_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/integration/natstest"
+	"github.com/drover-io/drover/producers"
+	"github.com/drover-io/drover/schemas"
+)
+
+// testConfig is a runtime configuration scaled down so that several ack
+// deadlines fit in a test.
+func testConfig() consumers.Config {
+	return consumers.Config{
+		AckWait:       900 * time.Millisecond,
+		LeaseTTL:      900 * time.Millisecond,
+		MaxDeliver:    5,
+		BackoffBase:   50 * time.Millisecond,
+		BackoffMax:    400 * time.Millisecond,
+		FetchWait:     200 * time.Millisecond,
+		ShutdownGrace: 500 * time.Millisecond,
+		LeaseWait:     20 * time.Second,
+	}
+}
+
+type env struct {
+	t   *testing.T
+	srv *natstest.Server
+	js  jetstream.JetStream
+	pub *producers.Publisher
+}
+
+func newEnv(t *testing.T) *env {
+	srv := natstest.Start(t)
+	nc := natstest.Connect(t, srv.URL())
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, _, err = consumers.Setup(context.Background(), js, testConfig(),
+		schemas.WorkflowMaintenance, schemas.WorkflowRecovery, schemas.WorkflowMigration)
+	require.NoError(t, err)
+	return &env{t: t, srv: srv, js: js, pub: &producers.Publisher{JS: js}}
+}
+
+// runtime is one drover process: its own connection and runtime.
+type runtime struct {
+	nc     *nats.Conn
+	rt     *consumers.Runtime
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func (e *env) start(cfg consumers.Config, wfs ...consumers.Workflow) *runtime {
+	e.t.Helper()
+	nc := natstest.Connect(e.t, e.srv.URL(), nats.MaxReconnects(0))
+	rt, err := consumers.NewRuntime(nc, cfg, zerolog.New(zerolog.NewTestWriter(e.t)).Level(zerolog.InfoLevel),
+		consumers.NewMetrics(prometheus.NewRegistry()), wfs...)
+	require.NoError(e.t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &runtime{nc: nc, rt: rt, cancel: cancel, done: make(chan error, 1)}
+	go func() { r.done <- rt.Start(ctx) }()
+	e.t.Cleanup(func() { r.stop(e.t) })
+	return r
+}
+
+// stop asks the runtime to shut down and waits for Start to return.
+func (r *runtime) stop(t *testing.T) error {
+	r.cancel()
+	select {
+	case err, ok := <-r.done:
+		if ok {
+			close(r.done)
+		}
+		return err
+	case <-time.After(15 * time.Second):
+		t.Fatalf("runtime did not stop within 15s")
+		return nil
+	}
+}
+
+func (e *env) publish(id string, p schemas.Payload) producers.Result {
+	e.t.Helper()
+	ev, err := schemas.New("test/"+e.t.Name(), id, p)
+	require.NoError(e.t, err)
+	res, err := e.pub.Publish(context.Background(), ev)
+	require.NoError(e.t, err)
+	return res
+}
+
+func (e *env) streamMsgs(name string) uint64 {
+	e.t.Helper()
+	s, err := e.js.Stream(context.Background(), name)
+	require.NoError(e.t, err)
+	info, err := s.Info(context.Background())
+	require.NoError(e.t, err)
+	return info.State.Msgs
+}
+
+func (e *env) op(key string) consumers.Record {
+	e.t.Helper()
+	kv, err := e.js.KeyValue(context.Background(), consumers.BucketOps)
+	require.NoError(e.t, err)
+	rec, _, found, err := consumers.NewOpStore(kv).Get(context.Background(), key)
+	require.NoError(e.t, err)
+	require.True(e.t, found, "operation %s has no record", key)
+	return rec
+}
+
+// state is the operation's state, "" while it has no record (safe inside Eventually).
+func (e *env) state(key string) consumers.State {
+	kv, err := e.js.KeyValue(context.Background(), consumers.BucketOps)
+	if err != nil {
+		return ""
+	}
+	rec, _, _, err := consumers.NewOpStore(kv).Get(context.Background(), key)
+	if err != nil {
+		return ""
+	}
+	return rec.State
+}
+
+func (e *env) eventually(cond func() bool, msg string, args ...any) {
+	e.t.Helper()
+	require.Eventually(e.t, cond, 30*time.Second, 20*time.Millisecond, append([]any{msg}, args...)...)
+}
+
+func maintenance(node, req string) *schemas.MaintenanceRequested {
+	return &schemas.MaintenanceRequested{Node: node, RequestID: req, Reason: "test", RequestedBy: "tester", Mode: schemas.ModeLiveMigrate}
+}
+
+// recorder counts what handlers did, safely across goroutines.
+type recorder struct {
+	mu     sync.Mutex
+	counts map[string]int
+	order  []string
+}
+
+func (r *recorder) add(k string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.counts == nil {
+		r.counts = map[string]int{}
+	}
+	r.counts[k]++
+	r.order = append(r.order, k)
+	return r.counts[k]
+}
+
+func (r *recorder) get(k string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.counts[k]
+}
