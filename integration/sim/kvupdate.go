@@ -1,0 +1,95 @@
+package sim
+
+import (
+	"context"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/util/retry"
+	kvv1 "kubevirt.io/api/core/v1"
+)
+
+type kvObj[T any] interface {
+	*T
+	runtime.Object
+	metav1.Object
+}
+
+// kvMutate reads the current object from the API, lets mutate change it and,
+// when it reports a change, writes it back (to the status subresource when
+// status is set), retrying on conflicts. A missing object is not an error:
+// it returns (nil, nil).
+func kvMutate[T any, P kvObj[T]](ctx context.Context, s *Simulator, resource, ns, name string, status bool, mutate func(P) bool) (P, error) {
+	rc := s.KubeVirt.RESTClient()
+	var out P
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		cur := P(new(T))
+		if err := rc.Get().Namespace(ns).Resource(resource).Name(name).Do(ctx).Into(cur); err != nil {
+			return err
+		}
+		if !mutate(cur) {
+			out = cur
+			return nil
+		}
+		req := rc.Put().Namespace(ns).Resource(resource).Name(name)
+		if status {
+			req = req.SubResource("status")
+		}
+		res := P(new(T))
+		if err := req.Body(cur).Do(ctx).Into(res); err != nil {
+			return err
+		}
+		out = res
+		return nil
+	})
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	return out, err
+}
+
+func (s *Simulator) mutateVMI(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachineInstance) bool) (*kvv1.VirtualMachineInstance, error) {
+	return kvMutate[kvv1.VirtualMachineInstance](ctx, s, resVMI, ns, name, status, f)
+}
+
+func (s *Simulator) mutateVM(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachine) bool) (*kvv1.VirtualMachine, error) {
+	return kvMutate[kvv1.VirtualMachine](ctx, s, resVM, ns, name, status, f)
+}
+
+func (s *Simulator) mutateVMIM(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachineInstanceMigration) bool) (*kvv1.VirtualMachineInstanceMigration, error) {
+	return kvMutate[kvv1.VirtualMachineInstanceMigration](ctx, s, resVMIM, ns, name, status, f)
+}
+
+func hasFinalizer(m metav1.Object, f string) bool {
+	for _, x := range m.GetFinalizers() {
+		if x == f {
+			return true
+		}
+	}
+	return false
+}
+
+func addFinalizer(m metav1.Object, f string) bool {
+	if hasFinalizer(m, f) {
+		return false
+	}
+	m.SetFinalizers(append(m.GetFinalizers(), f))
+	return true
+}
+
+func removeFinalizer(m metav1.Object, f string) bool {
+	var out []string
+	found := false
+	for _, x := range m.GetFinalizers() {
+		if x == f {
+			found = true
+			continue
+		}
+		out = append(out, x)
+	}
+	if found {
+		m.SetFinalizers(out)
+	}
+	return found
+}
