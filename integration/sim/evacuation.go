@@ -1,0 +1,566 @@
+package sim
+
+// KubeVirt's eviction path, part 2: virt-controller's evacuation controller
+// (pkg/virt-controller/watch/drain/evacuation). A VMI marked with status.evacuationNodeName (by
+// the eviction webhook) that still runs on that node, or any VMI on a node carrying the
+// (deprecated) drain taint, gets a VirtualMachineInstanceMigration, within the cluster's
+// migration limits. Once the VMI runs elsewhere the mark is cleared, as virt-handler does at
+// the migration hand-off.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/kubernetes"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	virtv1 "kubevirt.io/api/core/v1"
+	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
+)
+
+const (
+	// KubeVirt defaults (pkg/virt-config): parallelMigrationsPerCluster 5,
+	// parallelOutboundMigrationsPerNode 2, nodeDrainTaintKey kubevirt.io/drain.
+	evacDefaultParallelMigrationsPerCluster      = 5
+	evacDefaultParallelOutboundMigrationsPerNode = 2
+	evacDefaultNodeDrainTaintKey                 = "kubevirt.io/drain"
+
+	// evacuationBackoffBase and evacuationBackoffMax bound the wait before a new evacuation
+	// migration for a VMI whose previous evacuation migration failed (KubeVirt's migration
+	// back-off: 20 s doubling, capped), in simulated time.
+	evacuationBackoffBase = 20 * time.Second
+	evacuationBackoffMax  = 5 * time.Minute
+
+	// evacuationResync is how often the controller looks again without being woken by a watch
+	// event (KubeVirt re-enqueues a node after 5 s when no migration slot is free).
+	evacuationResync = time.Second
+)
+
+var (
+	kvpGVRVMI   = schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: "virtualmachineinstances"}
+	kvpGVRVMIM  = schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: "virtualmachineinstancemigrations"}
+	kvpGVRNodes = schema.GroupVersionResource{Version: "v1", Resource: "nodes"}
+)
+
+// kvPlane holds the clients the KubeVirt- and Deckhouse-side controllers of this file set use,
+// and the helpers they share. Every decision reads the API server directly, never a cache:
+// watches only wake the loops up, so a controller never acts twice on a stale view.
+type kvPlane struct {
+	kube kubernetes.Interface
+	c    ctrlclient.Client
+	dyn  dynamic.Interface
+	log  zerolog.Logger
+	// simToWall converts a simulated duration (KubeVirt's timeouts and back-offs) into the wall
+	// clock duration the simulator waits, given its time scale.
+	simToWall func(time.Duration) time.Duration
+	// now is the simulator's clock.
+	now func() time.Time
+}
+
+func newKVPlane(cfg *rest.Config, log zerolog.Logger, simToWall func(time.Duration) time.Duration, now func() time.Time) (*kvPlane, error) {
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("kubevirt plane: scheme: %w", err)
+	}
+	if err := virtv1.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("kubevirt plane: kubevirt scheme: %w", err)
+	}
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubevirt plane: kubernetes client: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubevirt plane: dynamic client: %w", err)
+	}
+	c, err := ctrlclient.New(cfg, ctrlclient.Options{Scheme: scheme})
+	if err != nil {
+		return nil, fmt.Errorf("kubevirt plane: client: %w", err)
+	}
+	if simToWall == nil {
+		simToWall = func(d time.Duration) time.Duration { return d }
+	}
+	if now == nil {
+		now = time.Now
+	}
+	return &kvPlane{kube: kube, c: c, dyn: dyn, log: log, simToWall: simToWall, now: now}, nil
+}
+
+// kubeVirtConfiguration returns spec.configuration of the cluster's KubeVirt CR (the oldest one
+// if there are several), or an empty configuration when there is none.
+func (kv *kvPlane) kubeVirtConfiguration(ctx context.Context) (virtv1.KubeVirtConfiguration, error) {
+	var list virtv1.KubeVirtList
+	if err := kv.c.List(ctx, &list); err != nil {
+		if meta.IsNoMatchError(err) || apierrors.IsNotFound(err) {
+			return virtv1.KubeVirtConfiguration{}, nil
+		}
+		return virtv1.KubeVirtConfiguration{}, fmt.Errorf("list kubevirts: %w", err)
+	}
+	if len(list.Items) == 0 {
+		return virtv1.KubeVirtConfiguration{}, nil
+	}
+	sort.Slice(list.Items, func(i, j int) bool {
+		return list.Items[i].CreationTimestamp.Before(&list.Items[j].CreationTimestamp)
+	})
+	return list.Items[0].Spec.Configuration, nil
+}
+
+// clusterEvictionStrategy is spec.configuration.evictionStrategy of the KubeVirt CR, nil if unset.
+func (kv *kvPlane) clusterEvictionStrategy(ctx context.Context) (*virtv1.EvictionStrategy, error) {
+	cfg, err := kv.kubeVirtConfiguration(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return cfg.EvictionStrategy, nil
+}
+
+// patchVMIStatus applies a patch that changes a VMI's status. As in KubeVirt, the VMI CRD has no
+// status subresource: the status is written through the object itself.
+func (kv *kvPlane) patchVMIStatus(ctx context.Context, vmi *virtv1.VirtualMachineInstance, patch ctrlclient.Patch, dryRun bool) error {
+	opts := []ctrlclient.PatchOption{}
+	if dryRun {
+		opts = append(opts, ctrlclient.DryRunAll)
+	}
+	obj := vmi.DeepCopy()
+	if err := kv.c.Patch(ctx, obj, patch, opts...); err != nil {
+		return fmt.Errorf("patch status of vmi %s/%s: %w", vmi.Namespace, vmi.Name, err)
+	}
+	return nil
+}
+
+// wakeups returns a channel that receives (coalesced) whenever an object watched by one of the
+// given informers, or of one of the given resources, is added, changed or deleted. Informers
+// passed in are the simulator's own (already running or started by Run); resources get a
+// watch of their own that stops with ctx.
+func (kv *kvPlane) wakeups(ctx context.Context, informers []cache.SharedIndexInformer, gvrs ...schema.GroupVersionResource) <-chan struct{} {
+	ch := make(chan struct{}, 1)
+	poke := func() {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { poke() },
+		UpdateFunc: func(any, any) { poke() },
+		DeleteFunc: func(any) { poke() },
+	}
+	for _, inf := range informers {
+		if inf == nil {
+			continue
+		}
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			kv.log.Warn().Err(err).Msg("watch for wake-ups")
+		}
+	}
+	if len(gvrs) == 0 {
+		return ch
+	}
+	factory := dynamicinformer.NewDynamicSharedInformerFactory(kv.dyn, 10*time.Minute)
+	for _, gvr := range gvrs {
+		if _, err := factory.ForResource(gvr).Informer().AddEventHandler(handler); err != nil {
+			kv.log.Warn().Err(err).Str("resource", gvr.String()).Msg("watch for wake-ups")
+		}
+	}
+	factory.Start(ctx.Done())
+	go func() {
+		<-ctx.Done()
+		factory.Shutdown()
+	}()
+	return ch
+}
+
+// loop runs sync once, then again on every wake-up or resync tick, until ctx ends. Errors are
+// logged (only when they change) and retried on the next round.
+func (kv *kvPlane) loop(ctx context.Context, name string, resync time.Duration, wake <-chan struct{}, sync func(context.Context) error) error {
+	log := kv.log.With().Str("controller", name).Logger()
+	ticker := time.NewTicker(resync)
+	defer ticker.Stop()
+	var lastErr string
+	for {
+		err := sync(ctx)
+		switch {
+		case ctx.Err() != nil:
+			log.Debug().Msg("stopped")
+			return nil
+		case err != nil && err.Error() != lastErr:
+			log.Warn().Err(err).Msg("sync failed; retrying")
+			lastErr = err.Error()
+		case err == nil && lastErr != "":
+			log.Info().Msg("sync recovered")
+			lastErr = ""
+		}
+		select {
+		case <-ctx.Done():
+			log.Debug().Msg("stopped")
+			return nil
+		case <-wake:
+		case <-ticker.C:
+		}
+	}
+}
+
+// kubevirtPlane builds the clients and helpers of the controllers in webhook.go, evacuation.go
+// and vmop.go from the simulator's configuration, logger, time scale and clock.
+func (s *Simulator) kubevirtPlane() (*kvPlane, error) {
+	return newKVPlane(s.cfg, s.log, s.scaled, s.clock.Now)
+}
+
+// runEvacuation runs KubeVirt's evacuation controller until ctx ends.
+func (s *Simulator) runEvacuation(ctx context.Context) error {
+	kv, err := s.kubevirtPlane()
+	if err != nil {
+		return err
+	}
+	return newEvacuationController(kv).run(ctx, s.vmiInformer, s.vmimInformer, s.nodeInformer)
+}
+
+// evacuationController is the simulator's virt-controller evacuation controller.
+type evacuationController struct {
+	kv  *kvPlane
+	log zerolog.Logger
+	// warned remembers the VMIs already reported as not migratable, to log once.
+	warned map[types.UID]bool
+}
+
+func newEvacuationController(kv *kvPlane) *evacuationController {
+	return &evacuationController{
+		kv:     kv,
+		log:    kv.log.With().Str("controller", "evacuation").Logger(),
+		warned: map[types.UID]bool{},
+	}
+}
+
+// run blocks until ctx ends; informers (VMIs, migrations, nodes) wake it up early.
+func (e *evacuationController) run(ctx context.Context, informers ...cache.SharedIndexInformer) error {
+	var wake <-chan struct{}
+	if len(informers) > 0 {
+		wake = e.kv.wakeups(ctx, informers)
+	} else {
+		wake = e.kv.wakeups(ctx, nil, kvpGVRVMI, kvpGVRVMIM, kvpGVRNodes)
+	}
+	return e.kv.loop(ctx, "evacuation", evacuationResync, wake, e.sync)
+}
+
+// evacLimits are the migration limits of the KubeVirt CR, with KubeVirt's defaults.
+type evacLimits struct {
+	perCluster, perNode int
+	drainTaintKey       string
+}
+
+func evacuationLimits(cfg virtv1.KubeVirtConfiguration) evacLimits {
+	l := evacLimits{
+		perCluster:    evacDefaultParallelMigrationsPerCluster,
+		perNode:       evacDefaultParallelOutboundMigrationsPerNode,
+		drainTaintKey: evacDefaultNodeDrainTaintKey,
+	}
+	if m := cfg.MigrationConfiguration; m != nil {
+		if m.ParallelMigrationsPerCluster != nil {
+			l.perCluster = int(*m.ParallelMigrationsPerCluster)
+		}
+		if m.ParallelOutboundMigrationsPerNode != nil {
+			l.perNode = int(*m.ParallelOutboundMigrationsPerNode)
+		}
+		if m.NodeDrainTaintKey != nil && *m.NodeDrainTaintKey != "" {
+			l.drainTaintKey = *m.NodeDrainTaintKey
+		}
+	}
+	return l
+}
+
+// sync is one pass over the cluster: clear marks of VMIs that have left, then create
+// migrations for the VMIs to evacuate, node by node, within the limits.
+func (e *evacuationController) sync(ctx context.Context) error {
+	kvCfg, err := e.kv.kubeVirtConfiguration(ctx)
+	if err != nil {
+		return fmt.Errorf("evacuation: %w", err)
+	}
+	limits := evacuationLimits(kvCfg)
+
+	var vmis virtv1.VirtualMachineInstanceList
+	if err := e.kv.c.List(ctx, &vmis); err != nil {
+		return fmt.Errorf("evacuation: list vmis: %w", err)
+	}
+	var migs virtv1.VirtualMachineInstanceMigrationList
+	if err := e.kv.c.List(ctx, &migs); err != nil {
+		return fmt.Errorf("evacuation: list migrations: %w", err)
+	}
+
+	var errs []error
+	// Clear the mark of VMIs that now run on another node (virt-handler clears it at the
+	// hand-off; this covers a migration engine that does not).
+	for i := range vmis.Items {
+		vmi := &vmis.Items[i]
+		if vmi.IsMarkedForEviction() && vmi.Status.NodeName != "" && vmi.Status.NodeName != vmi.Status.EvacuationNodeName {
+			if err := e.clearMark(ctx, vmi); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+
+	var nodes corev1.NodeList
+	if err := e.kv.c.List(ctx, &nodes); err != nil {
+		return errors.Join(append(errs, fmt.Errorf("evacuation: list nodes: %w", err))...)
+	}
+	var pods corev1.PodList
+	if err := e.kv.c.List(ctx, &pods, ctrlclient.MatchingLabels{virtv1.AppLabel: "virt-launcher"}); err != nil {
+		return errors.Join(append(errs, fmt.Errorf("evacuation: list virt-launcher pods: %w", err))...)
+	}
+
+	byNode := map[string][]*virtv1.VirtualMachineInstance{}
+	for i := range vmis.Items {
+		vmi := &vmis.Items[i]
+		if vmi.Status.NodeName != "" {
+			byNode[vmi.Status.NodeName] = append(byNode[vmi.Status.NodeName], vmi)
+		}
+	}
+	var unfinished []*virtv1.VirtualMachineInstanceMigration
+	for i := range migs.Items {
+		if !migs.Items[i].IsFinal() {
+			unfinished = append(unfinished, &migs.Items[i])
+		}
+	}
+	activePods := launcherPodsByVMI(pods.Items)
+	clusterStrategy := kvCfg.EvictionStrategy
+
+	slices.SortFunc(nodes.Items, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	for i := range nodes.Items {
+		node := &nodes.Items[i]
+		onNode := byNode[node.Name]
+		toMigrate := evacuationVMIsToMigrate(node, onNode, limits.drainTaintKey)
+		if len(toMigrate) == 0 {
+			continue
+		}
+		candidates := e.filterCandidates(toMigrate, unfinished, activePods, clusterStrategy, migs.Items)
+		if len(candidates) == 0 {
+			continue
+		}
+		// KubeVirt counts the running migrations for both limits and relies on its
+		// expectations to avoid piling up Pending ones; the simulator counts every unfinished
+		// migration, which reaches the same steady state without that race.
+		fromNode := migrationsFromNode(onNode, unfinished)
+		free := min(limits.perCluster-len(unfinished), limits.perNode-fromNode)
+		if free <= 0 {
+			continue
+		}
+		for _, vmi := range candidates[:min(free, len(candidates))] {
+			mig, err := e.createMigration(ctx, vmi, node.Name)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			unfinished = append(unfinished, mig)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// evacuationVMIsToMigrate: every VMI on a node with the drain taint (deprecated KubeVirt
+// mechanism), else the VMIs marked for evacuation from this node that are not migrating.
+func evacuationVMIsToMigrate(node *corev1.Node, onNode []*virtv1.VirtualMachineInstance, drainTaintKey string) []*virtv1.VirtualMachineInstance {
+	drainTaint := corev1.Taint{Key: drainTaintKey, Effect: corev1.TaintEffectNoSchedule}
+	for _, t := range node.Spec.Taints {
+		if t.MatchTaint(&drainTaint) {
+			return onNode
+		}
+	}
+	var marked []*virtv1.VirtualMachineInstance
+	for _, vmi := range onNode {
+		if vmi.IsMarkedForEviction() && vmi.Status.NodeName == vmi.Status.EvacuationNodeName && !vmiIsMigrating(vmi) {
+			marked = append(marked, vmi)
+		}
+	}
+	return marked
+}
+
+// filterCandidates is KubeVirt's filterRunningNonMigratingVMIs plus its migration back-off.
+func (e *evacuationController) filterCandidates(
+	vmis []*virtv1.VirtualMachineInstance,
+	unfinished []*virtv1.VirtualMachineInstanceMigration,
+	activePods map[string]int,
+	clusterStrategy *virtv1.EvictionStrategy,
+	allMigs []virtv1.VirtualMachineInstanceMigration,
+) []*virtv1.VirtualMachineInstance {
+	migrating := map[string]bool{}
+	for _, m := range unfinished {
+		migrating[m.Namespace+"/"+m.Spec.VMIName] = true
+	}
+	var out []*virtv1.VirtualMachineInstance
+	for _, vmi := range vmis {
+		key := vmi.Namespace + "/" + vmi.Name
+		if vmi.IsFinal() || vmi.DeletionTimestamp != nil {
+			continue
+		}
+		switch vmiEvictionStrategy(vmi, clusterStrategy) {
+		case virtv1.EvictionStrategyLiveMigrate:
+		case virtv1.EvictionStrategyLiveMigrateIfPossible:
+			if !vmi.IsMigratable() {
+				continue
+			}
+		default:
+			// None lets the pod go; External leaves the work to an external controller.
+			continue
+		}
+		if !vmi.IsMigratable() {
+			if !e.warned[vmi.UID] {
+				e.log.Info().Str("vmi", key).Msg("VirtualMachineInstance is not migrateable; it cannot be evacuated")
+				e.warned[vmi.UID] = true
+			}
+			continue
+		}
+		if migrating[key] {
+			continue
+		}
+		if activePods[string(vmi.UID)] > 1 {
+			// Waiting for the pods of a previous migration to go away.
+			continue
+		}
+		if wait := e.backoffRemaining(vmi, allMigs, e.kv.now()); wait > 0 {
+			continue
+		}
+		out = append(out, vmi)
+	}
+	return out
+}
+
+// backoffRemaining is how long a VMI whose evacuation migrations keep failing still has to
+// wait before the next one (20 s, 40 s, ... capped at 5 min of simulated time).
+func (e *evacuationController) backoffRemaining(vmi *virtv1.VirtualMachineInstance, migs []virtv1.VirtualMachineInstanceMigration, now time.Time) time.Duration {
+	var evac []*virtv1.VirtualMachineInstanceMigration
+	for i := range migs {
+		m := &migs[i]
+		if m.Namespace != vmi.Namespace || m.Spec.VMIName != vmi.Name {
+			continue
+		}
+		if _, ok := m.Annotations[virtv1.EvacuationMigrationAnnotation]; ok && m.IsFinal() {
+			evac = append(evac, m)
+		}
+	}
+	sort.Slice(evac, func(i, j int) bool { return evac[i].CreationTimestamp.Before(&evac[j].CreationTimestamp) })
+	failures := 0
+	var lastEnd time.Time
+	for i := len(evac) - 1; i >= 0 && evac[i].Status.Phase == virtv1.MigrationFailed; i-- {
+		failures++
+		if failures == 1 {
+			lastEnd = migrationEndTime(evac[i])
+		}
+	}
+	if failures == 0 {
+		return 0
+	}
+	backoff := evacuationBackoffBase << min(failures-1, 4)
+	backoff = min(backoff, evacuationBackoffMax)
+	return lastEnd.Add(e.kv.simToWall(backoff)).Sub(now)
+}
+
+// migrationEndTime is when a finished migration ended, as well as the object tells.
+func migrationEndTime(m *virtv1.VirtualMachineInstanceMigration) time.Time {
+	for _, t := range m.Status.PhaseTransitionTimestamps {
+		if t.Phase == m.Status.Phase {
+			return t.PhaseTransitionTimestamp.Time
+		}
+	}
+	if s := m.Status.MigrationState; s != nil && s.EndTimestamp != nil {
+		return s.EndTimestamp.Time
+	}
+	return m.CreationTimestamp.Time
+}
+
+// createMigration creates the evacuation migration KubeVirt's GenerateNewMigration builds, with
+// the selector label virt-api's mutating webhook adds and the priority of an evacuation.
+func (e *evacuationController) createMigration(ctx context.Context, vmi *virtv1.VirtualMachineInstance, node string) (*virtv1.VirtualMachineInstanceMigration, error) {
+	priority := virtv1.PrioritySystemCritical
+	mig := &virtv1.VirtualMachineInstanceMigration{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace:    vmi.Namespace,
+			GenerateName: "kubevirt-evacuation-",
+			Annotations:  map[string]string{virtv1.EvacuationMigrationAnnotation: node},
+			Labels:       map[string]string{virtv1.MigrationSelectorLabel: vmi.Name},
+		},
+		Spec: virtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi.Name, Priority: &priority},
+	}
+	if err := e.kv.c.Create(ctx, mig); err != nil {
+		return nil, fmt.Errorf("evacuate vmi %s/%s from node %s: create migration: %w", vmi.Namespace, vmi.Name, node, err)
+	}
+	e.log.Info().Str("vmi", vmi.Namespace+"/"+vmi.Name).Str("node", node).Str("migration", mig.Name).Msg("created evacuation migration")
+	return mig, nil
+}
+
+// clearMark removes status.evacuationNodeName if it still holds the value this pass saw.
+func (e *evacuationController) clearMark(ctx context.Context, vmi *virtv1.VirtualMachineInstance) error {
+	patch := fmt.Sprintf(`[{"op":"test","path":"/status/evacuationNodeName","value":%s},{"op":"remove","path":"/status/evacuationNodeName"}]`,
+		strconv.Quote(vmi.Status.EvacuationNodeName))
+	err := e.kv.patchVMIStatus(ctx, vmi, ctrlclient.RawPatch(types.JSONPatchType, []byte(patch)), false)
+	if err != nil && (apierrors.IsNotFound(err) || apierrors.IsInvalid(err) || apierrors.IsConflict(err) || isFailedJSONPatchTest(err)) {
+		// Gone, or changed since this pass read it: the next pass sees the new state.
+		return nil
+	}
+	if err == nil {
+		e.log.Info().Str("vmi", vmi.Namespace+"/"+vmi.Name).Str("from", vmi.Status.EvacuationNodeName).
+			Str("node", vmi.Status.NodeName).Msg("evacuated; cleared evacuationNodeName")
+	}
+	return err
+}
+
+// isFailedJSONPatchTest recognises the API server's answer to a failed "test" operation.
+func isFailedJSONPatchTest(err error) bool {
+	var status apierrors.APIStatus
+	return errors.As(err, &status) && status.Status().Code == 422
+}
+
+// vmiIsMigrating is KubeVirt's migrations.IsMigrating: a migration started and not ended.
+func vmiIsMigrating(vmi *virtv1.VirtualMachineInstance) bool {
+	s := vmi.Status.MigrationState
+	if s == nil || s.StartTimestamp == nil {
+		return false
+	}
+	return s.EndTimestamp == nil && !s.Completed && !s.Failed
+}
+
+// launcherPodsByVMI counts the virt-launcher pods that have not finished, by VMI UID
+// (KubeVirt's VMIActivePodsCount).
+func launcherPodsByVMI(pods []corev1.Pod) map[string]int {
+	out := map[string]int{}
+	for i := range pods {
+		p := &pods[i]
+		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		if uid := p.Labels[virtv1.CreatedByLabel]; uid != "" {
+			out[uid]++
+		}
+	}
+	return out
+}
+
+// migrationsFromNode counts the unfinished migrations of VMIs that run on a node.
+func migrationsFromNode(onNode []*virtv1.VirtualMachineInstance, unfinished []*virtv1.VirtualMachineInstanceMigration) int {
+	names := map[string]bool{}
+	for _, vmi := range onNode {
+		names[vmi.Namespace+"/"+vmi.Name] = true
+	}
+	n := 0
+	for _, m := range unfinished {
+		if names[m.Namespace+"/"+m.Spec.VMIName] {
+			n++
+		}
+	}
+	return n
+}

@@ -1,0 +1,743 @@
+package sim
+
+// Deckhouse virtualization's VirtualMachineOperation controller, for the types that move a VM:
+// Evict and Migrate (images/virtualization-artifact/pkg/controller/vmop/migration). A vmop goes
+// Pending -> InProgress -> Completed / Failed by creating a KubeVirt
+// VirtualMachineInstanceMigration "vmop-<name>" for the VM's backing VMI (owned by the vmop)
+// and mirroring its phase into status.phase, status.progress and the Completed condition.
+// Deleting a vmop that has not finished deletes its migration, which aborts it; a finalizer
+// makes the controller see the deletion.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
+	virtv1 "kubevirt.io/api/core/v1"
+	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
+)
+
+// VirtualMachineOperation types, phases and the Completed condition's reasons
+// (api/core/v1alpha2/virtual_machine_operation.go, vmopcondition).
+const (
+	VMOPTypeEvict   = "Evict"
+	VMOPTypeMigrate = "Migrate"
+
+	VMOPPhasePending     = "Pending"
+	VMOPPhaseInProgress  = "InProgress"
+	VMOPPhaseCompleted   = "Completed"
+	VMOPPhaseFailed      = "Failed"
+	VMOPPhaseTerminating = "Terminating"
+
+	VMOPConditionCompleted  = "Completed"
+	VMOPConditionSignalSent = "SignalSent"
+
+	VMOPReasonVirtualMachineNotFound            = "VirtualMachineNotFound"
+	VMOPReasonNotApplicableForRunPolicy         = "NotApplicableForVirtualMachineRunPolicy"
+	VMOPReasonNotApplicableForVMPhase           = "NotApplicableForVirtualMachinePhase"
+	VMOPReasonNotApplicableForLiveMigration     = "NotApplicableForLiveMigrationPolicy"
+	VMOPReasonNotReadyToBeExecuted              = "NotReadyToBeExecuted"
+	VMOPReasonMigrationPending                  = "MigrationPending"
+	VMOPReasonTargetScheduling                  = "TargetScheduling"
+	VMOPReasonTargetUnschedulable               = "TargetUnschedulable"
+	VMOPReasonTargetDiskError                   = "TargetDiskError"
+	VMOPReasonTargetPreparing                   = "TargetPreparing"
+	VMOPReasonSyncing                           = "Syncing"
+	VMOPReasonNotConverging                     = "NotConverging"
+	VMOPReasonSourceSuspended                   = "SourceSuspended"
+	VMOPReasonTargetResumed                     = "TargetResumed"
+	VMOPReasonMigrationCompleted                = "Completed"
+	VMOPReasonAborted                           = "Aborted"
+	VMOPReasonFailed                            = "Failed"
+	VMOPReasonOtherMigrationInProgress          = "OtherMigrationInProgress"
+	VMOPReasonOperationFailed                   = "OperationFailed"
+	VMOPReasonSignalSentSuccess                 = "SignalSentSuccess"
+	vmopReasonUnknown                           = "Unknown"
+	vmopReasonNotSimulated                      = "NotSimulated"
+	vmopFinalizerCleanup                        = "virtualization.deckhouse.io/vmop-cleanup"
+	vmopMigrationPrefix                         = "vmop-"
+	vmopMigrationLabel                          = "virtualization.deckhouse.io/vmop"
+	vmopResync                                  = time.Second
+	vmopProgressPending, vmopProgressScheduling = 0, 2
+	vmopProgressPreparing                       = 3
+	vmopProgressSyncFrom, vmopProgressSyncTo    = 10, 90
+	vmopProgressSourceSuspended                 = 91
+	vmopProgressTargetResumed                   = 92
+	vmopProgressCompleted                       = 100
+)
+
+// vmopMigrationFailedCondition is the condition KubeVirt's migration controller sets on a failed
+// migration (the API module of 1.8 names no constant for it).
+const vmopMigrationFailedCondition = virtv1.VirtualMachineInstanceMigrationConditionType("Failed")
+
+// vmopGVR, deckhouseVMGVR and the Deckhouse kind names.
+var (
+	vmopGVR        = schema.GroupVersionResource{Group: "virtualization.deckhouse.io", Version: "v1alpha2", Resource: "virtualmachineoperations"}
+	deckhouseVMGVR = schema.GroupVersionResource{Group: "virtualization.deckhouse.io", Version: "v1alpha2", Resource: "virtualmachines"}
+)
+
+// vmopSpec is the part of a vmop's spec this controller reads.
+type vmopSpec struct {
+	Type               string `json:"type"`
+	VirtualMachineName string `json:"virtualMachineName"`
+	Force              *bool  `json:"force,omitempty"`
+	Migrate            *struct {
+		NodeSelector map[string]string `json:"nodeSelector,omitempty"`
+	} `json:"migrate,omitempty"`
+}
+
+// vmopStatus is a vmop's status as the simulator's CRD types it.
+type vmopStatus struct {
+	Phase              string             `json:"phase"`
+	Conditions         []metav1.Condition `json:"conditions,omitempty"`
+	ObservedGeneration int64              `json:"observedGeneration,omitempty"`
+	Progress           *int32             `json:"progress,omitempty"`
+}
+
+// vmopController reconciles every VirtualMachineOperation of the cluster.
+type vmopController struct {
+	kv  *kvPlane
+	log zerolog.Logger
+	now func() time.Time
+	// timeScale and expected estimate how far a running migration has got (Deckhouse reads the
+	// transfer counters KubeVirt 1.8 does not publish on the object): expected is the simulated
+	// duration of the memory transfer of a VMI.
+	timeScale float64
+	expected  func(*virtv1.VirtualMachineInstance) time.Duration
+}
+
+func newVMOPController(kv *kvPlane, timeScale float64, expected func(*virtv1.VirtualMachineInstance) time.Duration) *vmopController {
+	if timeScale <= 0 {
+		timeScale = 1
+	}
+	if expected == nil {
+		// guest memory at 1 GiB/s, the simulator's default bandwidth
+		expected = func(vmi *virtv1.VirtualMachineInstance) time.Duration {
+			return time.Duration(float64(vmopGuestMemory(vmi)) / float64(1<<30) * float64(time.Second))
+		}
+	}
+	return &vmopController{
+		kv:        kv,
+		log:       kv.log.With().Str("controller", "vmop").Logger(),
+		now:       kv.now,
+		timeScale: timeScale,
+		expected:  expected,
+	}
+}
+
+// runVMOperations runs Deckhouse's VirtualMachineOperation controller (Evict, Migrate) until ctx
+// ends.
+func (s *Simulator) runVMOperations(ctx context.Context) error {
+	kv, err := s.kubevirtPlane()
+	if err != nil {
+		return err
+	}
+	plan := func(vmi *virtv1.VirtualMachineInstance) time.Duration { return s.PlanMigration(vmi).Duration }
+	return newVMOPController(kv, s.opts.TimeScale, plan).run(ctx, s.vmimInformer, s.dvmInformer)
+}
+
+// run blocks until ctx ends. When the cluster does not serve VirtualMachineOperations (a
+// KubeVirt-only cluster), it waits for the resource to appear.
+func (c *vmopController) run(ctx context.Context, informers ...cache.SharedIndexInformer) error {
+	for {
+		served, err := c.served()
+		if err != nil {
+			c.log.Debug().Err(err).Msg("discovery")
+		}
+		if served {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(5 * time.Second):
+		}
+	}
+	wake := c.kv.wakeups(ctx, informers, gvrsOrAll(informers, vmopGVR, kvpGVRVMIM, deckhouseVMGVR)...)
+	return c.kv.loop(ctx, "vmop", vmopResync, wake, c.sync)
+}
+
+// served reports whether the API server serves VirtualMachineOperations.
+func (c *vmopController) served() (bool, error) {
+	list, err := c.kv.kube.Discovery().ServerResourcesForGroupVersion(vmopGVR.GroupVersion().String())
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("discover %s: %w", vmopGVR.GroupVersion(), err)
+	}
+	for _, r := range list.APIResources {
+		if r.Name == vmopGVR.Resource {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// sync reconciles every vmop, oldest first.
+func (c *vmopController) sync(ctx context.Context) error {
+	list, err := c.kv.dyn.Resource(vmopGVR).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("vmop: list virtualmachineoperations: %w", err)
+	}
+	items := list.Items
+	sort.Slice(items, func(i, j int) bool {
+		ti, tj := items[i].GetCreationTimestamp(), items[j].GetCreationTimestamp()
+		if !ti.Equal(&tj) {
+			return ti.Before(&tj)
+		}
+		return items[i].GetName() < items[j].GetName()
+	})
+	var errs []error
+	for i := range items {
+		if err := c.reconcile(ctx, &items[i], items); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// reconcile moves one vmop forward. Conflicts and vanished objects are outcomes: the next
+// round reads the new state.
+func (c *vmopController) reconcile(ctx context.Context, u *unstructured.Unstructured, all []unstructured.Unstructured) error {
+	ref := u.GetNamespace() + "/" + u.GetName()
+	var spec vmopSpec
+	if err := fromUnstructuredField(u, "spec", &spec); err != nil {
+		return fmt.Errorf("vmop %s: decode spec: %w", ref, err)
+	}
+	var st vmopStatus
+	if err := fromUnstructuredField(u, "status", &st); err != nil {
+		return fmt.Errorf("vmop %s: decode status: %w", ref, err)
+	}
+	orig := st.DeepCopyForCompare()
+
+	if u.GetDeletionTimestamp() != nil {
+		return c.finalize(ctx, u, &st, orig)
+	}
+	if !hasString(u.GetFinalizers(), vmopFinalizerCleanup) {
+		u.SetFinalizers(append(u.GetFinalizers(), vmopFinalizerCleanup))
+		updated, err := c.kv.dyn.Resource(vmopGVR).Namespace(u.GetNamespace()).Update(ctx, u, metav1.UpdateOptions{})
+		if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("vmop %s: add finalizer: %w", ref, err)
+		}
+		u = updated
+	}
+	if st.Phase == VMOPPhaseCompleted || st.Phase == VMOPPhaseFailed {
+		return nil
+	}
+	if st.Phase == "" {
+		st.Phase = VMOPPhasePending
+		c.setCondition(&st, u, VMOPConditionSignalSent, metav1.ConditionUnknown, vmopReasonUnknown, "")
+		c.setCondition(&st, u, VMOPConditionCompleted, metav1.ConditionUnknown, vmopReasonUnknown, "")
+	}
+
+	switch spec.Type {
+	case VMOPTypeEvict, VMOPTypeMigrate:
+		if err := c.reconcileMigration(ctx, u, &spec, &st, all); err != nil {
+			return fmt.Errorf("vmop %s: %w", ref, err)
+		}
+	default:
+		c.fail(&st, u, vmopReasonNotSimulated, fmt.Sprintf("The simulator does not carry out %s operations.", spec.Type))
+	}
+	st.ObservedGeneration = u.GetGeneration()
+	return c.writeStatus(ctx, u, &st, orig)
+}
+
+// reconcileMigration: create the migration once the operation is applicable, then mirror it.
+func (c *vmopController) reconcileMigration(ctx context.Context, u *unstructured.Unstructured, spec *vmopSpec, st *vmopStatus, all []unstructured.Unstructured) error {
+	mig, err := c.getMigration(ctx, u)
+	if err != nil {
+		return err
+	}
+	if mig == nil {
+		if st.Phase == VMOPPhaseInProgress {
+			c.fail(st, u, VMOPReasonOperationFailed, "Migration failed: its VirtualMachineInstanceMigration is gone.")
+			return nil
+		}
+		ok, err := c.applicable(ctx, u, spec, st, all)
+		if err != nil || !ok {
+			return err
+		}
+		if mig, err = c.createMigration(ctx, u, spec); err != nil {
+			return err
+		}
+		c.setCondition(st, u, VMOPConditionSignalSent, metav1.ConditionTrue, VMOPReasonSignalSentSuccess, "")
+		c.log.Info().Str("vmop", u.GetNamespace()+"/"+u.GetName()).Str("type", spec.Type).
+			Str("vm", spec.VirtualMachineName).Str("migration", mig.Name).Msg("created migration")
+	}
+	return c.mirror(ctx, u, st, mig)
+}
+
+// applicable runs Deckhouse's checks before a migration is started; a check that fails sets
+// the Failed phase (or keeps the operation Pending) and returns false.
+func (c *vmopController) applicable(ctx context.Context, u *unstructured.Unstructured, spec *vmopSpec, st *vmopStatus, all []unstructured.Unstructured) (bool, error) {
+	ns := u.GetNamespace()
+	vm, err := c.kv.dyn.Resource(deckhouseVMGVR).Namespace(ns).Get(ctx, spec.VirtualMachineName, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		c.fail(st, u, VMOPReasonVirtualMachineNotFound, fmt.Sprintf("VirtualMachine %s/%s not found.", ns, spec.VirtualMachineName))
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("get virtualmachine %s/%s: %w", ns, spec.VirtualMachineName, err)
+	}
+	runPolicy, _, _ := unstructured.NestedString(vm.Object, "spec", "runPolicy")
+	if runPolicy == "AlwaysOff" {
+		c.fail(st, u, VMOPReasonNotApplicableForRunPolicy, fmt.Sprintf("Operation %s is not applicable for runPolicy %s.", spec.Type, runPolicy))
+		return false, nil
+	}
+	policy, _, _ := unstructured.NestedString(vm.Object, "spec", "liveMigrationPolicy")
+	if policy == "Never" {
+		c.fail(st, u, VMOPReasonNotApplicableForLiveMigration, "Migration settings: liveMigrationPolicy Never forbids live migration.")
+		return false, nil
+	}
+	phase, _, _ := unstructured.NestedString(vm.Object, "status", "phase")
+	if phase != "Running" {
+		c.fail(st, u, VMOPReasonNotApplicableForVMPhase, fmt.Sprintf("Operation %s is not applicable for a VirtualMachine in phase %q.", spec.Type, phase))
+		return false, nil
+	}
+	// One operation per VM at a time: an older one still running keeps this one Pending.
+	for i := range all {
+		o := &all[i]
+		if o.GetUID() == u.GetUID() || o.GetNamespace() != ns || o.GetDeletionTimestamp() != nil {
+			continue
+		}
+		name, _, _ := unstructured.NestedString(o.Object, "spec", "virtualMachineName")
+		phase, _, _ := unstructured.NestedString(o.Object, "status", "phase")
+		if name == spec.VirtualMachineName && phase == VMOPPhaseInProgress {
+			st.Phase = VMOPPhasePending
+			c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, VMOPReasonNotReadyToBeExecuted,
+				fmt.Sprintf("Waiting for operation %s on the same VirtualMachine to finish.", o.GetName()))
+			return false, nil
+		}
+	}
+	var migs virtv1.VirtualMachineInstanceMigrationList
+	if err := c.kv.c.List(ctx, &migs, ctrlclient.InNamespace(ns)); err != nil {
+		return false, fmt.Errorf("list migrations in %s: %w", ns, err)
+	}
+	for i := range migs.Items {
+		m := &migs.Items[i]
+		if m.Spec.VMIName == spec.VirtualMachineName && !m.IsFinal() && !metav1.IsControlledBy(m, u) {
+			c.fail(st, u, VMOPReasonOtherMigrationInProgress, "Other Migrations are in progress")
+			return false, nil
+		}
+	}
+	vmi := &virtv1.VirtualMachineInstance{}
+	err = c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: ns, Name: spec.VirtualMachineName}, vmi)
+	if apierrors.IsNotFound(err) {
+		c.fail(st, u, VMOPReasonOperationFailed, "Migration failed because the virtual machine is currently not running.")
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("get vmi %s/%s: %w", ns, spec.VirtualMachineName, err)
+	}
+	if !vmi.IsMigratable() {
+		c.fail(st, u, VMOPReasonOperationFailed, "VirtualMachine is not migratable, cannot be processed.")
+		return false, nil
+	}
+	return true, nil
+}
+
+// createMigration creates "vmop-<name>", controlled by the vmop, for the VM's backing VMI.
+func (c *vmopController) createMigration(ctx context.Context, u *unstructured.Unstructured, spec *vmopSpec) (*virtv1.VirtualMachineInstanceMigration, error) {
+	mig := &virtv1.VirtualMachineInstanceMigration{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: u.GetNamespace(),
+			Name:      vmopMigrationPrefix + u.GetName(),
+			Labels: map[string]string{
+				virtv1.MigrationSelectorLabel: spec.VirtualMachineName,
+				vmopMigrationLabel:            u.GetName(),
+			},
+			OwnerReferences: []metav1.OwnerReference{{
+				APIVersion:         vmopGVR.GroupVersion().String(),
+				Kind:               "VirtualMachineOperation",
+				Name:               u.GetName(),
+				UID:                u.GetUID(),
+				Controller:         ptr.To(true),
+				BlockOwnerDeletion: ptr.To(true),
+			}},
+		},
+		Spec: virtv1.VirtualMachineInstanceMigrationSpec{VMIName: spec.VirtualMachineName},
+	}
+	if spec.Migrate != nil && len(spec.Migrate.NodeSelector) > 0 {
+		mig.Spec.AddedNodeSelector = spec.Migrate.NodeSelector
+	}
+	err := c.kv.c.Create(ctx, mig)
+	if apierrors.IsAlreadyExists(err) {
+		return c.getMigration(ctx, u)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("create migration %s/%s: %w", mig.Namespace, mig.Name, err)
+	}
+	return mig, nil
+}
+
+// getMigration returns the vmop's migration, nil if there is none (or one that is not the
+// vmop's, which the operation must not adopt).
+func (c *vmopController) getMigration(ctx context.Context, u *unstructured.Unstructured) (*virtv1.VirtualMachineInstanceMigration, error) {
+	mig := &virtv1.VirtualMachineInstanceMigration{}
+	err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: u.GetNamespace(), Name: vmopMigrationPrefix + u.GetName()}, mig)
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("get migration %s/%s%s: %w", u.GetNamespace(), vmopMigrationPrefix, u.GetName(), err)
+	}
+	if !metav1.IsControlledBy(mig, u) {
+		return nil, nil
+	}
+	return mig, nil
+}
+
+// mirror copies the migration's state into the vmop (Deckhouse's syncOperationComplete).
+func (c *vmopController) mirror(ctx context.Context, u *unstructured.Unstructured, st *vmopStatus, mig *virtv1.VirtualMachineInstanceMigration) error {
+	state, err := c.migrationState(ctx, mig)
+	if err != nil {
+		return err
+	}
+	switch mig.Status.Phase {
+	case virtv1.MigrationSucceeded:
+		st.Phase = VMOPPhaseCompleted
+		st.Progress = ptr.To(int32(vmopProgressCompleted))
+		c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionTrue, VMOPReasonMigrationCompleted, "")
+		return nil
+	case virtv1.MigrationFailed:
+		reason := vmopFailedReason(mig, state)
+		st.Phase = VMOPPhaseFailed
+		c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, reason, vmopFailedMessage(reason, mig, state))
+		return nil
+	}
+
+	reason, msg := VMOPReasonSyncing, "Source and target are being synchronized"
+	progress := int32(vmopProgressSyncFrom)
+	switch mig.Status.Phase {
+	case virtv1.MigrationPhaseUnset, virtv1.MigrationPending:
+		reason, msg, progress = VMOPReasonMigrationPending,
+			"The VirtualMachineOperation for migrating the virtual machine has been queued. Waiting for the queue to be processed and for this operation to be executed.",
+			vmopProgressPending
+	case virtv1.MigrationScheduling:
+		reason, msg, progress = VMOPReasonTargetScheduling, "Scheduling the migration target", vmopProgressScheduling
+	case virtv1.MigrationScheduled, virtv1.MigrationPreparingTarget:
+		reason, msg, progress = VMOPReasonTargetPreparing, "Preparing the migration target", vmopProgressPreparing
+	default:
+		progress = c.syncProgress(ctx, mig, state)
+	}
+	if pending, unschedulable := c.targetUnschedulable(ctx, mig, state); unschedulable {
+		reason, msg, progress = VMOPReasonTargetUnschedulable, pending, vmopProgressScheduling
+	}
+	if state != nil {
+		if state.TargetNodeDomainReadyTimestamp != nil {
+			reason, msg, progress = VMOPReasonTargetResumed, "The virtual machine has resumed on the target", vmopProgressTargetResumed
+		}
+		if state.Completed {
+			reason, msg, progress = VMOPReasonSourceSuspended, "The virtual machine has been suspended on the source", vmopProgressSourceSuspended
+		}
+	}
+	st.Phase = VMOPPhaseInProgress
+	if reason == VMOPReasonMigrationPending {
+		st.Phase = VMOPPhasePending
+	}
+	if st.Progress == nil || *st.Progress < progress {
+		st.Progress = ptr.To(progress)
+	}
+	c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, reason, msg)
+	return nil
+}
+
+// migrationState is the migration's state: the one on the migration object, else the VMI's
+// when it describes this migration.
+func (c *vmopController) migrationState(ctx context.Context, mig *virtv1.VirtualMachineInstanceMigration) (*virtv1.VirtualMachineInstanceMigrationState, error) {
+	if mig.Status.MigrationState != nil {
+		return mig.Status.MigrationState, nil
+	}
+	vmi := &virtv1.VirtualMachineInstance{}
+	err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: mig.Namespace, Name: mig.Spec.VMIName}, vmi)
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("get vmi %s/%s: %w", mig.Namespace, mig.Spec.VMIName, err)
+	}
+	if s := vmi.Status.MigrationState; s != nil && s.MigrationUID == mig.UID {
+		return s, nil
+	}
+	return nil, nil
+}
+
+// syncProgress estimates the share of memory copied so far: elapsed time against the expected
+// transfer time, mapped onto Deckhouse's 10-90 % syncing range.
+func (c *vmopController) syncProgress(ctx context.Context, mig *virtv1.VirtualMachineInstanceMigration, state *virtv1.VirtualMachineInstanceMigrationState) int32 {
+	if state == nil || state.StartTimestamp == nil {
+		return vmopProgressSyncFrom
+	}
+	vmi := &virtv1.VirtualMachineInstance{}
+	if err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: mig.Namespace, Name: mig.Spec.VMIName}, vmi); err != nil {
+		return vmopProgressSyncFrom
+	}
+	expected := c.expected(vmi)
+	if expected <= 0 {
+		return vmopProgressSyncTo
+	}
+	elapsed := time.Duration(float64(c.now().Sub(state.StartTimestamp.Time)) * c.timeScale)
+	frac := min(max(float64(elapsed)/float64(expected), 0), 1)
+	return int32(vmopProgressSyncFrom + frac*(vmopProgressSyncTo-vmopProgressSyncFrom))
+}
+
+// vmopGuestMemory is the VMI's guest memory in bytes (spec.domain.memory.guest, else the memory
+// request).
+func vmopGuestMemory(vmi *virtv1.VirtualMachineInstance) int64 {
+	if m := vmi.Spec.Domain.Memory; m != nil && m.Guest != nil {
+		return m.Guest.Value()
+	}
+	if q, ok := vmi.Spec.Domain.Resources.Requests[corev1.ResourceMemory]; ok {
+		return q.Value()
+	}
+	return 0
+}
+
+// gvrsOrAll is the resources to watch for wake-ups: only vmops when the simulator's informers
+// cover the rest, else all of them.
+func gvrsOrAll(informers []cache.SharedIndexInformer, vmops schema.GroupVersionResource, rest ...schema.GroupVersionResource) []schema.GroupVersionResource {
+	if len(informers) > 0 {
+		return []schema.GroupVersionResource{vmops}
+	}
+	return append([]schema.GroupVersionResource{vmops}, rest...)
+}
+
+// targetUnschedulable reports a migration target pod the scheduler could not place.
+func (c *vmopController) targetUnschedulable(ctx context.Context, mig *virtv1.VirtualMachineInstanceMigration, state *virtv1.VirtualMachineInstanceMigrationState) (string, bool) {
+	var pods corev1.PodList
+	if err := c.kv.c.List(ctx, &pods, ctrlclient.InNamespace(mig.Namespace),
+		ctrlclient.MatchingLabels{virtv1.AppLabel: "virt-launcher", virtv1.MigrationJobLabel: string(mig.UID)}); err != nil {
+		return "", false
+	}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		if state != nil && state.TargetPod != "" && p.Name != state.TargetPod {
+			continue
+		}
+		if p.Spec.NodeName != "" || p.Status.Phase != corev1.PodPending {
+			continue
+		}
+		for _, cond := range p.Status.Conditions {
+			if cond.Type == corev1.PodScheduled && cond.Status == corev1.ConditionFalse && cond.Reason == corev1.PodReasonUnschedulable {
+				return fmt.Sprintf("Target pod %q is unschedulable: %s", p.Name, cond.Message), true
+			}
+		}
+	}
+	return "", false
+}
+
+// vmopFailedReason is Deckhouse's getFailedReason.
+func vmopFailedReason(mig *virtv1.VirtualMachineInstanceMigration, state *virtv1.VirtualMachineInstanceMigrationState) string {
+	if state != nil {
+		if state.AbortRequested || state.AbortStatus == virtv1.MigrationAbortSucceeded {
+			return VMOPReasonAborted
+		}
+		if reason := vmopReasonFromText(state.FailureReason); reason != "" {
+			return reason
+		}
+	}
+	for _, cond := range mig.Status.Conditions {
+		if cond.Type != vmopMigrationFailedCondition || cond.Status != corev1.ConditionTrue {
+			continue
+		}
+		if reason := vmopReasonFromText(cond.Reason + " " + cond.Message); reason != "" {
+			return reason
+		}
+	}
+	return VMOPReasonFailed
+}
+
+// vmopReasonFromText classifies a migration failure message as Deckhouse does (keywords), and
+// also recognises KubeVirt's timeout messages ("Live migration stuck for 150 seconds", "is not
+// completed after ... seconds") as a migration that does not converge.
+func vmopReasonFromText(text string) string {
+	t := strings.ToLower(text)
+	switch {
+	case strings.Contains(t, "converg"), strings.Contains(t, "progress"), strings.Contains(t, "stuck"), strings.Contains(t, "not completed after"):
+		return VMOPReasonNotConverging
+	case strings.Contains(t, "schedul"):
+		return VMOPReasonTargetUnschedulable
+	case strings.Contains(t, "csi"), strings.Contains(t, "attach"), strings.Contains(t, "volume"), strings.Contains(t, "disk"):
+		return VMOPReasonTargetDiskError
+	}
+	return ""
+}
+
+// vmopFailedMessage is Deckhouse's getFailedMessage.
+func vmopFailedMessage(reason string, mig *virtv1.VirtualMachineInstanceMigration, state *virtv1.VirtualMachineInstanceMigrationState) string {
+	base := "Migration failed"
+	switch reason {
+	case VMOPReasonAborted:
+		base = "Migration aborted"
+	case VMOPReasonNotConverging:
+		base = "Migration did not converge"
+	case VMOPReasonTargetUnschedulable:
+		base = "Migration failed: target pod is unschedulable"
+	case VMOPReasonTargetDiskError:
+		base = "Migration failed: target disk attach error"
+	}
+	if state != nil && state.FailureReason != "" {
+		return base + ": " + state.FailureReason
+	}
+	for _, cond := range mig.Status.Conditions {
+		if cond.Type == vmopMigrationFailedCondition && cond.Status == corev1.ConditionTrue && cond.Message != "" {
+			return base + ": " + cond.Message
+		}
+	}
+	return base
+}
+
+// finalize handles a vmop being deleted: delete its migration (which aborts it when it has not
+// finished), wait until the migration is gone, then release the finalizer.
+func (c *vmopController) finalize(ctx context.Context, u *unstructured.Unstructured, st *vmopStatus, orig vmopStatus) error {
+	ref := u.GetNamespace() + "/" + u.GetName()
+	if !hasString(u.GetFinalizers(), vmopFinalizerCleanup) {
+		return nil
+	}
+	if st.Phase != VMOPPhaseCompleted && st.Phase != VMOPPhaseFailed && st.Phase != VMOPPhaseTerminating {
+		st.Phase = VMOPPhaseTerminating
+		if err := c.writeStatus(ctx, u, st, orig); err != nil {
+			return err
+		}
+	}
+	mig, err := c.getMigration(ctx, u)
+	if err != nil {
+		return fmt.Errorf("vmop %s: %w", ref, err)
+	}
+	if mig != nil {
+		if mig.DeletionTimestamp == nil {
+			err := c.kv.c.Delete(ctx, mig, ctrlclient.Preconditions{UID: &mig.UID})
+			if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+				return fmt.Errorf("vmop %s: delete migration %s: %w", ref, mig.Name, err)
+			}
+			c.log.Info().Str("vmop", ref).Str("migration", mig.Name).Str("phase", string(mig.Status.Phase)).Msg("vmop deleted; deleted its migration")
+		}
+		// Wait for the migration to be gone (its controller may hold it while it aborts).
+		if still, err := c.getMigration(ctx, u); err != nil || still != nil {
+			return err
+		}
+	}
+	cur, err := c.kv.dyn.Resource(vmopGVR).Namespace(u.GetNamespace()).Get(ctx, u.GetName(), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("vmop %s: get: %w", ref, err)
+	}
+	var keep []string
+	for _, f := range cur.GetFinalizers() {
+		if f != vmopFinalizerCleanup {
+			keep = append(keep, f)
+		}
+	}
+	cur.SetFinalizers(keep)
+	_, err = c.kv.dyn.Resource(vmopGVR).Namespace(u.GetNamespace()).Update(ctx, cur, metav1.UpdateOptions{})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+		return fmt.Errorf("vmop %s: remove finalizer: %w", ref, err)
+	}
+	return nil
+}
+
+// fail sets the Failed phase with the Completed condition's reason and message.
+func (c *vmopController) fail(st *vmopStatus, u *unstructured.Unstructured, reason, msg string) {
+	st.Phase = VMOPPhaseFailed
+	c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, reason, msg)
+}
+
+func (c *vmopController) setCondition(st *vmopStatus, u *unstructured.Unstructured, typ string, status metav1.ConditionStatus, reason, msg string) {
+	meta.SetStatusCondition(&st.Conditions, metav1.Condition{
+		Type:               typ,
+		Status:             status,
+		Reason:             reason,
+		Message:            msg,
+		ObservedGeneration: u.GetGeneration(),
+		LastTransitionTime: metav1.NewTime(c.now().Truncate(time.Second)),
+	})
+}
+
+// writeStatus writes the status when it changed.
+func (c *vmopController) writeStatus(ctx context.Context, u *unstructured.Unstructured, st *vmopStatus, orig vmopStatus) error {
+	if st.equal(orig) {
+		return nil
+	}
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(st)
+	if err != nil {
+		return fmt.Errorf("vmop %s/%s: encode status: %w", u.GetNamespace(), u.GetName(), err)
+	}
+	out := u.DeepCopy()
+	if err := unstructured.SetNestedField(out.Object, obj, "status"); err != nil {
+		return fmt.Errorf("vmop %s/%s: set status: %w", u.GetNamespace(), u.GetName(), err)
+	}
+	_, err = c.kv.dyn.Resource(vmopGVR).Namespace(u.GetNamespace()).UpdateStatus(ctx, out, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("vmop %s/%s: update status: %w", u.GetNamespace(), u.GetName(), err)
+	}
+	if orig.Phase != st.Phase {
+		c.log.Info().Str("vmop", u.GetNamespace()+"/"+u.GetName()).Str("from", orig.Phase).Str("to", st.Phase).Msg("vmop phase")
+	}
+	return nil
+}
+
+// DeepCopyForCompare copies the status for change detection.
+func (s *vmopStatus) DeepCopyForCompare() vmopStatus {
+	out := *s
+	out.Conditions = append([]metav1.Condition(nil), s.Conditions...)
+	if s.Progress != nil {
+		out.Progress = ptr.To(*s.Progress)
+	}
+	return out
+}
+
+func (s *vmopStatus) equal(o vmopStatus) bool {
+	if s.Phase != o.Phase || s.ObservedGeneration != o.ObservedGeneration || len(s.Conditions) != len(o.Conditions) {
+		return false
+	}
+	if (s.Progress == nil) != (o.Progress == nil) || (s.Progress != nil && *s.Progress != *o.Progress) {
+		return false
+	}
+	for i := range s.Conditions {
+		a, b := s.Conditions[i], o.Conditions[i]
+		if a.Type != b.Type || a.Status != b.Status || a.Reason != b.Reason || a.Message != b.Message || a.ObservedGeneration != b.ObservedGeneration {
+			return false
+		}
+	}
+	return true
+}
+
+// fromUnstructuredField decodes u.Object[field] into out; a missing field leaves out as is.
+func fromUnstructuredField(u *unstructured.Unstructured, field string, out any) error {
+	m, ok, err := unstructured.NestedMap(u.Object, field)
+	if err != nil || !ok {
+		return err
+	}
+	return runtime.DefaultUnstructuredConverter.FromUnstructured(m, out)
+}
+
+func hasString(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
