@@ -1,0 +1,8 @@
+# Included by the root Makefile. DROVER_TEST_BIN (exported there) is where the control-plane
+# binaries live; integration/cluster finds them through it.
+
+## controlplane: build kube-apiserver and etcd for the integration tests into DROVER_TEST_BIN (default .cache/bin); skipped when up to date
+controlplane:
+	integration/tools/build.sh $(DROVER_TEST_BIN)
+
+.PHONY: controlplane
