@@ -77,6 +77,11 @@ func MaintenanceOperationFilter(node string) string {
 	return "maintenance." + keyToken(node) + ".*"
 }
 
+// MaintenanceEndFilter matches every maintenance-end operation of node.
+func MaintenanceEndFilter(node string) string {
+	return "maintenance-end." + keyToken(node) + ".*"
+}
+
 // Route maps a decoded event to its keys. eventID distinguishes requests that
 // have no identity of their own (a VM migration request).
 func Route(p schemas.Payload, eventID string) (Keys, error) {

@@ -152,6 +152,7 @@ func (r *Runtime) Start(ctx context.Context) error {
 	}
 	r.log.Info().Str("runtime", r.id).Strs("workflows", names).Dur("ackWait", r.cfg.AckWait).Msg("consumers started")
 	<-ctx.Done()
+	r.log.Info().Dur("grace", r.cfg.ShutdownGrace).Msg("shutting down: no new messages; waiting for in-flight handlers")
 
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()

@@ -1,0 +1,108 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+)
+
+// Exit codes.
+const (
+	ExitOK    = 0
+	ExitError = 1 // the command failed; see the message
+	ExitUsage = 2 // bad arguments: nothing was sent or changed
+)
+
+const usage = `drover keeps KubeVirt virtual machines running through node maintenance and node failure.
+
+usage:
+  drover serve [--config FILE] [--nats-url URL] [--nats-listen HOST:PORT] [--data-dir DIR]
+               [--kubeconfig FILE] [--http-listen HOST:PORT] ...
+  drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID]
+  drover maintenance end NODE [--request-id ID]
+  drover vm migrate NAMESPACE/NAME [--node-selector k=v[,k=v]]
+  drover vm cancel NAMESPACE/NAME
+  drover node fenced NODE --method TEXT
+  drover status [--watch] [-o table|json]
+  drover dlq list [-o table|json]
+  drover dlq replay SEQ
+  drover version
+
+Client commands take --nats-url (default nats://127.0.0.1:4222, env DROVER_NATS_URL),
+--nats-creds, --nats-nkey, --nats-ca, --nats-cert, --nats-key.
+Run 'drover COMMAND --help' for a command's flags.
+`
+
+// Main runs the drover command line and returns its exit code.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return run(ctx, args, stdout, stderr, os.Getenv)
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return ExitUsage
+	}
+	c := &cli{ctx: ctx, out: stdout, errOut: stderr, getenv: getenv}
+	var err error
+	switch args[0] {
+	case "serve":
+		err = c.serve(args[1:])
+	case "maintenance":
+		err = c.maintenance(args[1:])
+	case "vm":
+		err = c.vm(args[1:])
+	case "node":
+		err = c.node(args[1:])
+	case "status":
+		err = c.status(args[1:])
+	case "dlq":
+		err = c.dlq(args[1:])
+	case "version", "--version":
+		fmt.Fprintln(stdout, "drover", Version)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		err = usagef("unknown command %q", args[0])
+	}
+	var u usageError
+	switch {
+	case err == nil:
+		return ExitOK
+	case errors.As(err, &u):
+		fmt.Fprintf(stderr, "drover: %v\n", err)
+		if !strings.Contains(err.Error(), "usage:") {
+			fmt.Fprintln(stderr, "run 'drover help' for usage")
+		}
+		return ExitUsage
+	case errors.Is(err, context.Canceled):
+		return ExitOK
+	default:
+		fmt.Fprintf(stderr, "drover: %v\n", err)
+		return ExitError
+	}
+}
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+type cli struct {
+	ctx    context.Context
+	out    io.Writer
+	errOut io.Writer
+	getenv func(string) string
+}
+
+func (c *cli) serve(args []string) error {
+	o, err := LoadOptions(args, c.getenv)
+	if err != nil {
+		return err
+	}
+	log, err := NewLogger(c.errOut, o.LogLevel, o.LogFormat)
+	if err != nil {
+		return err
+	}
+	return Serve(c.ctx, o, log, nil)
+}

@@ -1,0 +1,269 @@
+package app
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/drover-io/drover/consumers"
+)
+
+// Options configure `drover serve`. Every field can be set in the YAML
+// configuration file, by a DROVER_* environment variable and by a flag;
+// precedence is flag > environment > file > default.
+type Options struct {
+	// NATSURL joins an external NATS (cluster); empty runs an embedded server.
+	NATSURL string `json:"natsURL"`
+	// NATSListen is where the embedded server listens for clients.
+	NATSListen string `json:"natsListen"`
+	// DataDir holds the embedded server's JetStream store.
+	DataDir string `json:"dataDir"`
+	// Kubeconfig is the cluster to act on; empty: in-cluster config if
+	// present, else no cluster (events are recorded, nothing acts).
+	Kubeconfig string `json:"kubeconfig"`
+	// HTTPListen serves /metrics, /healthz and /readyz.
+	HTTPListen string `json:"httpListen"`
+	// Replicas of streams and buckets (1 embedded, 3 in a cluster).
+	Replicas int `json:"replicas"`
+	// Concurrency is the number of worker slots per workflow.
+	Concurrency int `json:"concurrency"`
+	// AckWait, MaxDeliver and DuplicateWindow tune the runtime.
+	AckWait         time.Duration `json:"ackWait"`
+	MaxDeliver      int           `json:"maxDeliver"`
+	DuplicateWindow time.Duration `json:"duplicateWindow"`
+	// ShutdownGrace bounds how long in-flight handlers may finish on SIGTERM.
+	ShutdownGrace time.Duration `json:"shutdownGrace"`
+	// LogLevel is debug, info, warn or error; LogFormat json or console.
+	LogLevel  string `json:"logLevel"`
+	LogFormat string `json:"logFormat"`
+	// NATS client credentials when joining an external server.
+	Client ClientOptions `json:"client"`
+}
+
+// DefaultOptions are the defaults of `drover serve`.
+func DefaultOptions() Options {
+	return Options{
+		NATSListen:      "127.0.0.1:4222",
+		DataDir:         "./drover-data",
+		HTTPListen:      "127.0.0.1:9090",
+		Replicas:        1,
+		Concurrency:     4,
+		AckWait:         30 * time.Second,
+		MaxDeliver:      10,
+		DuplicateWindow: 30 * time.Minute,
+		ShutdownGrace:   20 * time.Second,
+		LogLevel:        "info",
+		LogFormat:       "json",
+	}
+}
+
+// RuntimeConfig maps the options onto the consumers runtime.
+func (o Options) RuntimeConfig() consumers.Config {
+	return consumers.Config{
+		Replicas: o.Replicas, AckWait: o.AckWait, MaxDeliver: o.MaxDeliver,
+		DuplicateWindow: o.DuplicateWindow, ShutdownGrace: o.ShutdownGrace,
+		Source: "drover/serve",
+	}
+}
+
+// field binds one option to its flag and environment variable.
+type field struct {
+	flag, env, usage string
+	set              func(string) error
+	value            func() string
+}
+
+func (o *Options) fields() []field {
+	str := func(p *string) (func(string) error, func() string) {
+		return func(v string) error { *p = v; return nil }, func() string { return *p }
+	}
+	num := func(p *int) (func(string) error, func() string) {
+		return func(v string) error {
+				n, err := strconv.Atoi(v)
+				if err != nil {
+					return fmt.Errorf("not a number: %q", v)
+				}
+				*p = n
+				return nil
+			}, func() string {
+				return strconv.Itoa(*p)
+			}
+	}
+	dur := func(p *time.Duration) (func(string) error, func() string) {
+		return func(v string) error {
+				d, err := time.ParseDuration(v)
+				if err != nil {
+					return fmt.Errorf("not a duration: %q", v)
+				}
+				*p = d
+				return nil
+			}, func() string {
+				return p.String()
+			}
+	}
+	mk := func(name, usage string, s func(string) error, g func() string) field {
+		return field{flag: name, env: "DROVER_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")), usage: usage, set: s, value: g}
+	}
+	var fs []field
+	add := func(name, usage string, pair func() (func(string) error, func() string)) {
+		s, g := pair()
+		fs = append(fs, mk(name, usage, s, g))
+	}
+	add("nats-url", "NATS server URL(s) to join; empty runs an embedded JetStream server", func() (func(string) error, func() string) { return str(&o.NATSURL) })
+	add("nats-listen", "client listen address of the embedded NATS server", func() (func(string) error, func() string) { return str(&o.NATSListen) })
+	add("data-dir", "directory of the embedded server's JetStream store", func() (func(string) error, func() string) { return str(&o.DataDir) })
+	add("kubeconfig", "kubeconfig of the cluster to act on", func() (func(string) error, func() string) { return str(&o.Kubeconfig) })
+	add("http-listen", "address serving /metrics, /healthz and /readyz", func() (func(string) error, func() string) { return str(&o.HTTPListen) })
+	add("replicas", "replicas of streams and buckets (1, 3 or 5)", func() (func(string) error, func() string) { return num(&o.Replicas) })
+	add("concurrency", "worker slots per workflow", func() (func(string) error, func() string) { return num(&o.Concurrency) })
+	add("ack-wait", "JetStream ack wait; heartbeats run at a third of it", func() (func(string) error, func() string) { return dur(&o.AckWait) })
+	add("max-deliver", "deliveries of one message before it is dead-lettered", func() (func(string) error, func() string) { return num(&o.MaxDeliver) })
+	add("duplicate-window", "JetStream de-duplication window of requests", func() (func(string) error, func() string) { return dur(&o.DuplicateWindow) })
+	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", func() (func(string) error, func() string) { return dur(&o.ShutdownGrace) })
+	add("log-level", "debug, info, warn or error", func() (func(string) error, func() string) { return str(&o.LogLevel) })
+	add("log-format", "json or console", func() (func(string) error, func() string) { return str(&o.LogFormat) })
+	add("nats-creds", "NATS credentials file", func() (func(string) error, func() string) { return str(&o.Client.Creds) })
+	add("nats-nkey", "NATS nkey seed file", func() (func(string) error, func() string) { return str(&o.Client.NKey) })
+	add("nats-ca", "CA file to verify the NATS server", func() (func(string) error, func() string) { return str(&o.Client.CA) })
+	add("nats-cert", "client certificate file for NATS TLS", func() (func(string) error, func() string) { return str(&o.Client.Cert) })
+	add("nats-key", "client key file for NATS TLS", func() (func(string) error, func() string) { return str(&o.Client.Key) })
+	return fs
+}
+
+// LoadOptions parses serve's arguments: defaults, then the YAML file named by
+// --config (or DROVER_CONFIG), then DROVER_* variables, then flags.
+func LoadOptions(args []string, getenv func(string) string) (Options, error) {
+	o := DefaultOptions()
+	fs := flag.NewFlagSet("drover serve", flag.ContinueOnError)
+	fs.SetOutput(new(strings.Builder))
+	config := fs.String("config", "", "YAML configuration file (env DROVER_CONFIG)")
+	fields := o.fields()
+	flagVals := map[string]*string{}
+	for _, f := range fields {
+		flagVals[f.flag] = fs.String(f.flag, "", f.usage+" (env "+f.env+")")
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, usageError{fmt.Errorf("%w\n%s", err, serveUsage(fields))}
+	}
+	if fs.NArg() > 0 {
+		return o, usageError{fmt.Errorf("unexpected argument %q\n%s", fs.Arg(0), serveUsage(fields))}
+	}
+	path := *config
+	if path == "" {
+		path = getenv("DROVER_CONFIG")
+	}
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return o, usageError{fmt.Errorf("read config: %w", err)}
+		}
+		if err := applyFile(path, b, fields); err != nil {
+			return o, usageError{err}
+		}
+	}
+	for _, f := range fields {
+		if v := getenv(f.env); v != "" {
+			if err := f.set(v); err != nil {
+				return o, usageError{fmt.Errorf("%s: %w", f.env, err)}
+			}
+		}
+	}
+	var ferr error
+	fs.Visit(func(fl *flag.Flag) {
+		for _, f := range fields {
+			if f.flag == fl.Name && ferr == nil {
+				if err := f.set(*flagVals[f.flag]); err != nil {
+					ferr = usageError{fmt.Errorf("--%s: %w", f.flag, err)}
+				}
+			}
+		}
+	})
+	if ferr != nil {
+		return o, ferr
+	}
+	return o, o.validate()
+}
+
+// applyFile sets options from a YAML file whose keys are the flag names
+// (nats-url, ack-wait: 40s, ...). Unknown keys are errors, not silently ignored.
+func applyFile(path string, b []byte, fields []field) error {
+	var m map[string]any
+	if err := yaml.Unmarshal(b, &m); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	byName := map[string]field{}
+	for _, f := range fields {
+		byName[f.flag] = f
+	}
+	var errs []error
+	for k, v := range m {
+		f, ok := byName[k]
+		if !ok {
+			errs = append(errs, fmt.Errorf("config %s: unknown key %q (keys are the flag names, e.g. nats-url)", path, k))
+			continue
+		}
+		if v == nil {
+			continue
+		}
+		switch v.(type) {
+		case map[string]any, []any:
+			errs = append(errs, fmt.Errorf("config %s: %s must be a single value", path, k))
+			continue
+		}
+		if err := f.set(fmt.Sprint(v)); err != nil {
+			errs = append(errs, fmt.Errorf("config %s: %s: %w", path, k, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (o Options) validate() error {
+	var errs []error
+	if o.NATSURL == "" && o.DataDir == "" {
+		errs = append(errs, errors.New("data-dir must be set when NATS is embedded"))
+	}
+	if o.Replicas != 1 && o.Replicas != 3 && o.Replicas != 5 {
+		errs = append(errs, fmt.Errorf("replicas must be 1, 3 or 5, got %d", o.Replicas))
+	}
+	if o.NATSURL == "" && o.Replicas != 1 {
+		errs = append(errs, errors.New("an embedded NATS server holds one replica: replicas must be 1"))
+	}
+	if o.Concurrency < 1 || o.Concurrency > 256 {
+		errs = append(errs, fmt.Errorf("concurrency must be 1..256, got %d", o.Concurrency))
+	}
+	if o.AckWait < time.Second {
+		errs = append(errs, fmt.Errorf("ack-wait must be at least 1s, got %s", o.AckWait))
+	}
+	if o.MaxDeliver < 1 {
+		errs = append(errs, fmt.Errorf("max-deliver must be at least 1, got %d", o.MaxDeliver))
+	}
+	switch o.LogFormat {
+	case "json", "console":
+	default:
+		errs = append(errs, fmt.Errorf("log-format must be json or console, got %q", o.LogFormat))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return usageError{err}
+	}
+	return nil
+}
+
+func serveUsage(fields []field) string {
+	var b strings.Builder
+	b.WriteString("usage: drover serve [--config FILE] [flags]\n")
+	for _, f := range fields {
+		fmt.Fprintf(&b, "  --%-18s %s (env %s)\n", f.flag, f.usage, f.env)
+	}
+	return b.String()
+}
+
+// usageError marks bad arguments: exit code 2, nothing was done.
+type usageError struct{ error }
+
+func (u usageError) Unwrap() error { return u.error }

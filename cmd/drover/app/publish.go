@@ -1,0 +1,327 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/user"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/producers"
+	"github.com/drover-io/drover/schemas"
+)
+
+// cliSource is the CloudEvents source of events the CLI publishes.
+const cliSource = "drover/cli"
+
+// parse parses a subcommand's flags, allowing flags after the positional
+// arguments (`drover maintenance start node-1 --reason x`).
+func parse(fs *flag.FlagSet, args []string) ([]string, error) {
+	fs.SetOutput(new(strings.Builder))
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, usagef("usage of %s:\n%s", fs.Name(), flagUsage(fs))
+			}
+			return nil, usagef("%s: %v", fs.Name(), err)
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+}
+
+func flagUsage(fs *flag.FlagSet) string {
+	var b strings.Builder
+	fs.VisitAll(func(f *flag.Flag) { fmt.Fprintf(&b, "  --%-14s %s\n", f.Name, f.Usage) })
+	return b.String()
+}
+
+func whoami() string {
+	if u, err := user.Current(); err == nil && u.Username != "" {
+		return u.Username
+	}
+	if h, err := os.Hostname(); err == nil {
+		return "cli@" + h
+	}
+	return "cli"
+}
+
+// publishOne validates and publishes one event and prints what JetStream said.
+func (c *cli) publishOne(client ClientOptions, id string, p schemas.Payload) error {
+	e, err := schemas.New(cliSource, id, p)
+	if err != nil {
+		return usageError{err}
+	}
+	nc, js, err := client.connect(c.ctx)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
+	defer cancel()
+	res, err := (&producers.Publisher{JS: js}).Publish(ctx, e)
+	if err != nil {
+		return err
+	}
+	dup := "no"
+	if res.Duplicate {
+		dup = "yes: JetStream already had this event id inside its duplicate window; nothing new was queued"
+	}
+	fmt.Fprintf(c.out, "event:     %s\ntype:      %s\nsubject:   %s\nstream:    %s seq %d\nduplicate: %s\n",
+		res.ID, e.Type(), res.Subject, res.Stream, res.Sequence, dup)
+	return nil
+}
+
+func checkNode(node string) error {
+	if errs := validation.IsDNS1123Subdomain(node); len(errs) > 0 {
+		return usagef("node %q is not a valid node name: %s", node, strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func (c *cli) maintenance(args []string) error {
+	if len(args) == 0 {
+		return usagef("usage: drover maintenance start|end NODE ...")
+	}
+	var client ClientOptions
+	switch args[0] {
+	case "start":
+		fs := flag.NewFlagSet("drover maintenance start", flag.ContinueOnError)
+		client.register(fs, c.getenv)
+		reason := fs.String("reason", "", "why the node is serviced (required)")
+		mode := fs.String("mode", schemas.ModeLiveMigrate, "LiveMigrate or Evict")
+		reqID := fs.String("request-id", "", "identity of the request; re-sending the same id is a duplicate (default: generated)")
+		by := fs.String("requested-by", whoami(), "who asks")
+		pos, err := parse(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return usagef("usage: drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID]")
+		}
+		if err := checkNode(pos[0]); err != nil {
+			return err
+		}
+		if strings.TrimSpace(*reason) == "" {
+			return usagef("--reason is required")
+		}
+		if *mode != schemas.ModeLiveMigrate && *mode != schemas.ModeEvict {
+			return usagef("--mode must be LiveMigrate or Evict, got %q", *mode)
+		}
+		if *reqID == "" {
+			*reqID = "cli-" + time.Now().UTC().Format("20060102T150405Z")
+		}
+		p := &schemas.MaintenanceRequested{Node: pos[0], RequestID: *reqID, Reason: *reason, RequestedBy: *by, Mode: *mode}
+		return c.publishOne(client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceRequested, pos[0], *reqID), p)
+	case "end":
+		fs := flag.NewFlagSet("drover maintenance end", flag.ContinueOnError)
+		client.register(fs, c.getenv)
+		reqID := fs.String("request-id", "", "the request to end (default: the node's unfinished maintenance)")
+		pos, err := parse(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return usagef("usage: drover maintenance end NODE [--request-id ID]")
+		}
+		if err := checkNode(pos[0]); err != nil {
+			return err
+		}
+		if *reqID == "" {
+			id, err := c.activeMaintenance(client, pos[0])
+			if err != nil {
+				return err
+			}
+			*reqID = id
+		}
+		p := &schemas.MaintenanceEnded{Node: pos[0], RequestID: *reqID}
+		return c.publishOne(client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceEnded, pos[0], *reqID), p)
+	default:
+		return usagef("unknown maintenance command %q (want start or end)", args[0])
+	}
+}
+
+// activeMaintenance finds the request id of node's maintenance that has not
+// been ended yet: a maintenance that finished draining keeps the node
+// cordoned until its maintenance.ended, so "unfinished" is not the test.
+func (c *cli) activeMaintenance(client ClientOptions, node string) (string, error) {
+	nc, js, err := client.connect(c.ctx)
+	if err != nil {
+		return "", err
+	}
+	defer nc.Close()
+	kv, err := js.KeyValue(c.ctx, consumers.BucketOps)
+	if err != nil {
+		return "", fmt.Errorf("open %s: %w", consumers.BucketOps, err)
+	}
+	store := consumers.NewOpStore(kv)
+	recs, err := store.List(c.ctx, consumers.MaintenanceOperationFilter(node))
+	if err != nil {
+		return "", err
+	}
+	ended, err := store.List(c.ctx, consumers.MaintenanceEndFilter(node))
+	if err != nil {
+		return "", err
+	}
+	endedIDs := map[string]bool{}
+	for _, r := range ended {
+		endedIDs[requestIDOf(r)] = true
+	}
+	var ids []string
+	for _, r := range recs {
+		if rid := requestIDOf(r); rid != "" && !endedIDs[rid] && r.State != consumers.StateCancelled {
+			ids = append(ids, rid)
+		}
+	}
+	switch len(ids) {
+	case 0:
+		return "", usagef("node %s has no maintenance that was not ended; pass --request-id to end a specific request", node)
+	case 1:
+		return ids[0], nil
+	default:
+		return "", usagef("node %s has several maintenance requests not ended (%s); pass --request-id", node, strings.Join(ids, ", "))
+	}
+}
+
+func requestIDOf(r consumers.Record) string {
+	i := strings.LastIndexByte(r.Key, '.')
+	if i < 0 {
+		return ""
+	}
+	id, err := schemas.DecodeToken(r.Key[i+1:])
+	if err != nil {
+		return ""
+	}
+	return id
+}
+
+func parseVM(s string) (string, string, error) {
+	ns, name, ok := strings.Cut(s, "/")
+	if !ok || ns == "" || name == "" {
+		return "", "", usagef("want NAMESPACE/NAME, got %q", s)
+	}
+	if errs := validation.IsDNS1123Label(ns); len(errs) > 0 {
+		return "", "", usagef("namespace %q: %s", ns, strings.Join(errs, "; "))
+	}
+	if errs := validation.IsDNS1123Subdomain(name); len(errs) > 0 {
+		return "", "", usagef("name %q: %s", name, strings.Join(errs, "; "))
+	}
+	return ns, name, nil
+}
+
+type selectorFlag map[string]string
+
+func (s selectorFlag) String() string { return "" }
+func (s selectorFlag) Set(v string) error {
+	for _, kv := range strings.Split(v, ",") {
+		k, val, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("want key=value, got %q", kv)
+		}
+		if errs := validation.IsQualifiedName(k); len(errs) > 0 {
+			return fmt.Errorf("label key %q: %s", k, strings.Join(errs, "; "))
+		}
+		if errs := validation.IsValidLabelValue(val); len(errs) > 0 {
+			return fmt.Errorf("label value %q: %s", val, strings.Join(errs, "; "))
+		}
+		s[k] = val
+	}
+	return nil
+}
+
+// uniqueID identifies a request that has no identity of its own: each
+// invocation is a new request.
+func uniqueID(parts ...string) string {
+	return schemas.DeterministicID(append(parts, strconv.FormatInt(time.Now().UnixNano(), 10), strconv.Itoa(os.Getpid()))...)
+}
+
+func (c *cli) vm(args []string) error {
+	if len(args) == 0 {
+		return usagef("usage: drover vm migrate|cancel NAMESPACE/NAME")
+	}
+	var client ClientOptions
+	switch args[0] {
+	case "migrate":
+		fs := flag.NewFlagSet("drover vm migrate", flag.ContinueOnError)
+		client.register(fs, c.getenv)
+		sel := selectorFlag{}
+		fs.Var(sel, "node-selector", "target node labels, k=v[,k=v] (repeatable)")
+		pos, err := parse(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return usagef("usage: drover vm migrate NAMESPACE/NAME [--node-selector k=v]")
+		}
+		ns, name, err := parseVM(pos[0])
+		if err != nil {
+			return err
+		}
+		p := &schemas.VMMigrateRequested{Namespace: ns, Name: name}
+		if len(sel) > 0 {
+			p.TargetNodeSelector = sel
+		}
+		keys := make([]string, 0, len(sel))
+		for k, v := range sel {
+			keys = append(keys, k+"="+v)
+		}
+		sort.Strings(keys)
+		return c.publishOne(client, uniqueID(schemas.TypeVMMigrateRequested, ns, name, strings.Join(keys, ",")), p)
+	case "cancel":
+		fs := flag.NewFlagSet("drover vm cancel", flag.ContinueOnError)
+		client.register(fs, c.getenv)
+		pos, err := parse(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return usagef("usage: drover vm cancel NAMESPACE/NAME")
+		}
+		ns, name, err := parseVM(pos[0])
+		if err != nil {
+			return err
+		}
+		return c.publishOne(client, uniqueID(schemas.TypeVMMigrateCancelled, ns, name), &schemas.VMMigrateCancelled{Namespace: ns, Name: name})
+	default:
+		return usagef("unknown vm command %q (want migrate or cancel)", args[0])
+	}
+}
+
+func (c *cli) node(args []string) error {
+	if len(args) == 0 || args[0] != "fenced" {
+		return usagef("usage: drover node fenced NODE --method TEXT")
+	}
+	var client ClientOptions
+	fs := flag.NewFlagSet("drover node fenced", flag.ContinueOnError)
+	client.register(fs, c.getenv)
+	method := fs.String("method", "", "how the node was fenced, e.g. ipmi-power-off (required)")
+	by := fs.String("by", whoami(), "who fenced it")
+	pos, err := parse(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("usage: drover node fenced NODE --method TEXT")
+	}
+	if err := checkNode(pos[0]); err != nil {
+		return err
+	}
+	if strings.TrimSpace(*method) == "" {
+		return usagef("--method is required")
+	}
+	return c.publishOne(client, uniqueID(schemas.TypeNodeFenced, pos[0], *method),
+		&schemas.NodeFenced{Node: pos[0], Method: *method, By: *by})
+}

@@ -1,0 +1,215 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/handlers/observe"
+	"github.com/drover-io/drover/schemas"
+)
+
+// Version is set at build time (-ldflags -X).
+var Version = "dev"
+
+// Info tells a caller where a started server can be reached.
+type Info struct {
+	NATSURL  string
+	HTTPAddr string
+}
+
+// kubeCheckTimeout bounds the start-up check of the Kubernetes API, so a
+// wrong kubeconfig fails fast (well inside 15 s) instead of hanging.
+const kubeCheckTimeout = 10 * time.Second
+
+// NewLogger builds the process logger: JSON, or a console writer.
+func NewLogger(w io.Writer, level, format string) (zerolog.Logger, error) {
+	lvl, err := zerolog.ParseLevel(level)
+	if err != nil || level == "" {
+		return zerolog.Nop(), usageError{fmt.Errorf("log-level must be debug, info, warn or error, got %q", level)}
+	}
+	zerolog.TimeFieldFormat = time.RFC3339Nano
+	if format == "console" {
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05.000"}
+	}
+	return zerolog.New(w).Level(lvl).With().Timestamp().Logger(), nil
+}
+
+// Serve runs drover until ctx ends: it checks the cluster, starts or joins
+// NATS, serves metrics and runs every workflow's consumer. ready, if not nil,
+// is called once everything listens.
+func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info)) (err error) {
+	var cleanups []func() error
+	defer func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			err = errors.Join(err, cleanups[i]())
+		}
+	}()
+
+	kube, dyn, err := connectKube(ctx, o.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	if kube == nil {
+		log.Warn().Msg("no Kubernetes API configured: events are recorded, no cluster is inspected or changed")
+	}
+
+	url := o.NATSURL
+	natsOpts, err := o.Client.natsOptions("drover-serve")
+	if err != nil {
+		return err
+	}
+	if url == "" {
+		ns, err := startEmbedded(o.NATSListen, o.DataDir)
+		if err != nil {
+			return err
+		}
+		cleanups = append(cleanups, func() error { ns.Shutdown(); ns.WaitForShutdown(); return nil })
+		url = ns.ClientURL()
+		natsOpts = []nats.Option{nats.Name("drover-serve"), nats.InProcessServer(ns)}
+		log.Info().Str("url", url).Str("dataDir", o.DataDir).Msg("embedded NATS JetStream server started")
+	}
+	natsOpts = append(natsOpts, nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn().Err(err).Msg("NATS disconnected") }),
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info().Str("url", c.ConnectedUrl()).Msg("NATS reconnected") }))
+	nc, err := nats.Connect(url, natsOpts...)
+	if err != nil {
+		return fmt.Errorf("connect to NATS at %s: %w", url, err)
+	}
+	cleanups = append(cleanups, func() error { nc.Close(); return nil })
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := consumers.NewMetrics(reg)
+
+	h := &observe.Handler{Kube: kube, Dynamic: dyn}
+	var wfs []consumers.Workflow
+	for _, name := range schemas.Workflows() {
+		wfs = append(wfs, consumers.Workflow{Name: name, Concurrency: o.Concurrency, Handler: h})
+	}
+	rt, err := consumers.NewRuntime(nc, o.RuntimeConfig(), log, metrics, wfs...)
+	if err != nil {
+		return err
+	}
+
+	ln, err := net.Listen("tcp", o.HTTPListen)
+	if err != nil {
+		return fmt.Errorf("http-listen %s: %w", o.HTTPListen, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !nc.IsConnected() {
+			http.Error(w, "NATS not connected", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error().Err(err).Msg("http server stopped")
+		}
+	}()
+	cleanups = append(cleanups, func() error {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
+	log.Info().Str("version", Version).Str("http", ln.Addr().String()).Str("nats", url).Msg("drover serving")
+
+	errc := make(chan error, 1)
+	go func() { errc <- rt.Start(ctx) }()
+	if ready != nil {
+		// Start declares the streams first; wait until they exist so that a
+		// caller may publish as soon as ready returns.
+		if err := waitForStreams(ctx, nc); err != nil {
+			return errors.Join(err, <-errc)
+		}
+		ready(Info{NATSURL: url, HTTPAddr: ln.Addr().String()})
+	}
+	err = <-errc
+	log.Info().Err(err).Msg("drover stopped")
+	return err
+}
+
+func waitForStreams(ctx context.Context, nc *nats.Conn) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		js, err := jetstream.New(nc)
+		if err == nil {
+			// Setup declares the consumers last, so the last one's presence
+			// means everything exists.
+			if _, err = js.Consumer(ctx, consumers.StreamRequests, schemas.WorkflowMigration); err == nil {
+				return nil
+			}
+		}
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			return fmt.Errorf("streams were not declared within 30s: %v", err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// connectKube builds clients from kubeconfig (or the in-cluster config when
+// kubeconfig is empty and drover runs in a pod) and checks the API answers.
+// With neither it returns nil clients.
+func connectKube(ctx context.Context, kubeconfig string) (kubernetes.Interface, dynamic.Interface, error) {
+	var cfg *rest.Config
+	var err error
+	switch {
+	case kubeconfig != "":
+		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
+		}
+	case os.Getenv("KUBERNETES_SERVICE_HOST") != "":
+		cfg, err = rest.InClusterConfig()
+		if err != nil {
+			return nil, nil, fmt.Errorf("in-cluster Kubernetes config: %w", err)
+		}
+	default:
+		return nil, nil, nil
+	}
+	cfg.Timeout = kubeCheckTimeout
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kubernetes client for %s: %w", cfg.Host, err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, kubeCheckTimeout)
+	defer cancel()
+	if _, err := kube.Discovery().RESTClient().Get().AbsPath("/version").Do(cctx).Raw(); err != nil {
+		return nil, nil, fmt.Errorf("cannot reach the Kubernetes API server at %s: %w", cfg.Host, err)
+	}
+	cfg.Timeout = 0
+	kube, err = kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return kube, dyn, nil
+}

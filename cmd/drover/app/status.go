@@ -1,0 +1,238 @@
+package app
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/schemas"
+)
+
+func checkOutput(o string) error {
+	if o != "table" && o != "json" {
+		return usagef("-o must be table or json, got %q", o)
+	}
+	return nil
+}
+
+func (c *cli) status(args []string) error {
+	var client ClientOptions
+	fs := flag.NewFlagSet("drover status", flag.ContinueOnError)
+	client.register(fs, c.getenv)
+	watch := fs.Bool("watch", false, "keep printing status events as they happen")
+	out := fs.String("o", "table", "output format: table or json")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("usage: drover status [--watch] [-o table|json]")
+	}
+	if err := checkOutput(*out); err != nil {
+		return err
+	}
+	nc, js, err := client.connect(c.ctx)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	kv, err := js.KeyValue(c.ctx, consumers.BucketOps)
+	if err != nil {
+		return fmt.Errorf("open %s (has drover serve run against this NATS?): %w", consumers.BucketOps, err)
+	}
+	recs, err := consumers.NewOpStore(kv).List(c.ctx, ">")
+	if err != nil {
+		return err
+	}
+	if *out == "json" {
+		if err := writeJSON(c.out, recs); err != nil {
+			return err
+		}
+	} else {
+		printRecords(c.out, recs)
+	}
+	if !*watch {
+		return nil
+	}
+	return c.watchStatus(js, *out)
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printRecords(w io.Writer, recs []consumers.Record) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "OPERATION\tWORKFLOW\tTARGET\tSTATE\tATTEMPTS\tUPDATED\tMESSAGE")
+	for _, r := range recs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Key, r.Workflow, r.Target, r.State, r.Attempts,
+			r.Updated.Local().Format("15:04:05"), summary(r))
+	}
+	_ = tw.Flush()
+}
+
+// summary is one line about a record: its error, else its progress.
+func summary(r consumers.Record) string {
+	if r.LastError != "" {
+		return oneLine(r.LastError)
+	}
+	keys := make([]string, 0, len(r.Progress))
+	for k := range r.Progress {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var parts []string
+	for _, k := range keys {
+		p := r.Progress[k]
+		s := k + ": " + p.Phase
+		if p.Message != "" {
+			s += " (" + p.Message + ")"
+		}
+		parts = append(parts, s)
+	}
+	return oneLine(strings.Join(parts, "; "))
+}
+
+func oneLine(s string) string {
+	s = strings.ReplaceAll(s, "\n", " ")
+	if len(s) > 160 {
+		s = s[:157] + "..."
+	}
+	return s
+}
+
+// watchStatus prints status events from now on until the context ends.
+func (c *cli) watchStatus(js jetstream.JetStream, out string) error {
+	cons, err := js.OrderedConsumer(c.ctx, consumers.StreamStatus, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{schemas.StatusSubjects}, DeliverPolicy: jetstream.DeliverNewPolicy,
+	})
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", consumers.StreamStatus, err)
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", consumers.StreamStatus, err)
+	}
+	go func() { <-c.ctx.Done(); it.Stop() }()
+	for {
+		m, err := it.Next()
+		if err != nil {
+			if c.ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("watch %s: %w", consumers.StreamStatus, err)
+		}
+		e, err := schemas.FromHeaders(m.Headers(), m.Data())
+		if err != nil {
+			fmt.Fprintf(c.errOut, "skipping unreadable status message on %s: %v\n", m.Subject(), err)
+			continue
+		}
+		p, err := schemas.Decode(e)
+		st, ok := p.(*schemas.Status)
+		if err != nil || !ok {
+			fmt.Fprintf(c.errOut, "skipping invalid status event %s: %v\n", e.ID(), err)
+			continue
+		}
+		if out == "json" {
+			b, _ := json.Marshal(st)
+			fmt.Fprintln(c.out, string(b))
+			continue
+		}
+		fmt.Fprintf(c.out, "%s  %-11s %-9s %-10s %s %s\n", e.Time().Local().Format("15:04:05"), st.Workflow, st.Phase,
+			st.Target(), st.Operation, oneLine(st.Message))
+	}
+}
+
+func (c *cli) dlq(args []string) error {
+	if len(args) == 0 {
+		return usagef("usage: drover dlq list|replay SEQ")
+	}
+	var client ClientOptions
+	switch args[0] {
+	case "list":
+		fs := flag.NewFlagSet("drover dlq list", flag.ContinueOnError)
+		client.register(fs, c.getenv)
+		out := fs.String("o", "table", "output format: table or json")
+		limit := fs.Int("limit", 0, "list at most this many (0: all)")
+		pos, err := parse(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) > 0 {
+			return usagef("usage: drover dlq list [-o table|json]")
+		}
+		if err := checkOutput(*out); err != nil {
+			return err
+		}
+		nc, js, err := client.connect(c.ctx)
+		if err != nil {
+			return err
+		}
+		defer nc.Close()
+		dls, err := consumers.ListDeadLetters(c.ctx, js, *limit)
+		if err != nil {
+			return err
+		}
+		if *out == "json" {
+			type row struct {
+				Seq        uint64    `json:"seq"`
+				Time       time.Time `json:"time"`
+				Workflow   string    `json:"workflow"`
+				Subject    string    `json:"subject"`
+				Deliveries uint64    `json:"deliveries"`
+				Reason     string    `json:"reason"`
+				Data       string    `json:"data"`
+			}
+			rows := make([]row, 0, len(dls))
+			for _, d := range dls {
+				rows = append(rows, row{d.Seq, d.Time, d.Workflow, d.Subject, d.Deliveries, d.Reason, string(d.Data)})
+			}
+			return writeJSON(c.out, rows)
+		}
+		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "SEQ\tTIME\tWORKFLOW\tSUBJECT\tDELIVERIES\tREASON")
+		for _, d := range dls {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%s\n", d.Seq, d.Time.Local().Format("2006-01-02 15:04:05"), d.Workflow, d.Subject, d.Deliveries, oneLine(d.Reason))
+		}
+		return tw.Flush()
+	case "replay":
+		fs := flag.NewFlagSet("drover dlq replay", flag.ContinueOnError)
+		client.register(fs, c.getenv)
+		pos, err := parse(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return usagef("usage: drover dlq replay SEQ")
+		}
+		seq, err := strconv.ParseUint(pos[0], 10, 64)
+		if err != nil || seq == 0 {
+			return usagef("SEQ must be a positive dead-letter sequence number, got %q", pos[0])
+		}
+		nc, js, err := client.connect(c.ctx)
+		if err != nil {
+			return err
+		}
+		defer nc.Close()
+		ack, dl, err := consumers.ReplayDeadLetter(c.ctx, js, seq)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "replayed dead letter %d to %s (stream %s seq %d); removed it from %s\n",
+			seq, dl.Subject, ack.Stream, ack.Sequence, consumers.StreamDLQ)
+		return nil
+	default:
+		return usagef("unknown dlq command %q (want list or replay)", args[0])
+	}
+}
