@@ -291,7 +291,11 @@ func TestFromMsgRejects(t *testing.T) {
 		{name: "subject of another node", m: func() *nats.Msg { m := withHeader("x", ""); m.Subject = "drover.req.node-ready.n2"; return m }(), wantField: "subject", subjectOnly: true},
 		{name: "body not json", m: func() *nats.Msg { m := withHeader("x", ""); m.Data = []byte("n1"); return m }(), wantField: "data"},
 		{name: "empty body", m: func() *nats.Msg { m := withHeader("x", ""); m.Data = nil; return m }(), wantField: "data"},
-		{name: "oversized body", m: func() *nats.Msg { m := withHeader("x", ""); m.Data = []byte(strings.Repeat(" ", 5*MaxEventBytes)); return m }(), wantField: "event"},
+		{name: "oversized body", m: func() *nats.Msg {
+			m := withHeader("x", "")
+			m.Data = []byte(strings.Repeat(" ", 5*MaxEventBytes))
+			return m
+		}(), wantField: "event"},
 		{name: "oversized just over the limit", m: func() *nats.Msg {
 			m := withHeader("x", "")
 			m.Data = []byte(`{"node":"n1","since":"2026-11-21T16:00:00Z"}` + strings.Repeat(" ", MaxEventBytes))
