@@ -126,9 +126,16 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	// Explicit paths, so that KUBEBUILDER_ASSETS or TEST_ASSET_* in the environment cannot
 	// silently swap in other binaries.
 	api := env.ControlPlane.GetAPIServer()
-	api.Path = apiserverPath
+	api.Path, err = dieWithParent(dir, apiserverPath)
+	if err != nil {
+		return nil, fmt.Errorf("start cluster: %w", err)
+	}
 	api.Out, api.Err = apiserverLog, apiserverLog
-	env.ControlPlane.Etcd = &envtest.Etcd{Path: etcdPath, Out: etcdLog, Err: etcdLog}
+	etcdExec, err := dieWithParent(dir, etcdPath)
+	if err != nil {
+		return nil, fmt.Errorf("start cluster: %w", err)
+	}
+	env.ControlPlane.Etcd = &envtest.Etcd{Path: etcdExec, Out: etcdLog, Err: etcdLog}
 	// envtest only records kubectl's path (for its deprecated helpers); it never runs it.
 	if kubectl, err := exec.LookPath("kubectl"); err == nil {
 		env.ControlPlane.KubectlPath = kubectl
@@ -308,6 +315,28 @@ func logTail(dir string) string {
 		fmt.Fprintf(&b, "\n--- %s (end) ---\n%s", name, data)
 	}
 	return b.String()
+}
+
+// dieWithParent returns the path of a wrapper in dir that runs bin so that the kernel kills it
+// when the process that started it dies (setpriv --pdeathsig). Stop ends the processes in an
+// orderly way; this covers a test binary killed by a timeout or a signal, which otherwise
+// leaves etcd and kube-apiserver running (envtest starts them in their own process group).
+// Without setpriv, bin itself is returned.
+func dieWithParent(dir, bin string) (string, error) {
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		return bin, nil
+	}
+	wrapper := filepath.Join(dir, filepath.Base(bin))
+	script := fmt.Sprintf("#!/bin/sh\nexec %s --pdeathsig KILL -- %s \"$@\"\n", shellQuote(setpriv), shellQuote(bin))
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		return "", fmt.Errorf("write %s: %w", wrapper, err)
+	}
+	return wrapper, nil
+}
+
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // findPID returns the id of this process's child that runs bin with marker (a folder unique to
