@@ -178,6 +178,14 @@ func (s *Simulator) kubeletSyncPod(ctx context.Context, node string, bootID int,
 				return 0, err
 			}
 			s.log.Info().Str("pod", keyOf(p)).Str("node", node).Msg("kubelet: guest gone, launcher pod Completed")
+			return 0, nil
+		}
+		if !podReady(p) {
+			// the node lifecycle controller marked it not ready while the
+			// node was silent; the kubelet's status manager puts it right
+			st := podRunningStatus(p, s.now(), p.Status.HostIP, p.Status.PodIP)
+			st.StartTime = p.Status.StartTime
+			return 0, s.postPodStatus(ctx, p, st)
 		}
 		return 0, nil
 	default: // Pending
@@ -214,6 +222,15 @@ func (s *Simulator) kubeletSyncPod(ctx context.Context, node string, bootID int,
 		s.log.Debug().Str("pod", keyOf(p)).Str("node", node).Msg("kubelet: pod Running")
 		return 0, nil
 	}
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
 }
 
 func isLauncher(p *corev1.Pod) bool { return p.Labels[kvv1.AppLabel] == launcherLabelValue }

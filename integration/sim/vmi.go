@@ -18,7 +18,7 @@ const (
 	// nodeUnresponsiveReason is KubeVirt's VMI status.reason for a VMI
 	// failed because its node stopped answering.
 	nodeUnresponsiveReason = "NodeUnresponsive"
-	launcherImage = "quay.io/kubevirt/virt-launcher:v1.8.0"
+	launcherImage          = "quay.io/kubevirt/virt-launcher:v1.8.0"
 	// allowPodBridgeMigration is KubeVirt's opt-in for migrating a VMI with
 	// a bridge binding on the pod network.
 	allowPodBridgeMigration = "kubevirt.io/allow-pod-bridge-network-live-migration"

@@ -14,8 +14,8 @@ import (
 	"k8s.io/client-go/util/retry"
 )
 
-func volumeNodeKey(node string) string         { return "node/" + node }
-func volumeClaimKey(ns, name string) string    { return "claim/" + ns + "/" + name }
+func volumeNodeKey(node string) string      { return "node/" + node }
+func volumeClaimKey(ns, name string) string { return "claim/" + ns + "/" + name }
 func vaName(pv, attacher, node string) string {
 	return fmt.Sprintf("csi-%x", sha256.Sum256([]byte(pv+attacher+node)))
 }

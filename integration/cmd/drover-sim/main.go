@@ -1,0 +1,96 @@
+// Command drover-sim runs the KubeVirt/kubelet simulator against any
+// kubeconfig: it installs the CRDs when missing, creates nodes and VMs, and
+// plays kubelets, scheduler and KubeVirt until SIGINT or SIGTERM.
+//
+//	go run ./integration/cmd/drover-sim --kubeconfig FILE [--nodes N] [--vms M] [--platform kubevirt|deckhouse] [--time-scale X]
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/term"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/drover-io/drover/integration/sim"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "drover-sim:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		kubeconfig = flag.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the cluster to simulate in")
+		nodes      = flag.Int("nodes", 4, "nodes to create")
+		vms        = flag.Int("vms", 12, "VMs to create (mixed sizes and run strategies)")
+		platform   = flag.String("platform", sim.PlatformKubeVirt, "kubevirt or deckhouse")
+		namespace  = flag.String("namespace", "default", "namespace of the VMs")
+		timeScale  = flag.Float64("time-scale", 1, "how much faster than real time the simulated world runs")
+		watchdog   = flag.Duration("watchdog-timeout", 0, "arm a watchdog of this timeout on every node (0: none)")
+		level      = flag.String("log-level", "info", "zerolog level")
+		logJSON    = flag.Bool("log-json", false, "log JSON even on a terminal")
+	)
+	flag.Parse()
+	if *kubeconfig == "" {
+		return errors.New("--kubeconfig is required")
+	}
+	lvl, err := zerolog.ParseLevel(*level)
+	if err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	var log zerolog.Logger
+	if !*logJSON && term.IsTerminal(int(os.Stderr.Fd())) {
+		log = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: "15:04:05.000"})
+	} else {
+		log = zerolog.New(os.Stderr)
+	}
+	log = log.Level(lvl).With().Timestamp().Str("component", "drover-sim").Logger()
+
+	cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
+	if err != nil {
+		return fmt.Errorf("load kubeconfig %s: %w", *kubeconfig, err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	s, err := sim.New(cfg, sim.Options{TimeScale: *timeScale, Logger: &log})
+	if err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	select {
+	case <-s.Ready():
+	case err := <-done:
+		return err
+	}
+	res, err := s.Seed(ctx, sim.SeedOptions{Nodes: *nodes, VMs: *vms, Platform: *platform, Namespace: *namespace, Node: sim.NodeOptions{WatchdogTimeout: *watchdog}})
+	if err != nil {
+		stop()
+		<-done
+		return err
+	}
+	log.Info().Strs("nodes", res.Nodes).Strs("vms", res.VMs).Str("platform", *platform).Float64("timeScale", *timeScale).
+		Msg("seeded; faults: kubectl annotate node NAME " + sim.AnnotationFault + "=down|partitioned|reboot")
+	err = <-done
+	if v := s.Violations(); len(v) > 0 {
+		for _, x := range v {
+			log.Error().Str("violation", x.String()).Msg("invariant violated during the run")
+		}
+	}
+	if err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	log.Info().Msg("stopped")
+	return nil
+}

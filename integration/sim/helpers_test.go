@@ -1,0 +1,126 @@
+package sim
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kvv1 "kubevirt.io/api/core/v1"
+
+	"github.com/drover-io/drover/integration/cluster"
+)
+
+const testNS = "default"
+
+// startSim starts a cluster and a simulator on it; both stop when the test
+// ends, and the test fails if Run does not return in time or with an error.
+func startSim(t *testing.T, opts Options) *Simulator {
+	t.Helper()
+	c := cluster.StartT(t)
+	if opts.TimeScale == 0 {
+		opts.TimeScale = 20
+	}
+	if opts.Logger == nil {
+		lvl := zerolog.InfoLevel
+		if os.Getenv("SIM_DEBUG") != "" {
+			lvl = zerolog.DebugLevel
+		}
+		l := zerolog.New(zerolog.NewTestWriter(t)).Level(lvl).With().Timestamp().Logger()
+		opts.Logger = &l
+	}
+	s, err := New(c.Config, opts)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+		case <-time.After(30 * time.Second):
+			t.Error("Run did not return within 30s of its context ending")
+		}
+	})
+	select {
+	case <-s.Ready():
+	case err := <-done:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("simulator not ready within 60s")
+	}
+	return s
+}
+
+// eventually polls cond (reading the simulator's caches or the API) until it
+// holds or timeout passes; the last message explains a failure.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	last := ""
+	for {
+		ok, msg := cond()
+		if ok {
+			return
+		}
+		last = msg
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s: %s", timeout, what, last)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func mustNode(t *testing.T, s *Simulator, name string, o NodeOptions) {
+	t.Helper()
+	_, err := s.CreateNode(ctxT(t), NewNode(name, o))
+	require.NoError(t, err)
+}
+
+func mustVM(t *testing.T, s *Simulator, name string, o VMOptions) {
+	t.Helper()
+	_, err := s.CreateKubeVirtVM(ctxT(t), NewKubeVirtVM(testNS, name, o))
+	require.NoError(t, err)
+}
+
+func mustPVC(t *testing.T, s *Simulator, name string, mode corev1.PersistentVolumeAccessMode) {
+	t.Helper()
+	_, err := s.Kube.CoreV1().PersistentVolumeClaims(testNS).Create(ctxT(t), NewPVC(testNS, name, "10Gi", mode), metav1.CreateOptions{})
+	require.NoError(t, err)
+}
+
+// vmiRunningOn waits until VMI name runs (API: phase Running, Ready) and
+// returns its node.
+func vmiRunning(t *testing.T, s *Simulator, name string, timeout time.Duration) *kvv1.VirtualMachineInstance {
+	t.Helper()
+	var out *kvv1.VirtualMachineInstance
+	eventually(t, timeout, "vmi "+name+" Running", func() (bool, string) {
+		vmi := s.getVMI(testNS + "/" + name)
+		if vmi == nil {
+			return false, "no vmi"
+		}
+		c := vmiCondition(vmi, kvv1.VirtualMachineInstanceReady)
+		if vmi.Status.Phase != kvv1.Running || c == nil || c.Status != corev1.ConditionTrue || vmi.DeletionTimestamp != nil {
+			return false, fmt.Sprintf("phase %s conditions %+v", vmi.Status.Phase, vmi.Status.Conditions)
+		}
+		out = vmi
+		return true, ""
+	})
+	return out
+}
+
+func vmiPods(s *Simulator, name string) []*corev1.Pod {
+	return s.podsBy(byVMI, testNS+"/"+name)
+}
