@@ -131,15 +131,22 @@ func (kv *kvPlane) clusterEvictionStrategy(ctx context.Context) (*virtv1.Evictio
 	return cfg.EvictionStrategy, nil
 }
 
-// patchVMIStatus applies a patch that changes a VMI's status. As in KubeVirt, the VMI CRD has no
-// status subresource: the status is written through the object itself.
+// patchVMIStatus applies a patch that changes a VMI's status. Real KubeVirt registers no status
+// subresource for VMIs (the status is written through the object); the simulator's CRD may have
+// one. The patch goes to the status subresource, and to the object when there is none.
 func (kv *kvPlane) patchVMIStatus(ctx context.Context, vmi *virtv1.VirtualMachineInstance, patch ctrlclient.Patch, dryRun bool) error {
-	opts := []ctrlclient.PatchOption{}
+	var dry []string
 	if dryRun {
-		opts = append(opts, ctrlclient.DryRunAll)
+		dry = []string{metav1.DryRunAll}
 	}
 	obj := vmi.DeepCopy()
-	if err := kv.c.Patch(ctx, obj, patch, opts...); err != nil {
+	err := kv.c.Status().Patch(ctx, obj, patch, &ctrlclient.SubResourcePatchOptions{PatchOptions: ctrlclient.PatchOptions{DryRun: dry}})
+	if apierrors.IsNotFound(err) {
+		// No status subresource (or no VMI, which the second call reports as well).
+		obj = vmi.DeepCopy()
+		err = kv.c.Patch(ctx, obj, patch, &ctrlclient.PatchOptions{DryRun: dry})
+	}
+	if err != nil {
 		return fmt.Errorf("patch status of vmi %s/%s: %w", vmi.Namespace, vmi.Name, err)
 	}
 	return nil
