@@ -110,6 +110,16 @@ func compileSchemas() (map[string]*jsonschema.Schema, error) {
 	return compiled, compileErr
 }
 
+// Event is the CloudEvents sdk's event, so handlers can say schemas.Event.
+type Event = event.Event
+
+// Check compiles the embedded JSON Schemas (once) and returns the error if one is broken. Call it
+// at startup to fail fast; Validate returns the same error otherwise.
+func Check() error {
+	_, err := compileSchemas()
+	return err
+}
+
 // Schema returns the JSON Schema (draft 2020-12) of an event type's data. If the type is not part
 // of the contract, the error wraps ErrUnknownType.
 func Schema(eventType string) ([]byte, error) {

@@ -61,6 +61,7 @@ func requireInvalid(t testing.TB, err error, wantField string) *ValidationError 
 }
 
 func TestEmbeddedSchemasCompile(t *testing.T) {
+	require.NoError(t, Check())
 	compiled, err := compileSchemas()
 	require.NoError(t, err)
 	require.Len(t, compiled, len(Types()))
@@ -337,5 +338,40 @@ func TestPayloadValidate(t *testing.T) {
 			}
 			requireInvalid(t, err, tc.wantField)
 		})
+	}
+}
+
+// TestValidateConcurrent: consumers validate from several workers at once (run with -race).
+func TestValidateConcurrent(t *testing.T) {
+	events := make([]event.Event, 0, len(Types()))
+	for _, typ := range Types() {
+		events = append(events, loadExample(t, typ))
+	}
+	bad := withData(t, loadExample(t, TypeNodeFenced), func(d map[string]any) { delete(d, "by") })
+	errs := make(chan error, 8)
+	for w := 0; w < 8; w++ {
+		go func() {
+			for i := 0; i < 50; i++ {
+				for _, e := range events {
+					if _, err := Decode(e); err != nil {
+						errs <- err
+						return
+					}
+				}
+				if err := Validate(bad); err == nil {
+					errs <- errors.New("invalid event accepted")
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for w := 0; w < 8; w++ {
+		select {
+		case err := <-errs:
+			require.NoError(t, err)
+		case <-time.After(60 * time.Second):
+			t.Fatal("validation workers did not finish")
+		}
 	}
 }
