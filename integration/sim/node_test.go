@@ -1,0 +1,199 @@
+package sim
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+	kvv1 "kubevirt.io/api/core/v1"
+)
+
+func nodeReadyStatus(s *Simulator, name string) corev1.ConditionStatus {
+	n := s.getNode(name)
+	if n == nil {
+		return ""
+	}
+	if c := nodeCondition(n, corev1.NodeReady); c != nil {
+		return c.Status
+	}
+	return ""
+}
+
+func waitNodeReady(t *testing.T, s *Simulator, name string, want corev1.ConditionStatus, timeout time.Duration) {
+	t.Helper()
+	eventually(t, timeout, fmt.Sprintf("node %s Ready=%s", name, want), func() (bool, string) {
+		got := nodeReadyStatus(s, name)
+		return got == want, string(got)
+	})
+}
+
+// forceDeletePods force-deletes (grace 0) the launcher pods on node, as an
+// admin does once sure the node is dead.
+func forceDeletePods(t *testing.T, s *Simulator, node string) int {
+	t.Helper()
+	n := 0
+	for _, p := range s.podsBy(byNode, node) {
+		if !isLauncher(p) {
+			continue
+		}
+		err := s.Kube.CoreV1().Pods(p.Namespace).Delete(ctxT(t), p.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To(int64(0))})
+		require.NoError(t, err)
+		n++
+	}
+	return n
+}
+
+// TestNodeLifecycle: leases keep a node Ready; a node that stops
+// heartbeating goes Ready=Unknown with the unreachable taints after the
+// grace period while its pods still look Running; it comes back Ready
+// without them; a reboot fails its pods and clears the fault.
+func TestNodeLifecycle(t *testing.T) {
+	s := startSim(t, Options{})
+	ctx := ctxT(t)
+	mustNode(t, s, "n1", NodeOptions{})
+	waitNodeReady(t, s, "n1", corev1.ConditionTrue, 10*time.Second)
+	mustVM(t, s, "vm", VMOptions{})
+	vmiRunning(t, s, "vm", 30*time.Second)
+	lease, err := s.Kube.CoordinationV1().Leases(corev1.NamespaceNodeLease).Get(ctx, "n1", metav1.GetOptions{})
+	require.NoError(t, err)
+	eventually(t, 10*time.Second, "lease renewed", func() (bool, string) {
+		l := s.getLease("n1")
+		return l != nil && l.Spec.RenewTime.After(lease.Spec.RenewTime.Time), ""
+	})
+
+	t.Run("down", func(t *testing.T) {
+		require.NoError(t, s.SetFault(ctx, "n1", FaultDown))
+		waitNodeReady(t, s, "n1", corev1.ConditionUnknown, 30*time.Second)
+		eventually(t, 10*time.Second, "unreachable taints", func() (bool, string) {
+			n := s.getNode("n1")
+			return hasTaint(n, taintUnreachable, corev1.TaintEffectNoSchedule) && hasTaint(n, taintUnreachable, corev1.TaintEffectNoExecute), fmt.Sprint(n.Spec.Taints)
+		})
+		require.Empty(t, s.Truth().GuestNodes(testNS+"/vm"), "guests on a down node are dead")
+		pods := vmiPods(s, "vm")
+		require.Len(t, pods, 1)
+		require.Equal(t, corev1.PodRunning, pods[0].Status.Phase, "the API still shows the pod running")
+		vmi := s.getVMI(testNS + "/vm")
+		require.Equal(t, kvv1.Running, vmi.Status.Phase, "KubeVirt cannot tell: the VMI stays Running")
+		require.Equal(t, NodeDown, s.NodeState("n1"))
+	})
+	t.Run("heals after boot, the dead pod fails and the VM restarts", func(t *testing.T) {
+		require.NoError(t, s.SetFault(ctx, "n1", ""))
+		waitNodeReady(t, s, "n1", corev1.ConditionTrue, 30*time.Second)
+		eventually(t, 10*time.Second, "taints removed", func() (bool, string) {
+			n := s.getNode("n1")
+			return !hasTaint(n, taintUnreachable, "") && !hasTaint(n, taintNotReady, ""), fmt.Sprint(n.Spec.Taints)
+		})
+		vmi := vmiRunning(t, s, "vm", 30*time.Second)
+		require.Equal(t, []string{vmi.Status.NodeName}, s.Truth().GuestNodes(testNS+"/vm"))
+	})
+	t.Run("reboot", func(t *testing.T) {
+		before := vmiRunning(t, s, "vm", 10*time.Second)
+		require.NoError(t, s.SetFault(ctx, "n1", FaultReboot))
+		eventually(t, 30*time.Second, "a new VMI after the reboot", func() (bool, string) {
+			vmi := s.getVMI(testNS + "/vm")
+			return vmi != nil && vmi.UID != before.UID && vmi.Status.Phase == kvv1.Running, ""
+		})
+		eventually(t, 10*time.Second, "fault annotation cleared", func() (bool, string) {
+			_, ok := s.getNode("n1").Annotations[AnnotationFault]
+			return !ok, ""
+		})
+		waitNodeReady(t, s, "n1", corev1.ConditionTrue, 10*time.Second)
+		require.NoError(t, s.Check())
+	})
+	t.Run("out-of-service taint force-deletes pods and detaches volumes", func(t *testing.T) {
+		mustNode(t, s, "n2", NodeOptions{})
+		mustPVC(t, s, "oos-disk", corev1.ReadWriteOnce)
+		mustVM(t, s, "oos", VMOptions{Disk: "oos-disk", NodeSelector: map[string]string{labelHostname: "n2"}})
+		vmiRunning(t, s, "oos", 30*time.Second)
+		require.NotEmpty(t, s.vasFor(byVANode, "n2"))
+		require.NoError(t, s.SetFault(ctx, "n2", FaultDown))
+		waitNodeReady(t, s, "n2", corev1.ConditionUnknown, 30*time.Second)
+		n, err := s.Kube.CoreV1().Nodes().Get(ctx, "n2", metav1.GetOptions{})
+		require.NoError(t, err)
+		n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: taintOutOfService, Value: "nodeshutdown", Effect: corev1.TaintEffectNoExecute})
+		_, err = s.Kube.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{})
+		require.NoError(t, err)
+		eventually(t, 30*time.Second, "pods and attachments gone from n2", func() (bool, string) {
+			return len(s.podsBy(byNode, "n2")) == 0 && len(s.vasFor(byVANode, "n2")) == 0,
+				fmt.Sprintf("%d pods, %d attachments", len(s.podsBy(byNode, "n2")), len(s.vasFor(byVANode, "n2")))
+		})
+		eventually(t, 10*time.Second, "vmi failed NodeUnresponsive", func() (bool, string) {
+			vmi := s.getVMI(testNS + "/oos")
+			return vmi == nil || vmi.Status.Reason == nodeUnresponsiveReason, ""
+		})
+	})
+}
+
+// TestRunStrategiesAfterNodeFailure: when a dead node's launcher pods are
+// force-deleted, the VMIs fail (NodeUnresponsive) and only Always and
+// RerunOnFailure VMs start again elsewhere; until then they stay as they
+// were; Halted never runs.
+func TestRunStrategiesAfterNodeFailure(t *testing.T) {
+	s := startSim(t, Options{})
+	ctx := ctxT(t)
+	mustNode(t, s, "a", NodeOptions{})
+	tests := []struct {
+		strategy kvv1.VirtualMachineRunStrategy
+		restarts bool
+	}{
+		{kvv1.RunStrategyAlways, true},
+		{kvv1.RunStrategyRerunOnFailure, true},
+		{kvv1.RunStrategyManual, false},
+		{kvv1.RunStrategyOnce, false},
+	}
+	name := func(st kvv1.VirtualMachineRunStrategy) string { return "vm-" + strings.ToLower(string(st)) }
+	for _, tc := range tests {
+		mustVM(t, s, name(tc.strategy), VMOptions{RunStrategy: tc.strategy})
+		if tc.strategy == kvv1.RunStrategyManual {
+			require.NoError(t, s.StartKubeVirtVM(ctx, testNS, name(tc.strategy)))
+		}
+	}
+	mustVM(t, s, "vm-halted", VMOptions{RunStrategy: kvv1.RunStrategyHalted})
+	for _, tc := range tests {
+		require.Equal(t, "a", vmiRunning(t, s, name(tc.strategy), 30*time.Second).Status.NodeName)
+	}
+	mustNode(t, s, "b", NodeOptions{})
+	require.NoError(t, s.SetFault(ctx, "a", FaultDown))
+	waitNodeReady(t, s, "a", corev1.ConditionUnknown, 30*time.Second)
+	for _, tc := range tests {
+		vmi := s.getVMI(testNS + "/" + name(tc.strategy))
+		require.Equal(t, kvv1.Running, vmi.Status.Phase, "%s: unchanged while its pod exists", tc.strategy)
+	}
+	require.Equal(t, 4, forceDeletePods(t, s, "a"))
+	for _, tc := range tests {
+		t.Run(string(tc.strategy), func(t *testing.T) {
+			vmName := name(tc.strategy)
+			if tc.restarts {
+				vmi := vmiRunning(t, s, vmName, 30*time.Second)
+				require.Equal(t, "b", vmi.Status.NodeName)
+				require.Equal(t, []string{"b"}, s.Truth().GuestNodes(testNS+"/"+vmName))
+				return
+			}
+			eventually(t, 20*time.Second, "vmi Failed NodeUnresponsive and VM stopped", func() (bool, string) {
+				vmi := s.getVMI(testNS + "/" + vmName)
+				vm := s.getVM(testNS + "/" + vmName)
+				if vmi == nil {
+					return false, "vmi gone"
+				}
+				return vmi.Status.Phase == kvv1.Failed && vmi.Status.Reason == nodeUnresponsiveReason && vm.Status.PrintableStatus == kvv1.VirtualMachineStatusStopped,
+					fmt.Sprintf("vmi %s/%s vm %s", vmi.Status.Phase, vmi.Status.Reason, vm.Status.PrintableStatus)
+			})
+		})
+	}
+	// the ones that must not restart did not (their VMIs are the failed ones)
+	for _, tc := range tests {
+		if !tc.restarts {
+			vmi := s.getVMI(testNS + "/" + name(tc.strategy))
+			require.Equal(t, kvv1.Failed, vmi.Status.Phase, tc.strategy)
+			require.Empty(t, s.Truth().GuestNodes(testNS+"/"+name(tc.strategy)))
+		}
+	}
+	require.Nil(t, s.getVMI(testNS+"/vm-halted"))
+	require.Equal(t, kvv1.VirtualMachineStatusStopped, s.getVM(testNS+"/vm-halted").Status.PrintableStatus)
+	require.Empty(t, s.Violations())
+}
