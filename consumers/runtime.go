@@ -69,6 +69,9 @@ type Runtime struct {
 
 	ops   *OpStore
 	locks jetstream.KeyValue
+
+	mu       sync.Mutex
+	inflight map[string]*Operation // by operation key
 }
 
 // NewRuntime checks the configuration and the workflows. Nothing touches the
@@ -103,7 +106,8 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 	}
 	host, _ := os.Hostname()
 	id := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), schemas.DeterministicID(host, strconv.FormatInt(time.Now().UnixNano(), 10))[:8])
-	return &Runtime{cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: workflows, id: id}, nil
+	return &Runtime{cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: workflows, id: id,
+		inflight: map[string]*Operation{}}, nil
 }
 
 // ID identifies this runtime as a lease holder.
@@ -129,6 +133,13 @@ func (r *Runtime) Start(ctx context.Context) error {
 		return fmt.Errorf("subscribe to max-deliveries advisories: %w", err)
 	}
 	defer func() { _ = adv.Unsubscribe() }()
+
+	// One watcher for the whole bucket signals cancel requests to the
+	// handlers running here (a watcher per handler would cost a consumer
+	// per event).
+	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWatch()
+	go r.watchCancels(watchCtx)
 
 	// Handlers run on base, not ctx: a shutdown request must not interrupt
 	// them before the grace period is over.
@@ -350,6 +361,15 @@ func (r *Runtime) process(stop, base context.Context, wf Workflow, holder string
 		op.markCancelled()
 	}
 
+	r.mu.Lock()
+	r.inflight[op.Key()] = op
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.inflight, op.Key())
+		r.mu.Unlock()
+	}()
+
 	hctx, cancel := context.WithCancelCause(ctx)
 	hbDone := make(chan struct{})
 	go func() {
@@ -425,28 +445,6 @@ func call(ctx context.Context, h Handler, op *Operation, ev Event) (err error) {
 // ErrLeaseLost.
 func (r *Runtime) heartbeat(ctx context.Context, cancel context.CancelCauseFunc, log zerolog.Logger, msg jetstream.Msg, lease *Lease, op *Operation) {
 	hb := r.cfg.heartbeat()
-	if w, err := r.ops.kv.Watch(ctx, op.Key(), jetstream.UpdatesOnly()); err == nil {
-		go func() {
-			defer func() { _ = w.Stop() }()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case e, ok := <-w.Updates():
-					if !ok {
-						return
-					}
-					var rec Record
-					if e != nil && e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &rec) == nil && rec.CancelRequested {
-						log.Info().Str("reason", rec.CancelReason).Msg("cancel requested; signalling the handler")
-						op.markCancelled()
-					}
-				}
-			}
-		}()
-	} else if ctx.Err() == nil {
-		log.Warn().Err(err).Msg("cannot watch the operation record; cancel requests are seen on the next heartbeat")
-	}
 	t := time.NewTicker(hb)
 	defer t.Stop()
 	lastRenew := time.Now()
@@ -479,6 +477,37 @@ func (r *Runtime) heartbeat(ctx context.Context, cancel context.CancelCauseFunc,
 			return
 		}
 		log.Warn().Err(err).Msg("lease renewal failed; will retry")
+	}
+}
+
+// watchCancels follows the operations bucket and closes Cancelled of the
+// in-flight operations that a cancel request marks. If the watch fails, the
+// heartbeat's read of the record still finds the request.
+func (r *Runtime) watchCancels(ctx context.Context) {
+	for ctx.Err() == nil {
+		w, err := r.ops.kv.WatchAll(ctx, jetstream.UpdatesOnly())
+		if err != nil {
+			r.log.Warn().Err(err).Msg("cannot watch operation records; cancel requests are seen at the next heartbeat")
+			select {
+			case <-ctx.Done():
+			case <-time.After(r.cfg.heartbeat()):
+			}
+			continue
+		}
+		for e := range w.Updates() {
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			r.mu.Lock()
+			op := r.inflight[e.Key()]
+			r.mu.Unlock()
+			var rec Record
+			if op != nil && json.Unmarshal(e.Value(), &rec) == nil && rec.CancelRequested {
+				r.log.Info().Str("op", e.Key()).Str("reason", rec.CancelReason).Msg("cancel requested; signalling the handler")
+				op.markCancelled()
+			}
+		}
+		_ = w.Stop()
 	}
 }
 
@@ -658,7 +687,11 @@ func (r *Runtime) publishStatus(ctx context.Context, wf string, rec Record, note
 		if !ok {
 			continue
 		}
-		st.VMs = append(st.VMs, schemas.VMProgress{Namespace: ns, Name: name, Phase: p.Phase, Node: p.Node, Message: p.Message})
+		phase := p.Phase
+		if phase == "" {
+			phase = "Unknown"
+		}
+		st.VMs = append(st.VMs, schemas.VMProgress{Namespace: ns, Name: name, Phase: phase, Node: p.Node, Message: p.Message})
 	}
 	id := schemas.DeterministicID(rec.Key, st.Phase, strconv.Itoa(rec.Attempts), rec.Updated.Format(time.RFC3339Nano))
 	e, err := schemas.New(r.cfg.Source, id, st)

@@ -1,0 +1,185 @@
+package consumers_test
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/integration/natstest"
+	"github.com/drover-io/drover/schemas"
+)
+
+const benchWorkers = 4
+
+// latencies collects publish -> handled durations.
+type latencies struct {
+	mu   sync.Mutex
+	sent map[string]time.Time
+	got  []time.Duration
+	done chan struct{}
+	want int
+}
+
+func newLatencies(n int) *latencies {
+	return &latencies{sent: make(map[string]time.Time, n), done: make(chan struct{}), want: n}
+}
+
+func (l *latencies) publish(id string) { l.mu.Lock(); l.sent[id] = time.Now(); l.mu.Unlock() }
+
+func (l *latencies) handled(id string) {
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if t, ok := l.sent[id]; ok {
+		l.got = append(l.got, now.Sub(t))
+		delete(l.sent, id)
+		if len(l.got) == l.want {
+			close(l.done)
+		}
+	}
+}
+
+func (l *latencies) percentile(p float64) time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := append([]time.Duration(nil), l.got...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	if len(s) == 0 {
+		return 0
+	}
+	return s[min(len(s)-1, int(p*float64(len(s))))]
+}
+
+// rawLoop is the baseline: publish to a work-queue stream, Fetch(1) per
+// worker, no-op, double ack. No CloudEvents, records, leases or status.
+func rawLoop(b *testing.B, js jetstream.JetStream, n int) (time.Duration, *latencies) {
+	ctx := context.Background()
+	_, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "RAW", Subjects: []string{"raw.>"}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage})
+	require.NoError(b, err)
+	cons, err := js.CreateOrUpdateConsumer(ctx, "RAW", jetstream.ConsumerConfig{Durable: "raw", AckPolicy: jetstream.AckExplicitPolicy})
+	require.NoError(b, err)
+	lat := newLatencies(n)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < benchWorkers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				batch, err := cons.Fetch(1, jetstream.FetchMaxWait(200*time.Millisecond))
+				if err != nil {
+					continue
+				}
+				for m := range batch.Messages() {
+					_ = m.DoubleAck(ctx)
+					lat.handled(string(m.Data()))
+				}
+			}
+		}()
+	}
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		id := "raw-" + strconv.Itoa(i)
+		lat.publish(id)
+		_, err := js.PublishAsync("raw."+strconv.Itoa(i%64), []byte(id))
+		require.NoError(b, err)
+	}
+	<-lat.done
+	elapsed := time.Since(start)
+	close(stop)
+	wg.Wait()
+	return elapsed, lat
+}
+
+// droverLoop publishes valid CloudEvents through the same kind of stream and
+// lets the runtime run a no-op handler: decode and validate, operation
+// record, node lease, heartbeat, status event, double ack.
+func droverLoop(b *testing.B, nc *nats.Conn, js jetstream.JetStream, n int) (time.Duration, *latencies) {
+	lat := newLatencies(n)
+	cfg := testConfig()
+	cfg.AckWait = 30 * time.Second
+	cfg.LeaseTTL = 30 * time.Second
+	rt, err := consumers.NewRuntime(nc, cfg, zerolog.Nop(), nil, consumers.Workflow{
+		Name: schemas.WorkflowMaintenance, Concurrency: benchWorkers,
+		Handler: consumers.HandlerFunc(func(ctx context.Context, op *consumers.Operation, e consumers.Event) error {
+			lat.handled(e.CloudEvent.ID())
+			return nil
+		})})
+	require.NoError(b, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- rt.Start(ctx) }()
+	require.Eventually(b, func() bool {
+		_, err := js.Consumer(ctx, consumers.StreamRequests, schemas.WorkflowMaintenance)
+		return err == nil
+	}, 10*time.Second, 10*time.Millisecond)
+
+	msgs := make([]*nats.Msg, n)
+	for i := range msgs {
+		id := "bench-" + strconv.Itoa(i)
+		node := "node-" + strconv.Itoa(i%64)
+		e, err := schemas.New("bench", id, &schemas.MaintenanceRequested{Node: node, RequestID: id, Reason: "bench", RequestedBy: "bench", Mode: schemas.ModeLiveMigrate})
+		require.NoError(b, err)
+		subject, err := schemas.RequestSubject(schemas.KindMaintenanceRequested, node)
+		require.NoError(b, err)
+		msgs[i], err = schemas.ToMsg(subject, e)
+		require.NoError(b, err)
+	}
+	start := time.Now()
+	for i, m := range msgs {
+		lat.publish("bench-" + strconv.Itoa(i))
+		_, err := js.PublishMsgAsync(m)
+		require.NoError(b, err)
+	}
+	<-lat.done
+	elapsed := time.Since(start)
+	cancel()
+	require.NoError(b, <-errc)
+	return elapsed, lat
+}
+
+// BenchmarkPipeline measures publish -> consumer -> no-op handler -> ack for
+// drover's runtime and for a raw JetStream loop in the same run, with the
+// same worker count, and reports both and their ratio. It asserts nothing
+// about time.
+func BenchmarkPipeline(b *testing.B) {
+	n := b.N
+	if n < 200 {
+		n = 200
+	}
+	srv := natstest.Start(b)
+	nc := natstest.Connect(b, srv.URL())
+	js, err := jetstream.New(nc)
+	require.NoError(b, err)
+	b.ResetTimer()
+	rawElapsed, rawLat := rawLoop(b, js, n)
+	drvElapsed, drvLat := droverLoop(b, nc, js, n)
+	b.StopTimer()
+
+	rawRate := float64(n) / rawElapsed.Seconds()
+	drvRate := float64(n) / drvElapsed.Seconds()
+	b.ReportMetric(rawRate, "raw-events/s")
+	b.ReportMetric(drvRate, "drover-events/s")
+	b.ReportMetric(float64(drvLat.percentile(0.5).Microseconds())/1000, "drover-p50-ms")
+	b.ReportMetric(float64(drvLat.percentile(0.99).Microseconds())/1000, "drover-p99-ms")
+	b.ReportMetric(rawRate/drvRate, "raw/drover")
+	fmt.Printf("\npipeline, %d events, %d workers each:\n", n, benchWorkers)
+	fmt.Printf("  raw JetStream  %8.0f events/s  p50 %8s  p99 %8s\n", rawRate, rawLat.percentile(0.5).Round(time.Microsecond), rawLat.percentile(0.99).Round(time.Microsecond))
+	fmt.Printf("  drover runtime %8.0f events/s  p50 %8s  p99 %8s\n", drvRate, drvLat.percentile(0.5).Round(time.Microsecond), drvLat.percentile(0.99).Round(time.Microsecond))
+	fmt.Printf("  ratio raw/drover: %.1fx throughput (drover adds per event: validation, an operation record with 2 writes, a node lease acquire+release, a status event)\n", rawRate/drvRate)
+}
