@@ -1,0 +1,614 @@
+// Package demo is `make demo`: it starts a real kube-apiserver and etcd, the
+// KubeVirt/kubelet simulator with a few nodes and VMs, and `drover serve`
+// with embedded NATS, then walks through what drover does today, narrating
+// and timing each step. It is a package so that a test can run it too.
+package demo
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+	kvv1 "kubevirt.io/api/core/v1"
+
+	"github.com/drover-io/drover/cmd/drover/app"
+	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/integration/cluster"
+	"github.com/drover-io/drover/integration/sim"
+	"github.com/drover-io/drover/producers"
+	"github.com/drover-io/drover/schemas"
+)
+
+// Options configure a demo run.
+type Options struct {
+	Out       io.Writer
+	Nodes     int     // default 4
+	VMs       int     // default 12
+	TimeScale float64 // how much faster the simulated world runs; default 10
+	// LogDir receives drover's and the simulator's logs; default a temporary folder.
+	LogDir string
+	// Kubectl is the kubectl binary for the `kubectl drain` baseline; default "kubectl" on PATH.
+	Kubectl string
+}
+
+// Timing is one measured step.
+type Timing struct {
+	Step     string
+	Duration time.Duration
+}
+
+// Summary is what a run measured and found.
+type Summary struct {
+	Timings    []Timing
+	Violations []string
+	// Events maps each published event type to whether its operation finished.
+	Events map[string]consumers.State
+}
+
+type run struct {
+	o       Options
+	mu      sync.Mutex // serializes output
+	sum     Summary
+	c       *cluster.Cluster
+	s       *sim.Simulator
+	natsURL string
+	js      jetstream.JetStream
+}
+
+func (r *run) say(format string, args ...any) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	fmt.Fprintf(r.o.Out, format+"\n", args...)
+}
+
+func (r *run) scene(title string) { r.say("\n== %s", title) }
+
+func (r *run) timed(step string, d time.Duration) {
+	r.sum.Timings = append(r.sum.Timings, Timing{step, d})
+	r.say("   (%s: %s)", step, d.Round(time.Millisecond))
+}
+
+// Run runs the demo until it is done or ctx ends, and stops everything it started.
+func Run(ctx context.Context, o Options) (sum Summary, err error) {
+	if o.Out == nil {
+		o.Out = os.Stdout
+	}
+	if o.Nodes == 0 {
+		o.Nodes = 4
+	}
+	if o.VMs == 0 {
+		o.VMs = 12
+	}
+	if o.TimeScale == 0 {
+		o.TimeScale = 10
+	}
+	if o.Kubectl == "" {
+		o.Kubectl = "kubectl"
+	}
+	if o.LogDir == "" {
+		dir, err := os.MkdirTemp("", "drover-demo-")
+		if err != nil {
+			return sum, err
+		}
+		o.LogDir = dir
+	}
+	r := &run{o: o, sum: Summary{Events: map[string]consumers.State{}}}
+	var cleanups []func()
+	defer func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+	}()
+	logFile, err := os.Create(filepath.Join(o.LogDir, "drover.log"))
+	if err != nil {
+		return sum, err
+	}
+	cleanups = append(cleanups, func() { _ = logFile.Close() })
+	log := zerolog.New(logFile).With().Timestamp().Logger()
+
+	r.scene("1. A real control plane: kube-apiserver and etcd, built from their Go modules")
+	start := time.Now()
+	r.c, err = cluster.Start(log.WithContext(ctx), cluster.Options{})
+	if err != nil {
+		return sum, err
+	}
+	cleanups = append(cleanups, func() { _ = r.c.Stop() })
+	r.say("   kubeconfig: %s", r.c.Kubeconfig)
+	r.timed("control plane up", time.Since(start))
+
+	r.scene(fmt.Sprintf("2. The KubeVirt/kubelet simulator: %d nodes, %d VMs, time x%g", o.Nodes, o.VMs, o.TimeScale))
+	simLog := log.With().Str("component", "sim").Logger()
+	r.s, err = sim.New(r.c.Config, sim.Options{TimeScale: o.TimeScale, Logger: &simLog})
+	if err != nil {
+		return sum, err
+	}
+	simCtx, stopSim := context.WithCancel(ctx)
+	simDone := make(chan error, 1)
+	go func() { simDone <- r.s.Run(simCtx) }()
+	cleanups = append(cleanups, func() { stopSim(); <-simDone })
+	select {
+	case <-r.s.Ready():
+	case err := <-simDone:
+		return sum, fmt.Errorf("simulator: %w", err)
+	}
+	start = time.Now()
+	seed, err := r.s.Seed(ctx, sim.SeedOptions{Nodes: o.Nodes, VMs: o.VMs})
+	if err != nil {
+		return sum, err
+	}
+	want, err := r.wantRunning(ctx)
+	if err != nil {
+		return sum, err
+	}
+	if err := r.waitVMIs(ctx, 2*time.Minute, func(vmis []kvv1.VirtualMachineInstance) bool {
+		return countRunning(vmis) >= want
+	}); err != nil {
+		return sum, fmt.Errorf("waiting for %d VMs to run: %w", want, err)
+	}
+	r.timed(fmt.Sprintf("%d nodes and %d VMs created, %d running (the rest are Halted)", len(seed.Nodes), len(seed.VMs), want), time.Since(start))
+	if err := r.printVMs(ctx); err != nil {
+		return sum, err
+	}
+	stopWatch := r.watchVMIs(ctx)
+	cleanups = append(cleanups, stopWatch)
+
+	r.scene("3. drover serve: embedded NATS JetStream, the cluster's kubeconfig")
+	start = time.Now()
+	if err := r.serve(ctx, log, &cleanups); err != nil {
+		return sum, err
+	}
+	r.timed("drover ready", time.Since(start))
+
+	if err := r.requests(ctx); err != nil {
+		return sum, err
+	}
+	if err := r.drainBaseline(ctx, seed.Nodes[1]); err != nil {
+		return sum, err
+	}
+	if err := r.nodeFailure(ctx, seed.Nodes[len(seed.Nodes)-1]); err != nil {
+		return sum, err
+	}
+
+	stopWatch()
+	r.scene("Invariants (ground truth of the simulator)")
+	for _, v := range r.s.Violations() {
+		r.sum.Violations = append(r.sum.Violations, v.String())
+	}
+	if len(r.sum.Violations) == 0 {
+		r.say("   no VM ever ran on two nodes; no RWO volume was ever attached to two nodes")
+	} else {
+		for _, v := range r.sum.Violations {
+			r.say("   VIOLATION: %s", v)
+		}
+	}
+	r.summary()
+	return r.sum, nil
+}
+
+func (r *run) serve(ctx context.Context, log zerolog.Logger, cleanups *[]func()) error {
+	o := app.DefaultOptions()
+	o.NATSListen, o.HTTPListen, o.Kubeconfig = "127.0.0.1:0", "127.0.0.1:0", r.c.Kubeconfig
+	o.DataDir = filepath.Join(r.o.LogDir, "drover-data")
+	o.ShutdownGrace = 5 * time.Second
+	sctx, stop := context.WithCancel(ctx)
+	ready := make(chan app.Info, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- app.Serve(sctx, o, log.With().Str("component", "drover").Logger(), func(i app.Info) { ready <- i })
+	}()
+	*cleanups = append(*cleanups, func() { stop(); <-done })
+	select {
+	case info := <-ready:
+		r.natsURL = info.NATSURL
+		r.say("   NATS %s, metrics http://%s/metrics, logs %s", info.NATSURL, info.HTTPAddr, filepath.Join(r.o.LogDir, "drover.log"))
+	case err := <-done:
+		return fmt.Errorf("drover serve: %w", err)
+	}
+	nc, err := nats.Connect(r.natsURL)
+	if err != nil {
+		return err
+	}
+	*cleanups = append(*cleanups, nc.Close)
+	r.js, err = jetstream.New(nc)
+	return err
+}
+
+// drover runs one CLI command in-process and prints it like a shell session.
+func (r *run) drover(ctx context.Context, args ...string) (int, string) {
+	var out bytes.Buffer
+	code := app.Main(ctx, append(args, "--nats-url", r.natsURL), &out, &out)
+	r.say("   $ drover %s", strings.Join(args, " "))
+	for _, line := range strings.Split(strings.TrimRight(out.String(), "\n"), "\n") {
+		r.say("     %s", line)
+	}
+	if code != 0 {
+		r.say("     (exit status %d)", code)
+	}
+	return code, out.String()
+}
+
+func (r *run) opState(ctx context.Context, key string) consumers.State {
+	kv, err := r.js.KeyValue(ctx, consumers.BucketOps)
+	if err != nil {
+		return ""
+	}
+	rec, _, _, err := consumers.NewOpStore(kv).Get(ctx, key)
+	if err != nil {
+		return ""
+	}
+	return rec.State
+}
+
+// waitOps waits until every operation matching filter has finished and
+// returns how many there were.
+func (r *run) waitOps(ctx context.Context, filter string, n int) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		kv, err := r.js.KeyValue(ctx, consumers.BucketOps)
+		if err != nil {
+			return err
+		}
+		recs, err := consumers.NewOpStore(kv).List(ctx, filter)
+		if err != nil {
+			return err
+		}
+		done := 0
+		for _, rec := range recs {
+			if rec.State.Terminal() {
+				done++
+			}
+		}
+		if done >= n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("operations %s: %d of %d finished after 30s", filter, done, n)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func (r *run) requests(ctx context.Context) error {
+	r.scene("4. Requests through the CLI: validated, de-duplicated, acknowledged only when handled")
+	r.say("   (no workflow acts on the cluster in this build yet: `serve` runs the observe handler, which")
+	r.say("    re-checks each target in the live cluster, records what it saw and changes nothing)")
+	start := time.Now()
+	key := consumers.MaintenanceOperationKey("node-1", "demo-1")
+	r.drover(ctx, "maintenance", "start", "node-1", "--reason", "BIOS update", "--request-id", "demo-1")
+	if err := r.waitOps(ctx, key, 1); err != nil {
+		return err
+	}
+	r.timed("maintenance request published -> operation recorded and message acked", time.Since(start))
+	r.sum.Events[schemas.TypeMaintenanceRequested] = r.opState(ctx, key)
+	r.say("   The same request again (a retrying bot) is dropped by JetStream:")
+	r.drover(ctx, "maintenance", "start", "node-1", "--reason", "BIOS update", "--request-id", "demo-1")
+
+	r.say("\n   Bad input gets a clear error. Invalid arguments are refused before anything is sent:")
+	r.drover(ctx, "maintenance", "start", "node-1", "--reason", "x", "--mode", "Sideways")
+	r.say("   A VM that does not exist is refused by the handler and dead-lettered, not retried:")
+	r.drover(ctx, "vm", "migrate", "default/no-such-vm")
+
+	r.say("\n   One event of every other type:")
+	r.drover(ctx, "vm", "migrate", "default/vm-1", "--node-selector", "kubernetes.io/hostname=node-2")
+	r.drover(ctx, "vm", "cancel", "default/vm-1")
+	r.drover(ctx, "node", "fenced", "node-4", "--method", "ipmi-power-off")
+	r.drover(ctx, "maintenance", "end", "node-1")
+	if err := r.waitOps(ctx, ">", 6); err != nil {
+		return err
+	}
+	r.drover(ctx, "status")
+	r.drover(ctx, "dlq", "list")
+	return nil
+}
+
+// drainBaseline measures what operators do by hand today: kubectl drain,
+// which on KubeVirt goes through the eviction webhook and live migration.
+func (r *run) drainBaseline(ctx context.Context, node string) error {
+	r.scene(fmt.Sprintf("5. Baseline: `kubectl drain %s` as operators run it today (KubeVirt eviction webhook -> live migration)", node))
+	before, err := r.vmisOn(ctx, node)
+	if err != nil {
+		return err
+	}
+	r.say("   VMs on %s: %s", node, strings.Join(before, ", "))
+	start := time.Now()
+	dctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(dctx, r.o.Kubectl, "--kubeconfig", r.c.Kubeconfig, "drain", node,
+		"--pod-selector", "kubevirt.io=virt-launcher", "--ignore-daemonsets", "--delete-emptydir-data", "--timeout", "80s")
+	out, err := cmd.CombinedOutput()
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	shown := 0
+	for _, l := range lines {
+		if strings.Contains(l, "error when evicting") {
+			continue // kubectl's retry chatter while the webhook holds an eviction for a migration
+		}
+		r.say("   | %s", l)
+		shown++
+	}
+	if hidden := len(lines) - shown; hidden > 0 {
+		r.say("   | (%d 'Cannot evict pod ... will retry' lines: the webhook answers 429 while the VM migrates)", hidden)
+	}
+	if err != nil {
+		return fmt.Errorf("kubectl drain %s: %w", node, err)
+	}
+	if err := r.waitVMIs(ctx, time.Minute, func(vmis []kvv1.VirtualMachineInstance) bool {
+		for _, v := range vmis {
+			if v.Status.NodeName == node && v.Status.Phase == kvv1.Running {
+				return false
+			}
+		}
+		return true
+	}); err != nil {
+		return err
+	}
+	r.timed(fmt.Sprintf("kubectl drain %s until no VM runs there", node), time.Since(start))
+	if err := exec.CommandContext(ctx, r.o.Kubectl, "--kubeconfig", r.c.Kubeconfig, "uncordon", node).Run(); err != nil {
+		return fmt.Errorf("kubectl uncordon %s: %w", node, err)
+	}
+	r.say("   uncordoned %s", node)
+	return nil
+}
+
+// nodeFailure shows the problem the recovery workflow will solve.
+func (r *run) nodeFailure(ctx context.Context, node string) error {
+	r.scene(fmt.Sprintf("6. A node dies: %s loses power", node))
+	on, err := r.vmisOn(ctx, node)
+	if err != nil {
+		return err
+	}
+	r.say("   VMs on %s: %s", node, strings.Join(on, ", "))
+	start := time.Now()
+	if err := r.s.SetFault(ctx, node, "down"); err != nil {
+		return err
+	}
+	var since time.Time
+	if err := r.waitNode(ctx, func(n *corev1.Node) bool {
+		for _, c := range n.Status.Conditions {
+			if c.Type == corev1.NodeReady && c.Status != corev1.ConditionTrue {
+				since = c.LastTransitionTime.Time
+				return true
+			}
+		}
+		return false
+	}, node); err != nil {
+		return err
+	}
+	r.timed(fmt.Sprintf("%s powered off -> Ready=Unknown in the API (node monitor grace, scaled)", node), time.Since(start))
+
+	// What the node watcher will publish (the producer is not built yet).
+	e, err := schemas.New("drover/demo", schemas.DeterministicID(node, since.String()),
+		&schemas.NodeNotReady{Node: node, Since: since.UTC(), Reason: "NodeStatusUnknown", SourceDetail: "Ready=Unknown"})
+	if err != nil {
+		return err
+	}
+	res, err := (&producers.Publisher{JS: r.js}).Publish(ctx, e)
+	if err != nil {
+		return err
+	}
+	r.say("   published %s on %s", e.Type(), res.Subject)
+	if err := r.waitOps(ctx, "recovery."+mustToken(node)+".*", 1); err != nil {
+		return err
+	}
+	r.drover(ctx, "status")
+	truth := r.s.Truth()
+	stuck := 0
+	vmis, err := r.s.KubeVirt.VirtualMachineInstances(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err
+	}
+	for _, v := range vmis.Items {
+		if v.Status.NodeName == node && v.Status.Phase == kvv1.Running && len(truth.GuestNodes(v.Namespace+"/"+v.Name)) == 0 {
+			stuck++
+		}
+	}
+	r.say("   The API still shows %d VMs Running on %s, but their guests are dead (simulator ground truth).", stuck, node)
+	r.say("   KubeVirt cannot tell a crash from a partition, so they stay that way until someone fences the node")
+	r.say("   and force-deletes their pods: the recovery workflow's job (not in this build).")
+	start = time.Now()
+	if err := r.s.SetFault(ctx, node, ""); err != nil {
+		return err
+	}
+	if err := r.waitNode(ctx, func(n *corev1.Node) bool {
+		for _, c := range n.Status.Conditions {
+			if c.Type == corev1.NodeReady && c.Status == corev1.ConditionTrue {
+				return true
+			}
+		}
+		return false
+	}, node); err != nil {
+		return err
+	}
+	r.timed(fmt.Sprintf("%s powered on -> Ready again", node), time.Since(start))
+	return nil
+}
+
+func mustToken(s string) string {
+	t, _ := schemas.EncodeToken(s)
+	return t
+}
+
+func (r *run) waitNode(ctx context.Context, cond func(*corev1.Node) bool, node string) error {
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		n, err := r.s.Kube.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		if err == nil && cond(n) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("node %s: condition not reached within 2m", node)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (r *run) summary() {
+	r.scene("Summary of this run")
+	tw := tabwriter.NewWriter(r.o.Out, 0, 4, 2, ' ', 0)
+	for _, t := range r.sum.Timings {
+		fmt.Fprintf(tw, "   %s\t%s\n", t.Step, t.Duration.Round(time.Millisecond))
+	}
+	_ = tw.Flush()
+	r.say("   invariant violations: %d", len(r.sum.Violations))
+}
+
+// wantRunning counts the VMs whose run strategy starts them.
+func (r *run) wantRunning(ctx context.Context) (int, error) {
+	vms, err := r.s.KubeVirt.VirtualMachines(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, vm := range vms.Items {
+		if vm.Spec.RunStrategy != nil && *vm.Spec.RunStrategy != kvv1.RunStrategyHalted {
+			n++
+		}
+	}
+	return n, nil
+}
+
+func countRunning(vmis []kvv1.VirtualMachineInstance) int {
+	n := 0
+	for _, v := range vmis {
+		if v.Status.Phase == kvv1.Running {
+			n++
+		}
+	}
+	return n
+}
+
+func (r *run) waitVMIs(ctx context.Context, limit time.Duration, cond func([]kvv1.VirtualMachineInstance) bool) error {
+	deadline := time.Now().Add(limit)
+	for {
+		l, err := r.s.KubeVirt.VirtualMachineInstances(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
+		if err == nil && cond(l.Items) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("condition on VMIs not reached in time")
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (r *run) vmisOn(ctx context.Context, node string) ([]string, error) {
+	l, err := r.s.KubeVirt.VirtualMachineInstances(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for _, v := range l.Items {
+		if v.Status.NodeName == node {
+			names = append(names, v.Name)
+		}
+	}
+	sort.Strings(names)
+	return names, nil
+}
+
+// printVMs prints the VMs like `kubectl get vm -o wide`.
+func (r *run) printVMs(ctx context.Context) error {
+	vms, err := r.s.KubeVirt.VirtualMachines(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err
+	}
+	vmis, err := r.s.KubeVirt.VirtualMachineInstances(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err
+	}
+	nodeOf := map[string]string{}
+	for _, v := range vmis.Items {
+		nodeOf[v.Name] = v.Status.NodeName
+	}
+	sort.Slice(vms.Items, func(i, j int) bool { return natLess(vms.Items[i].Name, vms.Items[j].Name) })
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	tw := tabwriter.NewWriter(r.o.Out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "   NAME\tSTATUS\tRUNSTRATEGY\tMEMORY\tNODE")
+	for _, vm := range vms.Items {
+		strategy := ""
+		if vm.Spec.RunStrategy != nil {
+			strategy = string(*vm.Spec.RunStrategy)
+		}
+		mem := ""
+		if vm.Spec.Template != nil && vm.Spec.Template.Spec.Domain.Memory != nil && vm.Spec.Template.Spec.Domain.Memory.Guest != nil {
+			mem = vm.Spec.Template.Spec.Domain.Memory.Guest.String()
+		}
+		fmt.Fprintf(tw, "   %s\t%s\t%s\t%s\t%s\n", vm.Name, vm.Status.PrintableStatus, strategy, mem, nodeOf[vm.Name])
+	}
+	return tw.Flush()
+}
+
+func natLess(a, b string) bool {
+	if len(a) != len(b) {
+		return len(a) < len(b)
+	}
+	return a < b
+}
+
+// watchVMIs prints every change of a VMI's phase or node, like
+// `kubectl get vmi -o wide -w`, until the returned function is called.
+func (r *run) watchVMIs(ctx context.Context) func() {
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		last := map[string]string{}
+		for wctx.Err() == nil {
+			w, err := r.s.KubeVirt.VirtualMachineInstances(metav1.NamespaceDefault).Watch(wctx, metav1.ListOptions{})
+			if err != nil {
+				return
+			}
+			for ev := range w.ResultChan() {
+				v, ok := ev.Object.(*kvv1.VirtualMachineInstance)
+				if !ok {
+					continue
+				}
+				state := string(v.Status.Phase) + " " + v.Status.NodeName
+				if ev.Type == watch.Deleted {
+					state = "Deleted"
+				}
+				if v.Status.MigrationState != nil && !v.Status.MigrationState.Completed && v.Status.MigrationState.TargetNode != "" {
+					state = "Migrating " + v.Status.MigrationState.SourceNode + " -> " + v.Status.MigrationState.TargetNode
+				}
+				if last[v.Name] == state {
+					continue
+				}
+				_, seen := last[v.Name]
+				last[v.Name] = state
+				if seen {
+					r.say("     vmi %-6s %s   (%s)", v.Name, state, time.Now().Format("15:04:05.000"))
+				}
+			}
+			w.Stop()
+		}
+	}()
+	return func() { cancel(); <-done }
+}
