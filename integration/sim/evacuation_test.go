@@ -34,12 +34,17 @@ type evEnv struct {
 	kv      *kvPlane
 }
 
-// evStartSim starts a cluster and the simulator; both stop when the test ends.
-func evStartSim(t *testing.T) *evEnv {
+// evStartSim starts a cluster and the simulator (TimeScale evTimeScale, then the given option
+// changes); both stop when the test ends.
+func evStartSim(t *testing.T, change ...func(*Options)) *evEnv {
 	t.Helper()
 	c := cluster.StartT(t)
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).With().Timestamp().Logger()
-	s, err := New(c.Config, Options{TimeScale: evTimeScale, Logger: &log})
+	opts := Options{TimeScale: evTimeScale, Logger: &log}
+	for _, f := range change {
+		f(&opts)
+	}
+	s, err := New(c.Config, opts)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -76,6 +81,8 @@ func (e *evEnv) dump(t *testing.T) {
 	out, err := exec.Command("/usr/bin/kubectl", "--kubeconfig", e.cluster.Kubeconfig, "get",
 		"nodes,pods,vm,vmi,vmim,virtualmachines.virtualization.deckhouse.io,vmop", "-A", "-o", "wide").CombinedOutput()
 	t.Logf("cluster state (err %v):\n%s", err, out)
+	out, err = exec.Command("/usr/bin/kubectl", "--kubeconfig", e.cluster.Kubeconfig, "get", "kubevirt", "-A", "-o", "yaml").CombinedOutput()
+	t.Logf("KubeVirt CR (err %v):\n%s", err, out)
 }
 
 // nodes creates simulated nodes; the ones in cordoned start unschedulable.
@@ -100,6 +107,15 @@ func (e *evEnv) cordon(t *testing.T, node string, on bool) {
 // setMigrationLimits writes the KubeVirt CR's migration limits.
 func (e *evEnv) setMigrationLimits(t *testing.T, perCluster, perNode uint32) {
 	t.Helper()
+	e.setMigrationConfig(t, func(m *virtv1.MigrationConfiguration) {
+		m.ParallelMigrationsPerCluster = ptr.To(perCluster)
+		m.ParallelOutboundMigrationsPerNode = ptr.To(perNode)
+	})
+}
+
+// setMigrationConfig edits spec.configuration.migrations of the KubeVirt CR.
+func (e *evEnv) setMigrationConfig(t *testing.T, edit func(*virtv1.MigrationConfiguration)) {
+	t.Helper()
 	ctx := context.Background()
 	require.Eventually(t, func() bool {
 		var list virtv1.KubeVirtList
@@ -110,8 +126,7 @@ func (e *evEnv) setMigrationLimits(t *testing.T, perCluster, perNode uint32) {
 		if cr.Spec.Configuration.MigrationConfiguration == nil {
 			cr.Spec.Configuration.MigrationConfiguration = &virtv1.MigrationConfiguration{}
 		}
-		cr.Spec.Configuration.MigrationConfiguration.ParallelMigrationsPerCluster = ptr.To(perCluster)
-		cr.Spec.Configuration.MigrationConfiguration.ParallelOutboundMigrationsPerNode = ptr.To(perNode)
+		edit(cr.Spec.Configuration.MigrationConfiguration)
 		return e.kv.c.Update(ctx, cr) == nil
 	}, 20*time.Second, 100*time.Millisecond, "update the KubeVirt CR")
 }
@@ -144,17 +159,17 @@ func (e *evEnv) vmi(t *testing.T, ns, name string) *virtv1.VirtualMachineInstanc
 func (e *evEnv) waitRunning(t *testing.T, ns, name, node string, timeout time.Duration) *virtv1.VirtualMachineInstance {
 	t.Helper()
 	var last *virtv1.VirtualMachineInstance
-	require.Eventually(t, func() bool {
+	evEventually(t, timeout, fmt.Sprintf("VMI %s/%s Running (on %q)", ns, name, node), func() (bool, string) {
 		last = e.vmi(t, ns, name)
 		if last == nil || last.Status.Phase != virtv1.Running || last.DeletionTimestamp != nil {
-			return false
+			return false, evDescribe(last)
 		}
 		if node != "" && last.Status.NodeName != node {
-			return false
+			return false, evDescribe(last)
 		}
 		pod := e.launcher(t, last)
-		return pod != nil && pod.Status.Phase == corev1.PodRunning
-	}, timeout, 100*time.Millisecond, "VMI %s/%s Running (on %q); last seen: %s", ns, name, node, evDescribe(last))
+		return pod != nil && pod.Status.Phase == corev1.PodRunning, evDescribe(last) + " (launcher pod not running)"
+	})
 	return last
 }
 
@@ -197,6 +212,23 @@ func (e *evEnv) drain(ctx context.Context, node string, timeout time.Duration) (
 		"--timeout", timeout.String())
 	out, err := cmd.CombinedOutput()
 	return string(out), time.Since(begin), err
+}
+
+// evEventually polls cond every 50ms until it holds; when timeout passes first, the test fails
+// with what and the last state cond described.
+func evEventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, last := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s; last seen: %s", timeout, what, last)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func evDescribe(vmi *virtv1.VirtualMachineInstance) string {
@@ -271,11 +303,11 @@ func TestKubectlDrainEvacuatesVMs(t *testing.T) {
 
 	for _, name := range live {
 		var vmi *virtv1.VirtualMachineInstance
-		require.Eventually(t, func() bool {
+		evEventually(t, 20*time.Second, "VMI "+name+" left node-1 and lost its mark", func() (bool, string) {
 			vmi = e.vmi(t, ns, name)
 			return vmi != nil && vmi.Status.Phase == virtv1.Running && vmi.Status.NodeName != "node-1" &&
-				vmi.Status.EvacuationNodeName == ""
-		}, 20*time.Second, 100*time.Millisecond, "VMI %s left node-1 and lost its mark; last seen %s", name, evDescribe(vmi))
+				vmi.Status.EvacuationNodeName == "", evDescribe(vmi)
+		})
 		require.Equal(t, before[name], vmi.UID, "VMI %s was live-migrated, not restarted", name)
 		require.NotNil(t, vmi.Status.MigrationState)
 		require.True(t, vmi.Status.MigrationState.Completed)
@@ -292,10 +324,11 @@ func TestKubectlDrainEvacuatesVMs(t *testing.T) {
 
 	// The None VM was evicted and restarted elsewhere by its run strategy.
 	var none *virtv1.VirtualMachineInstance
-	require.Eventually(t, func() bool {
+	evEventually(t, 60*time.Second, "VM none-1 restarted on another node", func() (bool, string) {
 		none = e.vmi(t, ns, "none-1")
-		return none != nil && none.UID != before["none-1"] && none.Status.Phase == virtv1.Running && none.Status.NodeName != "" && none.Status.NodeName != "node-1"
-	}, 60*time.Second, 100*time.Millisecond, "VM none-1 restarted on another node; last seen %s", evDescribe(none))
+		return none != nil && none.UID != before["none-1"] && none.Status.Phase == virtv1.Running &&
+			none.Status.NodeName != "" && none.Status.NodeName != "node-1", evDescribe(none)
+	})
 	require.Empty(t, none.Status.EvacuationNodeName)
 
 	pods, err := e.kv.kube.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{FieldSelector: "spec.nodeName=node-1"})

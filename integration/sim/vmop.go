@@ -440,12 +440,13 @@ func (c *vmopController) mirror(ctx context.Context, u *unstructured.Unstructure
 	if pending, unschedulable := c.targetUnschedulable(ctx, mig, state); unschedulable {
 		reason, msg, progress = VMOPReasonTargetUnschedulable, pending, vmopProgressScheduling
 	}
-	if state != nil {
-		if state.TargetNodeDomainReadyTimestamp != nil {
+	// The hand-off: the source is suspended once the transfer completed, and the guest resumed
+	// on the target once the target's domain is ready after that (Deckhouse reads the same two
+	// fields; a target domain reported ready before the transfer ends is not a resumed guest).
+	if state != nil && state.Completed && !state.Failed {
+		reason, msg, progress = VMOPReasonSourceSuspended, "The virtual machine has been suspended on the source", vmopProgressSourceSuspended
+		if state.TargetNodeDomainReadyTimestamp != nil && state.EndTimestamp != nil && !state.TargetNodeDomainReadyTimestamp.Before(state.EndTimestamp) {
 			reason, msg, progress = VMOPReasonTargetResumed, "The virtual machine has resumed on the target", vmopProgressTargetResumed
-		}
-		if state.Completed {
-			reason, msg, progress = VMOPReasonSourceSuspended, "The virtual machine has been suspended on the source", vmopProgressSourceSuspended
 		}
 	}
 	st.Phase = VMOPPhaseInProgress
