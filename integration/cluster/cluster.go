@@ -75,7 +75,9 @@ type Cluster struct {
 // the system namespaces exist, installs the CRDs unless opts.SkipCRDs, and writes a kubeconfig.
 // If a binary is missing, the error names it and says to run `make controlplane`. Start is
 // bounded by ctx (or by two minutes when ctx has no deadline); on any error it leaves no process
-// behind.
+// behind. The processes are killed by the kernel if the calling process dies without Stop (when
+// setpriv is installed). Start logs to zerolog.Ctx(ctx) and routes controller-runtime's logs to
+// zerolog's global logger (see routeControllerRuntimeLogs).
 func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	begin := time.Now()
 	if _, ok := ctx.Deadline(); !ok {
@@ -84,6 +86,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		defer cancel()
 	}
 	log := zerolog.Ctx(ctx)
+	routeControllerRuntimeLogs()
 
 	binDir, err := ResolveBinDir(opts.BinDir)
 	if err != nil {
