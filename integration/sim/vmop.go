@@ -6,7 +6,9 @@ package sim
 // VirtualMachineInstanceMigration "vmop-<name>" for the VM's backing VMI (owned by the vmop)
 // and mirroring its phase into status.phase, status.progress and the Completed condition.
 // Deleting a vmop that has not finished deletes its migration, which aborts it; a finalizer
-// makes the controller see the deletion.
+// makes the controller see the deletion. Start, Stop and Restart go through the simulated
+// Deckhouse VM controller's power state (Simulator.StartDeckhouseVM, StopDeckhouseVM) and
+// complete when the VM reaches the phase they ask for.
 
 import (
 	"context"
@@ -35,6 +37,9 @@ import (
 const (
 	VMOPTypeEvict   = "Evict"
 	VMOPTypeMigrate = "Migrate"
+	VMOPTypeStart   = "Start"
+	VMOPTypeStop    = "Stop"
+	VMOPTypeRestart = "Restart"
 
 	VMOPPhasePending     = "Pending"
 	VMOPPhaseInProgress  = "InProgress"
@@ -45,26 +50,33 @@ const (
 	VMOPConditionCompleted  = "Completed"
 	VMOPConditionSignalSent = "SignalSent"
 
-	VMOPReasonVirtualMachineNotFound            = "VirtualMachineNotFound"
-	VMOPReasonNotApplicableForRunPolicy         = "NotApplicableForVirtualMachineRunPolicy"
-	VMOPReasonNotApplicableForVMPhase           = "NotApplicableForVirtualMachinePhase"
-	VMOPReasonNotApplicableForLiveMigration     = "NotApplicableForLiveMigrationPolicy"
-	VMOPReasonNotReadyToBeExecuted              = "NotReadyToBeExecuted"
-	VMOPReasonMigrationPending                  = "MigrationPending"
-	VMOPReasonTargetScheduling                  = "TargetScheduling"
-	VMOPReasonTargetUnschedulable               = "TargetUnschedulable"
-	VMOPReasonTargetDiskError                   = "TargetDiskError"
-	VMOPReasonTargetPreparing                   = "TargetPreparing"
-	VMOPReasonSyncing                           = "Syncing"
-	VMOPReasonNotConverging                     = "NotConverging"
-	VMOPReasonSourceSuspended                   = "SourceSuspended"
-	VMOPReasonTargetResumed                     = "TargetResumed"
-	VMOPReasonMigrationCompleted                = "Completed"
-	VMOPReasonAborted                           = "Aborted"
-	VMOPReasonFailed                            = "Failed"
-	VMOPReasonOtherMigrationInProgress          = "OtherMigrationInProgress"
-	VMOPReasonOperationFailed                   = "OperationFailed"
-	VMOPReasonSignalSentSuccess                 = "SignalSentSuccess"
+	VMOPReasonVirtualMachineNotFound        = "VirtualMachineNotFound"
+	VMOPReasonNotApplicableForRunPolicy     = "NotApplicableForVirtualMachineRunPolicy"
+	VMOPReasonNotApplicableForVMPhase       = "NotApplicableForVirtualMachinePhase"
+	VMOPReasonNotApplicableForLiveMigration = "NotApplicableForLiveMigrationPolicy"
+	VMOPReasonNotReadyToBeExecuted          = "NotReadyToBeExecuted"
+	VMOPReasonMigrationPending              = "MigrationPending"
+	VMOPReasonTargetScheduling              = "TargetScheduling"
+	VMOPReasonTargetUnschedulable           = "TargetUnschedulable"
+	VMOPReasonTargetDiskError               = "TargetDiskError"
+	VMOPReasonTargetPreparing               = "TargetPreparing"
+	VMOPReasonSyncing                       = "Syncing"
+	VMOPReasonNotConverging                 = "NotConverging"
+	VMOPReasonSourceSuspended               = "SourceSuspended"
+	VMOPReasonTargetResumed                 = "TargetResumed"
+	VMOPReasonMigrationCompleted            = "Completed"
+	VMOPReasonAborted                       = "Aborted"
+	VMOPReasonFailed                        = "Failed"
+	VMOPReasonOtherMigrationInProgress      = "OtherMigrationInProgress"
+	VMOPReasonOperationFailed               = "OperationFailed"
+	VMOPReasonSignalSentSuccess             = "SignalSentSuccess"
+	VMOPReasonSignalSentError               = "SignalSentError"
+	VMOPReasonStartInProgress               = "StartInProgress"
+	VMOPReasonStopInProgress                = "StopInProgress"
+	VMOPReasonRestartInProgress             = "RestartInProgress"
+	VMOPReasonOperationCompleted            = "OperationCompleted"
+	// vmopRestartFromAnnotation records on a Restart operation the VMI it replaces.
+	vmopRestartFromAnnotation                   = "sim.drover.io/restart-from-vmi"
 	vmopReasonUnknown                           = "Unknown"
 	vmopReasonNotSimulated                      = "NotSimulated"
 	vmopFinalizerCleanup                        = "virtualization.deckhouse.io/vmop-cleanup"
@@ -117,7 +129,18 @@ type vmopController struct {
 	// duration of the memory transfer of a VMI.
 	timeScale float64
 	expected  func(*virtv1.VirtualMachineInstance) time.Duration
+	// power starts and stops Deckhouse VMs the way the simulator's VM controller understands
+	// (the Simulator); nil leaves Start, Stop and Restart out.
+	power vmopPower
 }
+
+// vmopPower is what Start, Stop and Restart operations ask of the Deckhouse VM controller.
+type vmopPower interface {
+	StartDeckhouseVM(ctx context.Context, ns, name string) error
+	StopDeckhouseVM(ctx context.Context, ns, name string, force bool) error
+}
+
+var _ vmopPower = (*Simulator)(nil)
 
 func newVMOPController(kv *kvPlane, timeScale float64, expected func(*virtv1.VirtualMachineInstance) time.Duration) *vmopController {
 	if timeScale <= 0 {
@@ -138,15 +161,17 @@ func newVMOPController(kv *kvPlane, timeScale float64, expected func(*virtv1.Vir
 	}
 }
 
-// runVMOperations runs Deckhouse's VirtualMachineOperation controller (Evict, Migrate) until ctx
-// ends.
+// runVMOperations runs Deckhouse's VirtualMachineOperation controller (Evict, Migrate, Start,
+// Stop, Restart) until ctx ends.
 func (s *Simulator) runVMOperations(ctx context.Context) error {
 	kv, err := s.kubevirtPlane()
 	if err != nil {
 		return err
 	}
 	plan := func(vmi *virtv1.VirtualMachineInstance) time.Duration { return s.PlanMigration(vmi).Duration }
-	return newVMOPController(kv, s.opts.TimeScale, plan).run(ctx, s.vmimInformer, s.dvmInformer)
+	c := newVMOPController(kv, s.opts.TimeScale, plan)
+	c.power = s
+	return c.run(ctx, s.vmimInformer, s.dvmInformer)
 }
 
 // run blocks until ctx ends. When the cluster does not serve VirtualMachineOperations (a
@@ -252,6 +277,14 @@ func (c *vmopController) reconcile(ctx context.Context, u *unstructured.Unstruct
 		if err := c.reconcileMigration(ctx, u, &spec, &st, all); err != nil {
 			return fmt.Errorf("vmop %s: %w", ref, err)
 		}
+	case VMOPTypeStart, VMOPTypeStop, VMOPTypeRestart:
+		if c.power == nil {
+			c.fail(&st, u, vmopReasonNotSimulated, fmt.Sprintf("The simulator does not carry out %s operations here.", spec.Type))
+			break
+		}
+		if err := c.reconcilePower(ctx, u, &spec, &st, all); err != nil {
+			return fmt.Errorf("vmop %s: %w", ref, err)
+		}
 	default:
 		c.fail(&st, u, vmopReasonNotSimulated, fmt.Sprintf("The simulator does not carry out %s operations.", spec.Type))
 	}
@@ -311,20 +344,8 @@ func (c *vmopController) applicable(ctx context.Context, u *unstructured.Unstruc
 		c.fail(st, u, VMOPReasonNotApplicableForVMPhase, fmt.Sprintf("Operation %s is not applicable for a VirtualMachine in phase %q.", spec.Type, phase))
 		return false, nil
 	}
-	// One operation per VM at a time: an older one still running keeps this one Pending.
-	for i := range all {
-		o := &all[i]
-		if o.GetUID() == u.GetUID() || o.GetNamespace() != ns || o.GetDeletionTimestamp() != nil {
-			continue
-		}
-		name, _, _ := unstructured.NestedString(o.Object, "spec", "virtualMachineName")
-		phase, _, _ := unstructured.NestedString(o.Object, "status", "phase")
-		if name == spec.VirtualMachineName && phase == VMOPPhaseInProgress {
-			st.Phase = VMOPPhasePending
-			c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, VMOPReasonNotReadyToBeExecuted,
-				fmt.Sprintf("Waiting for operation %s on the same VirtualMachine to finish.", o.GetName()))
-			return false, nil
-		}
+	if c.waitForOtherOperation(u, spec, st, all) {
+		return false, nil
 	}
 	var migs virtv1.VirtualMachineInstanceMigrationList
 	if err := c.kv.c.List(ctx, &migs, ctrlclient.InNamespace(ns)); err != nil {
@@ -351,6 +372,182 @@ func (c *vmopController) applicable(ctx context.Context, u *unstructured.Unstruc
 		return false, nil
 	}
 	return true, nil
+}
+
+// waitForOtherOperation keeps the operation Pending while another operation on the same VM is
+// in progress (one operation per VM at a time) and reports whether it does.
+func (c *vmopController) waitForOtherOperation(u *unstructured.Unstructured, spec *vmopSpec, st *vmopStatus, all []unstructured.Unstructured) bool {
+	for i := range all {
+		o := &all[i]
+		if o.GetUID() == u.GetUID() || o.GetNamespace() != u.GetNamespace() || o.GetDeletionTimestamp() != nil {
+			continue
+		}
+		name, _, _ := unstructured.NestedString(o.Object, "spec", "virtualMachineName")
+		phase, _, _ := unstructured.NestedString(o.Object, "status", "phase")
+		if name == spec.VirtualMachineName && phase == VMOPPhaseInProgress {
+			st.Phase = VMOPPhasePending
+			c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, VMOPReasonNotReadyToBeExecuted,
+				fmt.Sprintf("Waiting for operation %s on the same VirtualMachine to finish.", o.GetName()))
+			return true
+		}
+	}
+	return false
+}
+
+// vmopPowerRule is Deckhouse's powerstate service for one operation type: where it applies and
+// when it is done.
+type vmopPowerRule struct {
+	policies   []string
+	phases     []string
+	inProgress string
+}
+
+var vmopPowerRules = map[string]vmopPowerRule{
+	VMOPTypeStart: {
+		policies:   []string{RunPolicyManual, RunPolicyAlwaysOnUnlessStoppedManually},
+		phases:     []string{"Stopped", "Stopping"},
+		inProgress: VMOPReasonStartInProgress,
+	},
+	VMOPTypeStop: {
+		policies:   []string{RunPolicyManual, RunPolicyAlwaysOnUnlessStoppedManually},
+		phases:     []string{"Running", "Degraded", "Starting", "Pause", "Pending", "Migrating"},
+		inProgress: VMOPReasonStopInProgress,
+	},
+	VMOPTypeRestart: {
+		policies:   []string{RunPolicyManual, RunPolicyAlwaysOnUnlessStoppedManually, RunPolicyAlwaysOn},
+		phases:     []string{"Running", "Degraded", "Starting", "Pause", "Migrating"},
+		inProgress: VMOPReasonRestartInProgress,
+	},
+}
+
+// reconcilePower carries out Start, Stop and Restart (Deckhouse's powerstate controller): check
+// the VM's run policy and phase, send the signal once, then wait for the VM to reach the
+// phase the operation asks for.
+func (c *vmopController) reconcilePower(ctx context.Context, u *unstructured.Unstructured, spec *vmopSpec, st *vmopStatus, all []unstructured.Unstructured) error {
+	ns, name := u.GetNamespace(), spec.VirtualMachineName
+	rule := vmopPowerRules[spec.Type]
+	vm, err := c.kv.dyn.Resource(deckhouseVMGVR).Namespace(ns).Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		c.fail(st, u, VMOPReasonVirtualMachineNotFound, fmt.Sprintf("VirtualMachine %s/%s not found.", ns, name))
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("get virtualmachine %s/%s: %w", ns, name, err)
+	}
+	vmPhase, _, _ := unstructured.NestedString(vm.Object, "status", "phase")
+
+	sent := meta.IsStatusConditionTrue(st.Conditions, VMOPConditionSignalSent)
+	if sent {
+		done, err := c.powerDone(ctx, u, spec, vmPhase)
+		if err != nil {
+			return err
+		}
+		if done {
+			st.Phase = VMOPPhaseCompleted
+			c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionTrue, VMOPReasonOperationCompleted, "")
+		} else {
+			c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, rule.inProgress, "Wait until operation completed")
+		}
+		return nil
+	}
+
+	if c.waitForOtherOperation(u, spec, st, all) {
+		return nil
+	}
+	policy, _, _ := unstructured.NestedString(vm.Object, "spec", "runPolicy")
+	if policy == "" {
+		policy = RunPolicyAlwaysOnUnlessStoppedManually
+	}
+	if !hasString(rule.policies, policy) {
+		c.fail(st, u, VMOPReasonNotApplicableForRunPolicy, fmt.Sprintf("Operation %s is not applicable for runPolicy %s.", spec.Type, policy))
+		return nil
+	}
+	if !hasString(rule.phases, vmPhase) && !(spec.Type == VMOPTypeStop && vmPhase == "Stopping" && ptr.Deref(spec.Force, false)) {
+		c.fail(st, u, VMOPReasonNotApplicableForVMPhase, fmt.Sprintf("Operation %s is not applicable for a VirtualMachine in phase %q.", spec.Type, vmPhase))
+		return nil
+	}
+	if err := c.powerExecute(ctx, u, spec); err != nil {
+		if apierrors.IsConflict(err) {
+			return nil // the vmop changed (annotation); next round
+		}
+		msg := fmt.Sprintf("Sending signal %q to VM: %v", spec.Type, err)
+		c.fail(st, u, VMOPReasonOperationFailed, msg)
+		c.setCondition(st, u, VMOPConditionSignalSent, metav1.ConditionFalse, VMOPReasonSignalSentError, "")
+		return nil
+	}
+	c.log.Info().Str("vmop", ns+"/"+u.GetName()).Str("type", spec.Type).Str("vm", name).Msg("sent signal")
+	st.Phase = VMOPPhaseInProgress
+	c.setCondition(st, u, VMOPConditionCompleted, metav1.ConditionFalse, rule.inProgress, "Waiting for the operation to complete.")
+	c.setCondition(st, u, VMOPConditionSignalSent, metav1.ConditionTrue, VMOPReasonSignalSentSuccess, "")
+	return nil
+}
+
+// powerExecute sends the signal: the power state for Start and Stop; for Restart, the power
+// state "on" (a Manual VM must come back) and the deletion of the running VMI, recorded first
+// on the operation so that its replacement can be recognised.
+func (c *vmopController) powerExecute(ctx context.Context, u *unstructured.Unstructured, spec *vmopSpec) error {
+	ns, name := u.GetNamespace(), spec.VirtualMachineName
+	switch spec.Type {
+	case VMOPTypeStart:
+		return c.power.StartDeckhouseVM(ctx, ns, name)
+	case VMOPTypeStop:
+		return c.power.StopDeckhouseVM(ctx, ns, name, ptr.Deref(spec.Force, false))
+	}
+	vmi := &virtv1.VirtualMachineInstance{}
+	err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: ns, Name: name}, vmi)
+	if apierrors.IsNotFound(err) {
+		return c.power.StartDeckhouseVM(ctx, ns, name)
+	}
+	if err != nil {
+		return fmt.Errorf("get vmi %s/%s: %w", ns, name, err)
+	}
+	if u.GetAnnotations()[vmopRestartFromAnnotation] != string(vmi.UID) {
+		ann := u.GetAnnotations()
+		if ann == nil {
+			ann = map[string]string{}
+		}
+		ann[vmopRestartFromAnnotation] = string(vmi.UID)
+		u.SetAnnotations(ann)
+		updated, err := c.kv.dyn.Resource(vmopGVR).Namespace(ns).Update(ctx, u, metav1.UpdateOptions{})
+		if err != nil {
+			return fmt.Errorf("record restart of vmi %s/%s: %w", ns, name, err)
+		}
+		u.Object = updated.Object
+	}
+	if err := c.power.StartDeckhouseVM(ctx, ns, name); err != nil {
+		return err
+	}
+	opts := []ctrlclient.DeleteOption{ctrlclient.Preconditions{UID: &vmi.UID}}
+	if ptr.Deref(spec.Force, false) {
+		opts = append(opts, ctrlclient.GracePeriodSeconds(0))
+	}
+	if err := c.kv.c.Delete(ctx, vmi, opts...); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("delete vmi %s/%s: %w", ns, name, err)
+	}
+	return nil
+}
+
+// powerDone: Start is done when the VM runs, Stop when it is stopped, Restart when a new VMI
+// runs.
+func (c *vmopController) powerDone(ctx context.Context, u *unstructured.Unstructured, spec *vmopSpec, vmPhase string) (bool, error) {
+	switch spec.Type {
+	case VMOPTypeStart:
+		return vmPhase == "Running", nil
+	case VMOPTypeStop:
+		return vmPhase == "Stopped", nil
+	}
+	if vmPhase != "Running" {
+		return false, nil
+	}
+	vmi := &virtv1.VirtualMachineInstance{}
+	err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: u.GetNamespace(), Name: spec.VirtualMachineName}, vmi)
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("get vmi %s/%s: %w", u.GetNamespace(), spec.VirtualMachineName, err)
+	}
+	return string(vmi.UID) != u.GetAnnotations()[vmopRestartFromAnnotation] && vmi.Status.Phase == virtv1.Running, nil
 }
 
 // createMigration creates "vmop-<name>", controlled by the vmop, for the VM's backing VMI.

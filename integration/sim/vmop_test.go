@@ -265,3 +265,55 @@ func TestVMOPMigrateUnschedulable(t *testing.T) {
 	require.Equal(t, []string{before.Status.NodeName}, e.guestNodes(opNS, "pinned"))
 	require.NoError(t, e.sim.Check())
 }
+
+// TestVMOPPowerOperations: Stop, Start and Restart go through the VM's run policy and complete
+// when the VM reaches the phase they ask for; operations that do not apply fail with
+// Deckhouse's reasons.
+func TestVMOPPowerOperations(t *testing.T) {
+	e := evStartSim(t)
+	e.nodes(t, []string{"node-1", "node-2"})
+	first := e.dvm(t, "app", VMOptions{Memory: "1Gi"})
+	e.dvm(t, "always", VMOptions{Memory: "1Gi", RunPolicy: RunPolicyAlwaysOn})
+	completed := func(o opState) bool { return o.phase == VMOPPhaseCompleted || o.phase == VMOPPhaseFailed }
+
+	e.vmop(t, "stop-app", VMOPTypeStop, "app", nil)
+	op := e.waitOp(t, "stop-app", 60*time.Second, "finished", completed)
+	require.Equal(t, VMOPPhaseCompleted, op.phase, op.String())
+	require.Equal(t, VMOPReasonOperationCompleted, op.completed.Reason)
+	e.waitDVMPhase(t, "app", "Stopped", 10*time.Second)
+	require.Empty(t, e.guestNodes(opNS, "app"), "no guest runs after Stop")
+
+	// A stopped VM stays stopped: its run policy AlwaysOnUnlessStoppedManually honours the stop.
+	e.vmop(t, "restart-stopped", VMOPTypeRestart, "app", nil)
+	op = e.waitOp(t, "restart-stopped", 20*time.Second, "finished", completed)
+	require.Equal(t, VMOPPhaseFailed, op.phase)
+	require.Equal(t, VMOPReasonNotApplicableForVMPhase, op.completed.Reason)
+	require.Nil(t, e.vmi(t, opNS, "app"))
+
+	e.vmop(t, "start-app", VMOPTypeStart, "app", nil)
+	op = e.waitOp(t, "start-app", 60*time.Second, "finished", completed)
+	require.Equal(t, VMOPPhaseCompleted, op.phase, op.String())
+	started := e.waitRunning(t, opNS, "app", "", 10*time.Second)
+	require.NotEqual(t, first.UID, started.UID)
+
+	e.vmop(t, "restart-app", VMOPTypeRestart, "app", nil)
+	op = e.waitOp(t, "restart-app", 60*time.Second, "finished", completed)
+	require.Equal(t, VMOPPhaseCompleted, op.phase, op.String())
+	restarted := e.waitRunning(t, opNS, "app", "", 10*time.Second)
+	require.NotEqual(t, started.UID, restarted.UID, "Restart runs a new VMI")
+	require.Len(t, e.guestNodes(opNS, "app"), 1)
+
+	e.vmop(t, "start-running", VMOPTypeStart, "app", nil)
+	op = e.waitOp(t, "start-running", 20*time.Second, "finished", completed)
+	require.Equal(t, VMOPPhaseFailed, op.phase)
+	require.Equal(t, VMOPReasonNotApplicableForVMPhase, op.completed.Reason)
+
+	e.vmop(t, "stop-always", VMOPTypeStop, "always", nil)
+	op = e.waitOp(t, "stop-always", 20*time.Second, "finished", completed)
+	require.Equal(t, VMOPPhaseFailed, op.phase)
+	require.Equal(t, VMOPReasonNotApplicableForRunPolicy, op.completed.Reason)
+	e.waitDVMPhase(t, "always", "Running", 5*time.Second)
+
+	require.NoError(t, e.sim.Check())
+	require.Empty(t, e.sim.Violations())
+}
