@@ -49,6 +49,11 @@ func TestOptionsPrecedence(t *testing.T) {
 			}},
 		{name: "flag over env", args: []string{"--config", file, "--nats-listen", "127.0.0.1:3333"}, env: map[string]string{"DROVER_NATS_LISTEN": "127.0.0.1:2222"},
 			check: func(t *testing.T, o Options) { require.Equal(t, "127.0.0.1:3333", o.NATSListen) }},
+		{name: "per-workflow concurrency", args: []string{"--concurrency", "3", "--recovery-concurrency", "8"},
+			check: func(t *testing.T, o Options) {
+				require.Equal(t, 8, o.WorkflowConcurrency("recovery"))
+				require.Equal(t, 3, o.WorkflowConcurrency("maintenance"))
+			}},
 		{name: "config file from env", env: map[string]string{"DROVER_CONFIG": file},
 			check: func(t *testing.T, o Options) { require.Equal(t, "127.0.0.1:1111", o.NATSListen) }},
 		{name: "bad duration in env", env: map[string]string{"DROVER_ACK_WAIT": "soon"}, wantErr: "DROVER_ACK_WAIT: not a duration"},
@@ -223,6 +228,59 @@ func TestCLIAgainstServe(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		require.Contains(t, string(b), `drover_messages_total{result="acked",workflow="maintenance"}`)
 		require.Contains(t, string(b), `drover_dead_letters_total{cause="invalid",workflow="recovery"}`)
+	})
+
+	t.Run("status --watch prints new status events", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		pr, pw := io.Pipe()
+		done := make(chan int, 1)
+		go func() {
+			done <- run(ctx, []string{"status", "--watch", "--nats-url", info.NATSURL}, pw, io.Discard, env(nil))
+			_ = pw.Close()
+		}()
+		lines := make(chan string, 100)
+		go func() {
+			b := make([]byte, 64*1024)
+			var acc string
+			for {
+				n, err := pr.Read(b)
+				acc += string(b[:n])
+				for {
+					i := strings.IndexByte(acc, '\n')
+					if i < 0 {
+						break
+					}
+					lines <- acc[:i]
+					acc = acc[i+1:]
+				}
+				if err != nil {
+					close(lines)
+					return
+				}
+			}
+		}()
+		// The table of existing operations comes first; then publish.
+		require.Eventually(t, func() bool {
+			select {
+			case l := <-lines:
+				return strings.HasPrefix(l, "OPERATION")
+			default:
+				return false
+			}
+		}, 10*time.Second, 10*time.Millisecond)
+		code, _, errOut := drover(t, info.NATSURL, "node", "fenced", "node-7", "--method", "ipmi")
+		require.Equal(t, ExitOK, code, errOut)
+		deadline := time.After(20 * time.Second)
+		for found := false; !found; {
+			select {
+			case l := <-lines:
+				found = strings.Contains(l, "recovery") && strings.Contains(l, "node-7") && strings.Contains(l, "Succeeded")
+			case <-deadline:
+				t.Fatal("no Succeeded status line for node-7 within 20s")
+			}
+		}
+		cancel()
+		require.Equal(t, ExitOK, <-done)
 	})
 
 	t.Run("version", func(t *testing.T) {

@@ -31,8 +31,12 @@ type Options struct {
 	HTTPListen string `json:"httpListen"`
 	// Replicas of streams and buckets (1 embedded, 3 in a cluster).
 	Replicas int `json:"replicas"`
-	// Concurrency is the number of worker slots per workflow.
-	Concurrency int `json:"concurrency"`
+	// Concurrency is the number of worker slots per workflow; the
+	// per-workflow fields override it when set.
+	Concurrency            int `json:"concurrency"`
+	MaintenanceConcurrency int `json:"maintenanceConcurrency"`
+	RecoveryConcurrency    int `json:"recoveryConcurrency"`
+	MigrationConcurrency   int `json:"migrationConcurrency"`
 	// AckWait, MaxDeliver and DuplicateWindow tune the runtime.
 	AckWait         time.Duration `json:"ackWait"`
 	MaxDeliver      int           `json:"maxDeliver"`
@@ -61,6 +65,15 @@ func DefaultOptions() Options {
 		LogLevel:        "info",
 		LogFormat:       "json",
 	}
+}
+
+// WorkflowConcurrency is the number of worker slots of one workflow.
+func (o Options) WorkflowConcurrency(workflow string) int {
+	n := map[string]int{"maintenance": o.MaintenanceConcurrency, "recovery": o.RecoveryConcurrency, "migration": o.MigrationConcurrency}[workflow]
+	if n > 0 {
+		return n
+	}
+	return o.Concurrency
 }
 
 // RuntimeConfig maps the options onto the consumers runtime.
@@ -122,6 +135,9 @@ func (o *Options) fields() []field {
 	add("http-listen", "address serving /metrics, /healthz and /readyz", func() (func(string) error, func() string) { return str(&o.HTTPListen) })
 	add("replicas", "replicas of streams and buckets (1, 3 or 5)", func() (func(string) error, func() string) { return num(&o.Replicas) })
 	add("concurrency", "worker slots per workflow", func() (func(string) error, func() string) { return num(&o.Concurrency) })
+	add("maintenance-concurrency", "worker slots of the maintenance workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.MaintenanceConcurrency) })
+	add("recovery-concurrency", "worker slots of the recovery workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.RecoveryConcurrency) })
+	add("migration-concurrency", "worker slots of the migration workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.MigrationConcurrency) })
 	add("ack-wait", "JetStream ack wait; heartbeats run at a third of it", func() (func(string) error, func() string) { return dur(&o.AckWait) })
 	add("max-deliver", "deliveries of one message before it is dead-lettered", func() (func(string) error, func() string) { return num(&o.MaxDeliver) })
 	add("duplicate-window", "JetStream de-duplication window of requests", func() (func(string) error, func() string) { return dur(&o.DuplicateWindow) })
@@ -236,6 +252,11 @@ func (o Options) validate() error {
 	}
 	if o.Concurrency < 1 || o.Concurrency > 256 {
 		errs = append(errs, fmt.Errorf("concurrency must be 1..256, got %d", o.Concurrency))
+	}
+	for name, n := range map[string]int{"maintenance": o.MaintenanceConcurrency, "recovery": o.RecoveryConcurrency, "migration": o.MigrationConcurrency} {
+		if n < 0 || n > 256 {
+			errs = append(errs, fmt.Errorf("%s-concurrency must be 0..256 (0: --concurrency), got %d", name, n))
+		}
 	}
 	if o.AckWait < time.Second {
 		errs = append(errs, fmt.Errorf("ack-wait must be at least 1s, got %s", o.AckWait))

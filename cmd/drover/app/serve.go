@@ -102,7 +102,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	h := &observe.Handler{Kube: kube, Dynamic: dyn}
 	var wfs []consumers.Workflow
 	for _, name := range schemas.Workflows() {
-		wfs = append(wfs, consumers.Workflow{Name: name, Concurrency: o.Concurrency, Handler: h})
+		wfs = append(wfs, consumers.Workflow{Name: name, Concurrency: o.WorkflowConcurrency(name), Handler: h})
 	}
 	rt, err := consumers.NewRuntime(nc, o.RuntimeConfig(), log, metrics, wfs...)
 	if err != nil {
