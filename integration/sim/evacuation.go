@@ -219,10 +219,19 @@ func (kv *kvPlane) loop(ctx context.Context, name string, resync time.Duration, 
 			log.Debug().Msg("stopped")
 			return nil
 		case <-wake:
+			// Let a burst of watch events (a migration walking its phases, a drain evicting
+			// many pods) settle into one pass.
+			select {
+			case <-ctx.Done():
+			case <-time.After(loopSettle):
+			}
 		case <-ticker.C:
 		}
 	}
 }
+
+// loopSettle is how long a controller loop waits after a wake-up before it looks again.
+const loopSettle = 20 * time.Millisecond
 
 // kubevirtPlane builds the clients and helpers of the controllers in webhook.go, evacuation.go
 // and vmop.go from the simulator's configuration, logger, time scale and clock.

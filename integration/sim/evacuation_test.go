@@ -373,3 +373,95 @@ func TestKubectlDrainBlockedByNonMigratableVM(t *testing.T) {
 	require.Empty(t, migs.Items, "no migration for a VMI that cannot migrate")
 	require.NoError(t, e.sim.Check())
 }
+
+// TestEvacuationCandidates checks which VMIs the evacuation controller migrates (KubeVirt's
+// vmisToMigrate and filterRunningNonMigratingVMIs) and its back-off after failed evacuation
+// migrations, without a cluster.
+func TestEvacuationCandidates(t *testing.T) {
+	now := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	kv := &kvPlane{log: zerolog.Nop(), simToWall: func(d time.Duration) time.Duration { return d / 10 }, now: func() time.Time { return now }}
+	e := newEvacuationController(kv)
+	lm, lmip, ext, none := virtv1.EvictionStrategyLiveMigrate, virtv1.EvictionStrategyLiveMigrateIfPossible, virtv1.EvictionStrategyExternal, virtv1.EvictionStrategyNone
+	vmi := func(name string, strategy *virtv1.EvictionStrategy, migratable bool, node, mark string) *virtv1.VirtualMachineInstance {
+		v := &virtv1.VirtualMachineInstance{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name, UID: types.UID("uid-" + name)},
+			Spec:       virtv1.VirtualMachineInstanceSpec{EvictionStrategy: strategy},
+			Status:     virtv1.VirtualMachineInstanceStatus{Phase: virtv1.Running, NodeName: node, EvacuationNodeName: mark},
+		}
+		status := corev1.ConditionFalse
+		if migratable {
+			status = corev1.ConditionTrue
+		}
+		v.Status.Conditions = []virtv1.VirtualMachineInstanceCondition{{Type: virtv1.VirtualMachineInstanceIsMigratable, Status: status}}
+		return v
+	}
+	evacMig := func(name, vmiName string, phase virtv1.VirtualMachineInstanceMigrationPhase, created, ended time.Time) virtv1.VirtualMachineInstanceMigration {
+		return virtv1.VirtualMachineInstanceMigration{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name, CreationTimestamp: metav1.NewTime(created),
+				Annotations: map[string]string{virtv1.EvacuationMigrationAnnotation: "n1"}},
+			Spec: virtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmiName},
+			Status: virtv1.VirtualMachineInstanceMigrationStatus{Phase: phase, PhaseTransitionTimestamps: []virtv1.VirtualMachineInstanceMigrationPhaseTransitionTimestamp{
+				{Phase: phase, PhaseTransitionTimestamp: metav1.NewTime(ended)},
+			}},
+		}
+	}
+
+	tests := []struct {
+		name       string
+		taint      bool // the node carries kubevirt.io/drain:NoSchedule
+		vmi        *virtv1.VirtualMachineInstance
+		cluster    *virtv1.EvictionStrategy
+		migs       []virtv1.VirtualMachineInstanceMigration
+		pods       int
+		wantMigrate bool
+	}{
+		{name: "marked LiveMigrate", vmi: vmi("a", &lm, true, "n1", "n1"), wantMigrate: true},
+		{name: "marked LiveMigrateIfPossible", vmi: vmi("a", &lmip, true, "n1", "n1"), wantMigrate: true},
+		{name: "cluster default LiveMigrate", vmi: vmi("a", nil, true, "n1", "n1"), cluster: &lm, wantMigrate: true},
+		{name: "not marked", vmi: vmi("a", &lm, true, "n1", "")},
+		{name: "marked for another node (already moved)", vmi: vmi("a", &lm, true, "n2", "n1")},
+		{name: "not migratable", vmi: vmi("a", &lm, false, "n1", "n1")},
+		{name: "External leaves it to someone else", vmi: vmi("a", &ext, true, "n1", "n1")},
+		{name: "None", vmi: vmi("a", &none, true, "n1", "n1")},
+		{name: "drain taint, not marked", taint: true, vmi: vmi("a", &lm, true, "n1", ""), wantMigrate: true},
+		{name: "migration in flight", vmi: vmi("a", &lm, true, "n1", "n1"),
+			migs: []virtv1.VirtualMachineInstanceMigration{evacMig("m1", "a", virtv1.MigrationRunning, now.Add(-time.Minute), now)}},
+		{name: "pods of a previous migration still there", vmi: vmi("a", &lm, true, "n1", "n1"), pods: 2},
+		{name: "back-off after a failure (20s simulated = 2s)", vmi: vmi("a", &lm, true, "n1", "n1"),
+			migs: []virtv1.VirtualMachineInstanceMigration{evacMig("m1", "a", virtv1.MigrationFailed, now.Add(-time.Minute), now.Add(-time.Second))}},
+		{name: "back-off elapsed", vmi: vmi("a", &lm, true, "n1", "n1"), wantMigrate: true,
+			migs: []virtv1.VirtualMachineInstanceMigration{evacMig("m1", "a", virtv1.MigrationFailed, now.Add(-time.Minute), now.Add(-3*time.Second))}},
+		{name: "back-off doubles after two failures", vmi: vmi("a", &lm, true, "n1", "n1"),
+			migs: []virtv1.VirtualMachineInstanceMigration{
+				evacMig("m1", "a", virtv1.MigrationFailed, now.Add(-2*time.Minute), now.Add(-time.Minute)),
+				evacMig("m2", "a", virtv1.MigrationFailed, now.Add(-time.Minute), now.Add(-3*time.Second)),
+			}},
+		{name: "a success resets the back-off", vmi: vmi("a", &lm, true, "n1", "n1"), wantMigrate: true,
+			migs: []virtv1.VirtualMachineInstanceMigration{
+				evacMig("m1", "a", virtv1.MigrationFailed, now.Add(-3*time.Minute), now.Add(-2*time.Minute)),
+				evacMig("m2", "a", virtv1.MigrationSucceeded, now.Add(-2*time.Minute), now.Add(-time.Minute)),
+				evacMig("m3", "a", virtv1.MigrationFailed, now.Add(-time.Minute), now.Add(-3*time.Second)),
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}}
+			if tt.taint {
+				node.Spec.Taints = []corev1.Taint{{Key: evacDefaultNodeDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+			}
+			var onNode []*virtv1.VirtualMachineInstance
+			if tt.vmi.Status.NodeName == "n1" {
+				onNode = append(onNode, tt.vmi)
+			}
+			var unfinished []*virtv1.VirtualMachineInstanceMigration
+			for i := range tt.migs {
+				if !tt.migs[i].IsFinal() {
+					unfinished = append(unfinished, &tt.migs[i])
+				}
+			}
+			pods := map[string]int{string(tt.vmi.UID): max(tt.pods, 1)}
+			got := e.filterCandidates(evacuationVMIsToMigrate(node, onNode, evacDefaultNodeDrainTaintKey), unfinished, pods, tt.cluster, tt.migs)
+			require.Equal(t, tt.wantMigrate, len(got) == 1, "candidates: %v", got)
+		})
+	}
+}
