@@ -407,12 +407,12 @@ func TestEvacuationCandidates(t *testing.T) {
 	}
 
 	tests := []struct {
-		name       string
-		taint      bool // the node carries kubevirt.io/drain:NoSchedule
-		vmi        *virtv1.VirtualMachineInstance
-		cluster    *virtv1.EvictionStrategy
-		migs       []virtv1.VirtualMachineInstanceMigration
-		pods       int
+		name        string
+		taint       bool // the node carries kubevirt.io/drain:NoSchedule
+		vmi         *virtv1.VirtualMachineInstance
+		cluster     *virtv1.EvictionStrategy
+		migs        []virtv1.VirtualMachineInstanceMigration
+		pods        int
 		wantMigrate bool
 	}{
 		{name: "marked LiveMigrate", vmi: vmi("a", &lm, true, "n1", "n1"), wantMigrate: true},
