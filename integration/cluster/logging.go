@@ -12,7 +12,7 @@ import (
 var routeLogsOnce sync.Once
 
 // routeControllerRuntimeLogs sends controller-runtime's logs (envtest writes a few) to zerolog's
-// global logger: Info at debug level, Error at warn level. Without a logger, controller-runtime
+// global logger: V(0) Info at debug level, Error at warn level; the V(1)+ chatter envtest emits on every start is dropped. Without a logger, controller-runtime
 // prints a stack trace complaining about it the first time it logs after 30 s of process life,
 // which long test binaries hit. controller-runtime keeps the first logger it is given, so a
 // program that wants these logs elsewhere calls ctrllog.SetLogger before Start.
@@ -29,7 +29,7 @@ var _ logr.LogSink = zerologSink{}
 
 func (zerologSink) Init(logr.RuntimeInfo) {}
 
-func (zerologSink) Enabled(int) bool { return zlog.Logger.GetLevel() <= zerolog.DebugLevel }
+func (zerologSink) Enabled(level int) bool { return level <= 0 }
 
 func (s zerologSink) Info(_ int, msg string, kv ...any) {
 	s.event(zlog.Debug(), kv).Msg(msg)
