@@ -22,8 +22,8 @@ import (
 // deadlines fit in a test.
 func testConfig() consumers.Config {
 	return consumers.Config{
-		AckWait:       900 * time.Millisecond,
-		LeaseTTL:      900 * time.Millisecond,
+		AckWait:       1200 * time.Millisecond,
+		LeaseTTL:      1200 * time.Millisecond,
 		MaxDeliver:    5,
 		BackoffBase:   50 * time.Millisecond,
 		BackoffMax:    400 * time.Millisecond,

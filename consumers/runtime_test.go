@@ -114,10 +114,16 @@ func TestDeadWorkerIsTakenOverAndResumes(t *testing.T) {
 		require.Equal(t, 1, done.get(tgt+"@1"), "%s done once by the first worker", tgt)
 		require.Zero(t, done.get(tgt+"@2"), "%s must not be redone", tgt)
 	}
+	attempts := e.op(key).Attempts
+	// 2 normally; more only if a starved machine let the survivor's own lease lapse.
+	require.GreaterOrEqual(t, attempts, 2)
 	for _, tgt := range targets[2:] {
-		require.Equal(t, 1, done.get(tgt+"@2"), "%s done once by the second worker", tgt)
+		n := 0
+		for a := 2; a <= attempts; a++ {
+			n += done.get(tgt + "@" + strconv.Itoa(a))
+		}
+		require.Equal(t, 1, n, "%s done exactly once after the takeover", tgt)
 	}
-	require.Equal(t, 2, e.op(key).Attempts)
 	e.eventually(func() bool { return e.streamMsgs(consumers.StreamRequests) == 0 }, "message acked")
 }
 
