@@ -27,6 +27,7 @@ func startSim(t *testing.T, opts Options) *Simulator {
 		opts.TimeScale = 20
 	}
 	if opts.Logger == nil {
+		zerolog.TimeFieldFormat = "15:04:05.000"
 		lvl := zerolog.InfoLevel
 		if os.Getenv("SIM_DEBUG") != "" {
 			lvl = zerolog.DebugLevel

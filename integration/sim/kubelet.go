@@ -22,6 +22,7 @@ type kubeletPod struct {
 	bootID        int
 	creatingSince time.Time
 	stopSince     time.Time
+	ip            string
 }
 
 type kubeletState struct {
@@ -65,7 +66,7 @@ func (k *kubeletState) ip(node string) string {
 }
 
 func (s *Simulator) runKubelet(ctx context.Context) error {
-	return s.runWorkers(ctx, "kubelet", s.kubeletQueue, 2, s.syncKubelet)
+	return s.runWorkers(ctx, "kubelet", s.kubeletQueue, 4, s.syncKubelet)
 }
 
 // syncKubelet is the kubelet of node: it starts the pods bound to it, stops
@@ -212,8 +213,12 @@ func (s *Simulator) kubeletSyncPod(ctx context.Context, node string, bootID int,
 		if left := s.scaled(s.opts.PodStartDuration) - now.Sub(k.creatingSince); left > 0 {
 			return left, nil
 		}
+		if k.ip == "" {
+			k.ip = s.kubelet.ip(node) // once: a pod's IP never changes
+			s.kubelet.set(p.UID, k)
+		}
 		nodeObj := s.getNode(node)
-		if err := s.postPodStatus(ctx, p, podRunningStatus(p, s.now(), nodeIP(nodeObj), s.kubelet.ip(node))); err != nil {
+		if err := s.postPodStatus(ctx, p, podRunningStatus(p, s.now(), nodeIP(nodeObj), k.ip)); err != nil {
 			return 0, err
 		}
 		if isLauncher(p) && p.Labels[kvv1.MigrationJobLabel] == "" {

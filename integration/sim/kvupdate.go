@@ -20,12 +20,19 @@ type kvObj[T any] interface {
 // when it reports a change, writes it back (to the status subresource when
 // status is set), retrying on conflicts. A missing object is not an error:
 // it returns (nil, nil).
-func kvMutate[T any, P kvObj[T]](ctx context.Context, s *Simulator, resource, ns, name string, status bool, mutate func(P) bool) (P, error) {
+//
+// The first attempt starts from cached (the informer's copy, may be nil),
+// which saves a read when nothing changes; a conflict means it was stale,
+// and the next attempts read the API.
+func kvMutate[T any, P kvObj[T]](ctx context.Context, s *Simulator, resource, ns, name string, status bool, cached P, mutate func(P) bool) (P, error) {
 	rc := s.KubeVirt.RESTClient()
 	var out P
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		cur := P(new(T))
-		if err := rc.Get().Namespace(ns).Resource(resource).Name(name).Do(ctx).Into(cur); err != nil {
+		if cached != nil {
+			cur = cached.DeepCopyObject().(P)
+			cached = nil
+		} else if err := rc.Get().Namespace(ns).Resource(resource).Name(name).Do(ctx).Into(cur); err != nil {
 			return err
 		}
 		if !mutate(cur) {
@@ -50,15 +57,15 @@ func kvMutate[T any, P kvObj[T]](ctx context.Context, s *Simulator, resource, ns
 }
 
 func (s *Simulator) mutateVMI(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachineInstance) bool) (*kvv1.VirtualMachineInstance, error) {
-	return kvMutate[kvv1.VirtualMachineInstance](ctx, s, resVMI, ns, name, status, f)
+	return kvMutate[kvv1.VirtualMachineInstance](ctx, s, resVMI, ns, name, status, s.getVMI(ns+"/"+name), f)
 }
 
 func (s *Simulator) mutateVM(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachine) bool) (*kvv1.VirtualMachine, error) {
-	return kvMutate[kvv1.VirtualMachine](ctx, s, resVM, ns, name, status, f)
+	return kvMutate[kvv1.VirtualMachine](ctx, s, resVM, ns, name, status, s.getVM(ns+"/"+name), f)
 }
 
 func (s *Simulator) mutateVMIM(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachineInstanceMigration) bool) (*kvv1.VirtualMachineInstanceMigration, error) {
-	return kvMutate[kvv1.VirtualMachineInstanceMigration](ctx, s, resVMIM, ns, name, status, f)
+	return kvMutate[kvv1.VirtualMachineInstanceMigration](ctx, s, resVMIM, ns, name, status, s.getVMIM(ns+"/"+name), f)
 }
 
 func hasFinalizer(m metav1.Object, f string) bool {

@@ -108,12 +108,15 @@ func isMigrationFinal(m *kvv1.VirtualMachineInstanceMigration) bool {
 }
 
 func (s *Simulator) runMigrations(ctx context.Context) error {
-	// one worker: admission against the limits is decided one at a time
-	return s.runWorkers(ctx, "migration", s.migrationQueue, 1, s.syncMigration)
+	// admission takes and checks a slot under one lock, so workers can run
+	// in parallel; the queue never hands one migration to two workers
+	return s.runWorkers(ctx, "migration", s.migrationQueue, 4, s.syncMigration)
 }
 
 // load rebuilds the in-flight set from the API after a (re)start.
 func (ms *migrationState) load(s *Simulator) {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
 	if ms.loaded {
 		return
 	}
@@ -581,8 +584,11 @@ func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineIns
 		}); err != nil {
 			return fmt.Errorf("migration %s: unlabel vmi: %w", keyOf(m), err)
 		}
-	} else if m.Status.MigrationState != nil {
+	} else {
 		final = m.Status.MigrationState.DeepCopy()
+		if final == nil {
+			final = &kvv1.VirtualMachineInstanceMigrationState{MigrationUID: m.UID}
+		}
 		final.Completed, final.Failed, final.EndTimestamp, final.FailureReason = true, true, &now, reason
 	}
 	s.deleteTargetPod(ctx, m, vmi)

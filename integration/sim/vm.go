@@ -14,7 +14,7 @@ import (
 )
 
 func (s *Simulator) runVMs(ctx context.Context) error {
-	return s.runWorkers(ctx, "vm", s.vmQueue, 2, s.syncVM)
+	return s.runWorkers(ctx, "vm", s.vmQueue, 4, s.syncVM)
 }
 
 func controlledBy(obj metav1.Object, apiVersion, kind string) *metav1.OwnerReference {

@@ -25,7 +25,7 @@ const (
 )
 
 func (s *Simulator) runVMIs(ctx context.Context) error {
-	return s.runWorkers(ctx, "vmi", s.vmiQueue, 2, s.syncVMI)
+	return s.runWorkers(ctx, "vmi", s.vmiQueue, 4, s.syncVMI)
 }
 
 // launcherPods returns the virt-launcher pods of vmi (this incarnation only).
@@ -41,15 +41,13 @@ func (s *Simulator) launcherPods(vmi *kvv1.VirtualMachineInstance) (mine, stale 
 }
 
 // activePod is the launcher pod that hosts the VMI now: the one on
-// status.nodeName (a migration moves it), else the first non-target pod.
+// status.nodeName (a completed migration moves it there; a migration target
+// is always on another node until then), else the first non-target pod.
 func activePod(vmi *kvv1.VirtualMachineInstance, pods []*corev1.Pod) *corev1.Pod {
 	var best *corev1.Pod
 	for _, p := range pods {
 		if vmi.Status.NodeName != "" {
 			if p.Spec.NodeName != vmi.Status.NodeName {
-				continue
-			}
-			if ms := vmi.Status.MigrationState; p.Labels[kvv1.MigrationJobLabel] != "" && (ms == nil || ms.TargetPod != p.Name || !ms.Completed || ms.Failed) {
 				continue
 			}
 		} else if p.Labels[kvv1.MigrationJobLabel] != "" {

@@ -1,0 +1,286 @@
+package sim
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/utils/ptr"
+	kvv1 "kubevirt.io/api/core/v1"
+)
+
+// setMigrations replaces spec.configuration.migrations of the KubeVirt CR
+// and waits until the simulator sees it.
+func setMigrations(t *testing.T, s *Simulator, m kvv1.MigrationConfiguration) {
+	t.Helper()
+	ctx := ctxT(t)
+	kv, err := s.KubeVirt.KubeVirts(s.opts.KubeVirtNamespace).Get(ctx, kubevirtCRName, metav1.GetOptions{})
+	require.NoError(t, err)
+	kv.Spec.Configuration.MigrationConfiguration = &m
+	kv, err = s.KubeVirt.KubeVirts(kv.Namespace).Update(ctx, kv, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	eventually(t, 10*time.Second, "KubeVirt CR in cache", func() (bool, string) {
+		obj, ok, _ := s.kvInformer.GetStore().GetByKey(keyOf(kv))
+		return ok && obj.(*kvv1.KubeVirt).ResourceVersion >= kv.ResourceVersion, ""
+	})
+}
+
+func newMigration(name, vmi string) *kvv1.VirtualMachineInstanceMigration {
+	return &kvv1.VirtualMachineInstanceMigration{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: testNS},
+		Spec:       kvv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi},
+	}
+}
+
+func createMigration(t *testing.T, s *Simulator, m *kvv1.VirtualMachineInstanceMigration) *kvv1.VirtualMachineInstanceMigration {
+	t.Helper()
+	out, err := s.KubeVirt.VirtualMachineInstanceMigrations(testNS).Create(ctxT(t), m, metav1.CreateOptions{})
+	require.NoError(t, err)
+	return out
+}
+
+func waitMigrationPhase(t *testing.T, s *Simulator, name string, want kvv1.VirtualMachineInstanceMigrationPhase, timeout time.Duration) *kvv1.VirtualMachineInstanceMigration {
+	t.Helper()
+	var out *kvv1.VirtualMachineInstanceMigration
+	eventually(t, timeout, "migration "+name+" "+string(want), func() (bool, string) {
+		m := s.getVMIM(testNS + "/" + name)
+		if m == nil {
+			return false, "gone"
+		}
+		out = m
+		return m.Status.Phase == want, string(m.Status.Phase)
+	})
+	return out
+}
+
+func phasesOf(m *kvv1.VirtualMachineInstanceMigration) []kvv1.VirtualMachineInstanceMigrationPhase {
+	var out []kvv1.VirtualMachineInstanceMigrationPhase
+	for _, ts := range m.Status.PhaseTransitionTimestamps {
+		out = append(out, ts.Phase)
+	}
+	return out
+}
+
+// TestMigrations covers the migration engine on one cluster: the phases of
+// a successful migration and the handover, abort by deletion, the ways a
+// migration fails, and the concurrency limits.
+func TestMigrations(t *testing.T) {
+	s := startSim(t, Options{MigrationUnschedulableTimeout: 60 * time.Second})
+	ctx := ctxT(t)
+	for _, n := range []string{"m1", "m2", "m3"} {
+		mustNode(t, s, n, NodeOptions{})
+	}
+
+	t.Run("phases and handover", func(t *testing.T) {
+		mustPVC(t, s, "shared", corev1.ReadWriteMany)
+		mustVM(t, s, "mig", VMOptions{Memory: "2Gi", Disk: "shared"})
+		before := vmiRunning(t, s, "mig", 30*time.Second)
+		srcPod := activePod(before, vmiPods(s, "mig"))
+		require.NotNil(t, srcPod)
+		createMigration(t, s, newMigration("mig-1", "mig"))
+		m := waitMigrationPhase(t, s, "mig-1", kvv1.MigrationSucceeded, 30*time.Second)
+		require.Equal(t, []kvv1.VirtualMachineInstanceMigrationPhase{
+			kvv1.MigrationPending, kvv1.MigrationScheduling, kvv1.MigrationScheduled, kvv1.MigrationPreparingTarget,
+			kvv1.MigrationTargetReady, kvv1.MigrationRunning, kvv1.MigrationSucceeded,
+		}, phasesOf(m))
+		vmi := s.getVMI(testNS + "/mig")
+		ms := vmi.Status.MigrationState
+		require.NotNil(t, ms)
+		require.True(t, ms.Completed)
+		require.False(t, ms.Failed)
+		require.Equal(t, before.Status.NodeName, ms.SourceNode)
+		require.NotEqual(t, ms.SourceNode, ms.TargetNode)
+		require.Equal(t, ms.TargetNode, vmi.Status.NodeName)
+		require.Equal(t, m.UID, ms.MigrationUID)
+		require.NotNil(t, ms.StartTimestamp)
+		require.NotNil(t, ms.EndTimestamp)
+		require.NotEmpty(t, ms.TargetPod)
+		require.Equal(t, vmi.Status.NodeName, vmi.Labels[kvv1.NodeNameLabel])
+		require.Equal(t, []string{ms.TargetNode}, s.Truth().GuestNodes(testNS+"/mig"))
+		eventually(t, 20*time.Second, "source pod completed and removed", func() (bool, string) {
+			return s.getPod(keyOf(srcPod)) == nil, ""
+		})
+		eventually(t, 10*time.Second, "vm Running", func() (bool, string) {
+			vm := s.getVM(testNS + "/mig")
+			return vm.Status.PrintableStatus == kvv1.VirtualMachineStatusRunning, string(vm.Status.PrintableStatus)
+		})
+		require.NoError(t, s.Check())
+	})
+
+	t.Run("deleting a running migration aborts it", func(t *testing.T) {
+		setMigrations(t, s, kvv1.MigrationConfiguration{BandwidthPerMigration: ptr.To(resource.MustParse("16Mi"))})
+		before := vmiRunning(t, s, "mig", 10*time.Second)
+		m := createMigration(t, s, newMigration("mig-abort", "mig"))
+		waitMigrationPhase(t, s, "mig-abort", kvv1.MigrationRunning, 30*time.Second)
+		require.NoError(t, s.KubeVirt.VirtualMachineInstanceMigrations(testNS).Delete(ctx, m.Name, metav1.DeleteOptions{}))
+		eventually(t, 20*time.Second, "abort recorded on the VMI", func() (bool, string) {
+			ms := s.getVMI(testNS + "/mig").Status.MigrationState
+			if ms == nil || ms.MigrationUID != m.UID {
+				return false, "no state"
+			}
+			return ms.AbortRequested && ms.AbortStatus == kvv1.MigrationAbortSucceeded && ms.Failed && ms.Completed, fmt.Sprintf("%+v", *ms)
+		})
+		eventually(t, 20*time.Second, "migration object and target pod gone", func() (bool, string) {
+			for _, p := range vmiPods(s, "mig") {
+				if p.Labels[kvv1.MigrationJobLabel] == string(m.UID) {
+					return false, "target pod " + p.Name
+				}
+			}
+			return s.getVMIM(testNS+"/mig-abort") == nil, "vmim still there"
+		})
+		vmi := s.getVMI(testNS + "/mig")
+		require.Equal(t, before.Status.NodeName, vmi.Status.NodeName, "the source keeps running")
+		require.Equal(t, kvv1.Running, vmi.Status.Phase)
+		require.Equal(t, []string{before.Status.NodeName}, s.Truth().GuestNodes(testNS+"/mig"))
+	})
+
+	t.Run("failures", func(t *testing.T) {
+		setMigrations(t, s, kvv1.MigrationConfiguration{ProgressTimeout: ptr.To(int64(30))})
+		mustPVC(t, s, "private", corev1.ReadWriteOnce)
+		mustVM(t, s, "rwo", VMOptions{Disk: "private"})
+		vmiRunning(t, s, "rwo", 30*time.Second)
+		// a guest dirtying memory faster than the 1Gi/s default bandwidth
+		hot := NewKubeVirtVM(testNS, "hot", VMOptions{})
+		hot.Spec.Template.ObjectMeta.Annotations = map[string]string{AnnotationDirtyRate: "2Gi"}
+		_, err := s.CreateKubeVirtVM(ctx, hot)
+		require.NoError(t, err)
+		vmiRunning(t, s, "hot", 30*time.Second)
+		vmiRunning(t, s, "mig", 10*time.Second)
+
+		nowhere := newMigration("nowhere", "mig")
+		nowhere.Spec.AddedNodeSelector = map[string]string{"zone": "nowhere"}
+		tests := []struct {
+			name      string
+			mig       *kvv1.VirtualMachineInstanceMigration
+			reason    string
+			atLeast   time.Duration // simulated time before it fails
+			scheduled bool
+		}{
+			{name: "not live-migratable", mig: newMigration("rwo-mig", "rwo"), reason: "DisksNotLiveMigratable"},
+			{name: "does not converge", mig: newMigration("hot-mig", "hot"), reason: "stuck for 30 seconds", atLeast: 30 * time.Second, scheduled: true},
+			{name: "target unschedulable", mig: nowhere, reason: "unschedulable", atLeast: 60 * time.Second},
+		}
+		for _, tc := range tests {
+			t.Run(tc.name, func(t *testing.T) {
+				vmiName := tc.mig.Spec.VMIName
+				before := s.getVMI(testNS + "/" + vmiName)
+				start := time.Now()
+				m := createMigration(t, s, tc.mig)
+				m = waitMigrationPhase(t, s, m.Name, kvv1.MigrationFailed, 30*time.Second)
+				require.GreaterOrEqual(t, time.Since(start), s.scaled(tc.atLeast))
+				phases := phasesOf(m)
+				require.Equal(t, tc.scheduled, len(phases) > 3 && phases[3] == kvv1.MigrationPreparingTarget, "%v", phases)
+				vmi := s.getVMI(testNS + "/" + vmiName)
+				require.Equal(t, kvv1.Running, vmi.Status.Phase)
+				require.Equal(t, before.Status.NodeName, vmi.Status.NodeName)
+				require.Equal(t, []string{before.Status.NodeName}, s.Truth().GuestNodes(testNS+"/"+vmiName))
+				reason := ""
+				if st := m.Status.MigrationState; st != nil {
+					reason = st.FailureReason
+					require.True(t, st.Failed)
+				}
+				if vmi.Status.MigrationState != nil && vmi.Status.MigrationState.MigrationUID == m.UID {
+					require.True(t, vmi.Status.MigrationState.Failed)
+					reason = vmi.Status.MigrationState.FailureReason
+				}
+				require.Contains(t, reason, tc.reason)
+				eventually(t, 10*time.Second, "no target pod left", func() (bool, string) {
+					for _, p := range vmiPods(s, vmiName) {
+						if p.Labels[kvv1.MigrationJobLabel] == string(m.UID) {
+							return false, p.Name
+						}
+					}
+					return true, ""
+				})
+			})
+		}
+	})
+
+	t.Run("limits are never exceeded with 20 queued", func(t *testing.T) {
+		const perCluster, perNode = 5, 2 // KubeVirt's defaults
+		setMigrations(t, s, kvv1.MigrationConfiguration{BandwidthPerMigration: ptr.To(resource.MustParse("128Mi"))})
+		cfg := s.MigrationConfig()
+		require.Equal(t, perCluster, cfg.ParallelMigrationsPerCluster)
+		require.Equal(t, perNode, cfg.ParallelOutboundMigrationsPerNode)
+		var names []string
+		for i := 0; i < 20; i++ {
+			name := fmt.Sprintf("q%02d", i)
+			names = append(names, name)
+			mustVM(t, s, name, VMOptions{Memory: "1Gi"})
+		}
+		began := time.Now()
+		for _, n := range names {
+			vmiRunning(t, s, n, 60*time.Second)
+		}
+		t.Logf("20 VMs running in %s", time.Since(began).Round(time.Millisecond))
+		began = time.Now()
+		defer func() { t.Logf("20 migrations done in %s", time.Since(began).Round(time.Millisecond)) }()
+		// sample every change of every migration through a watch
+		wctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+		defer cancel()
+		w, err := s.KubeVirt.VirtualMachineInstanceMigrations(testNS).Watch(wctx, metav1.ListOptions{LabelSelector: "test=limits"})
+		require.NoError(t, err)
+		defer w.Stop()
+		for _, n := range names {
+			m := newMigration("lim-"+n, n)
+			m.Labels = map[string]string{"test": "limits"}
+			createMigration(t, s, m)
+		}
+		state := map[types.UID]*kvv1.VirtualMachineInstanceMigration{}
+		maxTotal, maxNode := 0, 0
+		for done := 0; done < len(names); {
+			var ev watch.Event
+			select {
+			case ev = <-w.ResultChan():
+			case <-wctx.Done():
+				t.Fatalf("migrations did not finish: %d of %d done", done, len(names))
+			}
+			if ev.Type == watch.Error {
+				t.Fatalf("watch error: %v", apierrors.FromObject(ev.Object))
+			}
+			m := ev.Object.(*kvv1.VirtualMachineInstanceMigration)
+			state[m.UID] = m
+			total, byNode, finished := 0, map[string]int{}, 0
+			for _, cur := range state {
+				switch cur.Status.Phase {
+				case kvv1.MigrationScheduling, kvv1.MigrationScheduled, kvv1.MigrationPreparingTarget, kvv1.MigrationTargetReady, kvv1.MigrationRunning:
+					total++
+					byNode[cur.Status.MigrationState.SourceNode]++
+				case kvv1.MigrationSucceeded:
+					finished++
+				case kvv1.MigrationFailed:
+					t.Fatalf("migration %s failed: %+v", cur.Name, cur.Status.MigrationState)
+				}
+			}
+			done = finished
+			maxTotal = max(maxTotal, total)
+			require.LessOrEqual(t, total, perCluster, "migrations in flight in the cluster")
+			for node, n := range byNode {
+				maxNode = max(maxNode, n)
+				require.LessOrEqual(t, n, perNode, "outbound migrations from %s", node)
+			}
+			inflight, perSource := s.InFlightMigrations()
+			require.LessOrEqual(t, inflight, perCluster)
+			for _, n := range perSource {
+				require.LessOrEqual(t, n, perNode)
+			}
+		}
+		require.Equal(t, perCluster, maxTotal, "the cluster limit was reached (the queue was exercised)")
+		require.Equal(t, perNode, maxNode, "the per-node limit was reached")
+		require.NoError(t, s.Check())
+		require.Empty(t, s.Violations())
+		for _, n := range names {
+			require.Len(t, s.Truth().GuestNodes(testNS+"/"+n), 1, n)
+		}
+	})
+	_ = strings.Contains
+}
