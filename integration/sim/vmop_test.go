@@ -317,3 +317,49 @@ func TestVMOPPowerOperations(t *testing.T) {
 	require.NoError(t, e.sim.Check())
 	require.Empty(t, e.sim.Violations())
 }
+
+// TestVMOPEvictionsQueueWithinLimits: with Deckhouse's limits (one outbound migration per node,
+// here one in the cluster) three Evict operations on one node run one after the other; the
+// queued ones stay Pending with reason MigrationPending.
+func TestVMOPEvictionsQueueWithinLimits(t *testing.T) {
+	e := evStartSim(t)
+	e.nodes(t, []string{"node-1", "node-2", "node-3"}, "node-2", "node-3")
+	e.setMigrationLimits(t, 1, 1)
+	names := []string{"q-1", "q-2", "q-3"}
+	for _, n := range names {
+		e.dvm(t, n, VMOptions{Memory: "2Gi"})
+	}
+	e.cordon(t, "node-2", false)
+	e.cordon(t, "node-3", false)
+	for _, n := range names {
+		e.vmop(t, "evict-"+n, VMOPTypeEvict, n, nil)
+	}
+	maxInProgress, sawQueued := 0, false
+	evEventually(t, 90*time.Second, "all evictions Completed", func() (bool, string) {
+		inProgress, completed, desc := 0, 0, ""
+		for _, n := range names {
+			o := e.op(t, "evict-"+n)
+			desc += n + ": " + o.String() + "; "
+			switch o.phase {
+			case VMOPPhaseInProgress:
+				inProgress++
+			case VMOPPhaseCompleted:
+				completed++
+			case VMOPPhasePending:
+				if o.completed != nil && o.completed.Reason == VMOPReasonMigrationPending {
+					sawQueued = true
+				}
+			}
+		}
+		maxInProgress = max(maxInProgress, inProgress)
+		return completed == len(names), desc
+	})
+	require.Equal(t, 1, maxInProgress, "operations in progress at once")
+	require.True(t, sawQueued, "a queued operation shows Pending/MigrationPending")
+	for _, n := range names {
+		vmi := e.waitRunning(t, opNS, n, "", 10*time.Second)
+		require.NotEqual(t, "node-1", vmi.Status.NodeName)
+	}
+	require.NoError(t, e.sim.Check())
+	require.Empty(t, e.sim.Violations())
+}
