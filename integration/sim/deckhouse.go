@@ -111,7 +111,14 @@ func (s *Simulator) syncDeckhouseVM(ctx context.Context, key string) error {
 	case RunPolicyAlwaysOff:
 		wantRunning = false
 	case RunPolicyManual:
-		wantRunning = power == PowerOn || (power == "" && phase == "")
+		if power == "" && phase == "" {
+			// a new VM is started once, as if its owner had asked
+			if err := s.setPower(ctx, ns, name, PowerOn); err != nil {
+				return err
+			}
+			power = PowerOn
+		}
+		wantRunning = power == PowerOn
 	default: // AlwaysOnUnlessStoppedManually
 		wantRunning = power != PowerOff
 	}
@@ -124,14 +131,13 @@ func (s *Simulator) syncDeckhouseVM(ctx context.Context, key string) error {
 			}
 		}
 	case vmi == nil:
-		if policy == RunPolicyManual && power == "" && phase != "" {
-			break // started once at creation; it stays stopped now
-		}
 		created, err := s.createVMIFromDeckhouse(ctx, dvm, spec)
 		if err != nil {
 			return err
 		}
-		vmi = created
+		if created != nil {
+			vmi = created
+		}
 	case vmiFinal(vmi) && vmi.DeletionTimestamp == nil:
 		restart := policy == RunPolicyAlwaysOn ||
 			(policy == RunPolicyAlwaysOnUnlessStoppedManually && vmi.Status.Phase == kvv1.Failed)
@@ -221,6 +227,9 @@ func (s *Simulator) createVMIFromDeckhouse(ctx context.Context, dvm *unstructure
 		vmi.Spec.Domain.Devices.Disks = append(vmi.Spec.Domain.Devices.Disks, kvv1.Disk{Name: vname, DiskDevice: kvv1.DiskDevice{Disk: &kvv1.DiskTarget{Bus: kvv1.DiskBusVirtio}}})
 	}
 	created, err := s.KubeVirt.VirtualMachineInstances(vmi.Namespace).Create(ctx, vmi, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		return nil, nil // our cache lags behind an earlier create
+	}
 	if err != nil {
 		return nil, fmt.Errorf("deckhouse vm %s: create vmi: %w", keyOf(dvm), err)
 	}
