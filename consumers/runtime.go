@@ -128,7 +128,7 @@ func (r *Runtime) Start(ctx context.Context) error {
 	}
 	r.ops, r.locks = NewOpStore(opsKV), locks
 
-	adv, err := r.nc.Subscribe(jetstream.DefaultAPIPrefix[:len("$JS.")]+"EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."+StreamRequests+".*", r.onMaxDeliveries)
+	adv, err := r.nc.Subscribe(maxDeliveriesAdvisories+StreamRequests+".*", r.onMaxDeliveries)
 	if err != nil {
 		return fmt.Errorf("subscribe to max-deliveries advisories: %w", err)
 	}
@@ -627,6 +627,10 @@ func truncate(s string, n int) string {
 	}
 	return s[:n]
 }
+
+// maxDeliveriesAdvisories prefixes JetStream's advisories of messages that
+// ran out of deliveries: $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>.
+const maxDeliveriesAdvisories = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 
 type maxDeliveriesAdvisory struct {
 	Stream     string `json:"stream"`
