@@ -22,6 +22,39 @@ import (
 // cliSource is the CloudEvents source of events the CLI publishes.
 const cliSource = "drover/cli"
 
+// command is one client subcommand: its flag set, which always includes the
+// NATS client flags, and its usage line.
+type command struct {
+	fs     *flag.FlagSet
+	client ClientOptions
+	usage  string
+}
+
+// command starts a subcommand whose usage line is usage ("drover vm cancel NAMESPACE/NAME").
+func (c *cli) command(usage string) *command {
+	// The flag set is named by the command words, up to the first argument.
+	words := strings.Fields(usage)
+	n := 0
+	for n < len(words) && words[n] == strings.ToLower(words[n]) && !strings.ContainsAny(words[n][:1], "[-") {
+		n++
+	}
+	cmd := &command{fs: flag.NewFlagSet(strings.Join(words[:n], " "), flag.ContinueOnError), usage: usage}
+	cmd.client.register(cmd.fs, c.getenv)
+	return cmd
+}
+
+// parse parses the subcommand's arguments and checks it got npos positional ones.
+func (cmd *command) parse(args []string, npos int) ([]string, error) {
+	pos, err := parse(cmd.fs, args)
+	if err != nil {
+		return nil, err
+	}
+	if len(pos) != npos {
+		return nil, usagef("usage: %s", cmd.usage)
+	}
+	return pos, nil
+}
+
 // parse parses a subcommand's flags, allowing flags after the positional
 // arguments (`drover maintenance start node-1 --reason x`).
 func parse(fs *flag.FlagSet, args []string) ([]string, error) {
@@ -96,21 +129,16 @@ func (c *cli) maintenance(args []string) error {
 	if len(args) == 0 {
 		return usagef("usage: drover maintenance start|end NODE ...")
 	}
-	var client ClientOptions
 	switch args[0] {
 	case "start":
-		fs := flag.NewFlagSet("drover maintenance start", flag.ContinueOnError)
-		client.register(fs, c.getenv)
-		reason := fs.String("reason", "", "why the node is serviced (required)")
-		mode := fs.String("mode", schemas.ModeLiveMigrate, "LiveMigrate or Evict")
-		reqID := fs.String("request-id", "", "identity of the request; re-sending the same id is a duplicate (default: generated)")
-		by := fs.String("requested-by", whoami(), "who asks")
-		pos, err := parse(fs, args[1:])
+		cmd := c.command("drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID]")
+		reason := cmd.fs.String("reason", "", "why the node is serviced (required)")
+		mode := cmd.fs.String("mode", schemas.ModeLiveMigrate, "LiveMigrate or Evict")
+		reqID := cmd.fs.String("request-id", "", "identity of the request; re-sending the same id is a duplicate (default: generated)")
+		by := cmd.fs.String("requested-by", whoami(), "who asks")
+		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("usage: drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID]")
 		}
 		if err := checkNode(pos[0]); err != nil {
 			return err
@@ -125,30 +153,26 @@ func (c *cli) maintenance(args []string) error {
 			*reqID = "cli-" + time.Now().UTC().Format("20060102T150405Z")
 		}
 		p := &schemas.MaintenanceRequested{Node: pos[0], RequestID: *reqID, Reason: *reason, RequestedBy: *by, Mode: *mode}
-		return c.publishOne(client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceRequested, pos[0], *reqID), p)
+		return c.publishOne(cmd.client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceRequested, pos[0], *reqID), p)
 	case "end":
-		fs := flag.NewFlagSet("drover maintenance end", flag.ContinueOnError)
-		client.register(fs, c.getenv)
-		reqID := fs.String("request-id", "", "the request to end (default: the node's unfinished maintenance)")
-		pos, err := parse(fs, args[1:])
+		cmd := c.command("drover maintenance end NODE [--request-id ID]")
+		reqID := cmd.fs.String("request-id", "", "the request to end (default: the node's unfinished maintenance)")
+		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("usage: drover maintenance end NODE [--request-id ID]")
 		}
 		if err := checkNode(pos[0]); err != nil {
 			return err
 		}
 		if *reqID == "" {
-			id, err := c.activeMaintenance(client, pos[0])
+			id, err := c.activeMaintenance(cmd.client, pos[0])
 			if err != nil {
 				return err
 			}
 			*reqID = id
 		}
 		p := &schemas.MaintenanceEnded{Node: pos[0], RequestID: *reqID}
-		return c.publishOne(client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceEnded, pos[0], *reqID), p)
+		return c.publishOne(cmd.client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceEnded, pos[0], *reqID), p)
 	default:
 		return usagef("unknown maintenance command %q (want start or end)", args[0])
 	}
@@ -252,19 +276,14 @@ func (c *cli) vm(args []string) error {
 	if len(args) == 0 {
 		return usagef("usage: drover vm migrate|cancel NAMESPACE/NAME")
 	}
-	var client ClientOptions
 	switch args[0] {
 	case "migrate":
-		fs := flag.NewFlagSet("drover vm migrate", flag.ContinueOnError)
-		client.register(fs, c.getenv)
+		cmd := c.command("drover vm migrate NAMESPACE/NAME [--node-selector k=v]")
 		sel := selectorFlag{}
-		fs.Var(sel, "node-selector", "target node labels, k=v[,k=v] (repeatable)")
-		pos, err := parse(fs, args[1:])
+		cmd.fs.Var(sel, "node-selector", "target node labels, k=v[,k=v] (repeatable)")
+		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("usage: drover vm migrate NAMESPACE/NAME [--node-selector k=v]")
 		}
 		ns, name, err := parseVM(pos[0])
 		if err != nil {
@@ -279,22 +298,18 @@ func (c *cli) vm(args []string) error {
 			keys = append(keys, k+"="+v)
 		}
 		sort.Strings(keys)
-		return c.publishOne(client, uniqueID(schemas.TypeVMMigrateRequested, ns, name, strings.Join(keys, ",")), p)
+		return c.publishOne(cmd.client, uniqueID(schemas.TypeVMMigrateRequested, ns, name, strings.Join(keys, ",")), p)
 	case "cancel":
-		fs := flag.NewFlagSet("drover vm cancel", flag.ContinueOnError)
-		client.register(fs, c.getenv)
-		pos, err := parse(fs, args[1:])
+		cmd := c.command("drover vm cancel NAMESPACE/NAME")
+		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("usage: drover vm cancel NAMESPACE/NAME")
 		}
 		ns, name, err := parseVM(pos[0])
 		if err != nil {
 			return err
 		}
-		return c.publishOne(client, uniqueID(schemas.TypeVMMigrateCancelled, ns, name), &schemas.VMMigrateCancelled{Namespace: ns, Name: name})
+		return c.publishOne(cmd.client, uniqueID(schemas.TypeVMMigrateCancelled, ns, name), &schemas.VMMigrateCancelled{Namespace: ns, Name: name})
 	default:
 		return usagef("unknown vm command %q (want migrate or cancel)", args[0])
 	}
@@ -304,17 +319,12 @@ func (c *cli) node(args []string) error {
 	if len(args) == 0 || args[0] != "fenced" {
 		return usagef("usage: drover node fenced NODE --method TEXT")
 	}
-	var client ClientOptions
-	fs := flag.NewFlagSet("drover node fenced", flag.ContinueOnError)
-	client.register(fs, c.getenv)
-	method := fs.String("method", "", "how the node was fenced, e.g. ipmi-power-off (required)")
-	by := fs.String("by", whoami(), "who fenced it")
-	pos, err := parse(fs, args[1:])
+	cmd := c.command("drover node fenced NODE --method TEXT")
+	method := cmd.fs.String("method", "", "how the node was fenced, e.g. ipmi-power-off (required)")
+	by := cmd.fs.String("by", whoami(), "who fenced it")
+	pos, err := cmd.parse(args[1:], 1)
 	if err != nil {
 		return err
-	}
-	if len(pos) != 1 {
-		return usagef("usage: drover node fenced NODE --method TEXT")
 	}
 	if err := checkNode(pos[0]); err != nil {
 		return err
@@ -322,6 +332,6 @@ func (c *cli) node(args []string) error {
 	if strings.TrimSpace(*method) == "" {
 		return usagef("--method is required")
 	}
-	return c.publishOne(client, uniqueID(schemas.TypeNodeFenced, pos[0], *method),
+	return c.publishOne(cmd.client, uniqueID(schemas.TypeNodeFenced, pos[0], *method),
 		&schemas.NodeFenced{Node: pos[0], Method: *method, By: *by})
 }

@@ -2,7 +2,6 @@ package app
 
 import (
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"sort"
@@ -25,22 +24,16 @@ func checkOutput(o string) error {
 }
 
 func (c *cli) status(args []string) error {
-	var client ClientOptions
-	fs := flag.NewFlagSet("drover status", flag.ContinueOnError)
-	client.register(fs, c.getenv)
-	watch := fs.Bool("watch", false, "keep printing status events as they happen")
-	out := fs.String("o", "table", "output format: table or json")
-	pos, err := parse(fs, args)
-	if err != nil {
+	cmd := c.command("drover status [--watch] [-o table|json]")
+	watch := cmd.fs.Bool("watch", false, "keep printing status events as they happen")
+	out := cmd.fs.String("o", "table", "output format: table or json")
+	if _, err := cmd.parse(args, 0); err != nil {
 		return err
-	}
-	if len(pos) > 0 {
-		return usagef("usage: drover status [--watch] [-o table|json]")
 	}
 	if err := checkOutput(*out); err != nil {
 		return err
 	}
-	nc, js, err := client.connect(c.ctx)
+	nc, js, err := cmd.client.connect(c.ctx)
 	if err != nil {
 		return err
 	}
@@ -158,24 +151,18 @@ func (c *cli) dlq(args []string) error {
 	if len(args) == 0 {
 		return usagef("usage: drover dlq list|replay SEQ")
 	}
-	var client ClientOptions
 	switch args[0] {
 	case "list":
-		fs := flag.NewFlagSet("drover dlq list", flag.ContinueOnError)
-		client.register(fs, c.getenv)
-		out := fs.String("o", "table", "output format: table or json")
-		limit := fs.Int("limit", 0, "list at most this many (0: all)")
-		pos, err := parse(fs, args[1:])
-		if err != nil {
+		cmd := c.command("drover dlq list [-o table|json]")
+		out := cmd.fs.String("o", "table", "output format: table or json")
+		limit := cmd.fs.Int("limit", 0, "list at most this many (0: all)")
+		if _, err := cmd.parse(args[1:], 0); err != nil {
 			return err
-		}
-		if len(pos) > 0 {
-			return usagef("usage: drover dlq list [-o table|json]")
 		}
 		if err := checkOutput(*out); err != nil {
 			return err
 		}
-		nc, js, err := client.connect(c.ctx)
+		nc, js, err := cmd.client.connect(c.ctx)
 		if err != nil {
 			return err
 		}
@@ -207,20 +194,16 @@ func (c *cli) dlq(args []string) error {
 		}
 		return tw.Flush()
 	case "replay":
-		fs := flag.NewFlagSet("drover dlq replay", flag.ContinueOnError)
-		client.register(fs, c.getenv)
-		pos, err := parse(fs, args[1:])
+		cmd := c.command("drover dlq replay SEQ")
+		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("usage: drover dlq replay SEQ")
 		}
 		seq, err := strconv.ParseUint(pos[0], 10, 64)
 		if err != nil || seq == 0 {
 			return usagef("SEQ must be a positive dead-letter sequence number, got %q", pos[0])
 		}
-		nc, js, err := client.connect(c.ctx)
+		nc, js, err := cmd.client.connect(c.ctx)
 		if err != nil {
 			return err
 		}
