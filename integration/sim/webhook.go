@@ -57,8 +57,9 @@ const (
 )
 
 // EnvWebhookListenAddr names the environment variable that sets where the simulator's eviction
-// webhook listens (host:port). Default 127.0.0.1 on a random port. The API server must be able
-// to reach it: an unspecified host (0.0.0.0) is advertised as 127.0.0.1.
+// webhook listens (host:port; port 0 picks one). Default 127.0.0.1 on a random port. The API
+// server must be able to reach it at that host, which the serving certificate covers; an
+// unspecified host (0.0.0.0) is advertised as 127.0.0.1.
 const EnvWebhookListenAddr = "DROVER_SIM_WEBHOOK_ADDR"
 
 // runEvictionWebhook serves KubeVirt's pod eviction webhook and keeps it registered until ctx
@@ -102,15 +103,20 @@ func newEvictionWebhook(kv *kvPlane, listenAddr string, log zerolog.Logger) *evi
 // would claim a KubeVirt behaviour that is no longer there. A crashed simulator leaves it
 // behind; the next start overwrites it.
 func (w *evictionWebhook) run(ctx context.Context) error {
-	caPEM, serving, err := generateWebhookCerts(time.Now())
-	if err != nil {
-		return fmt.Errorf("eviction webhook: %w", err)
-	}
 	ln, err := net.Listen("tcp", w.listenAddr)
 	if err != nil {
 		return fmt.Errorf("eviction webhook: listen on %s: %w", w.listenAddr, err)
 	}
-	w.url = webhookURL(ln.Addr())
+	var extraHosts []string
+	configured, _, _ := net.SplitHostPort(w.listenAddr)
+	if configured != "" {
+		extraHosts = append(extraHosts, configured)
+	}
+	w.url = webhookURL(configured, ln.Addr())
+	caPEM, serving, err := generateWebhookCerts(time.Now(), extraHosts...)
+	if err != nil {
+		return errors.Join(fmt.Errorf("eviction webhook: %w", err), ln.Close())
+	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc(evictionWebhookPath, w.serveAdmission)
@@ -162,15 +168,17 @@ func (w *evictionWebhook) run(ctx context.Context) error {
 	return errors.Join(w.unregister(dctx, uid), shutdown())
 }
 
-// webhookURL turns the listener address into the URL the API server calls. An unspecified host
-// (0.0.0.0, ::) is advertised as 127.0.0.1; the serving certificate covers loopback and the
-// machine's host name.
-func webhookURL(addr net.Addr) string {
+// webhookURL is the URL the API server calls: the configured listen host when it names one
+// (a host name or a specific address, which the serving certificate then covers), else the
+// listener's address, an unspecified one (0.0.0.0, ::) being advertised as 127.0.0.1.
+func webhookURL(configuredHost string, addr net.Addr) string {
 	host, port, err := net.SplitHostPort(addr.String())
 	if err != nil {
 		return "https://" + addr.String() + evictionWebhookPath
 	}
-	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+	if ip := net.ParseIP(configuredHost); configuredHost != "" && (ip == nil || !ip.IsUnspecified()) {
+		host = configuredHost
+	} else if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
 		host = "127.0.0.1"
 	}
 	return "https://" + net.JoinHostPort(host, port) + evictionWebhookPath
@@ -431,8 +439,9 @@ func deniedResponse(message string) *admissionv1.AdmissionResponse {
 }
 
 // generateWebhookCerts makes a throw-away CA and a serving certificate signed by it, valid for
-// loopback and this host's name. It returns the CA in PEM (the caBundle) and the serving pair.
-func generateWebhookCerts(now time.Time) ([]byte, tls.Certificate, error) {
+// loopback, this host's name and the extra hosts (IP addresses or names, e.g. the listen
+// address's host). It returns the CA in PEM (the caBundle) and the serving pair.
+func generateWebhookCerts(now time.Time, extraHosts ...string) ([]byte, tls.Certificate, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, tls.Certificate{}, fmt.Errorf("generate CA key: %w", err)
@@ -459,8 +468,18 @@ func generateWebhookCerts(now time.Time) ([]byte, tls.Certificate, error) {
 		return nil, tls.Certificate{}, fmt.Errorf("generate serving key: %w", err)
 	}
 	dnsNames := []string{"localhost"}
+	ips := []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
 	if h, err := os.Hostname(); err == nil && h != "" {
 		dnsNames = append(dnsNames, h)
+	}
+	for _, h := range extraHosts {
+		if ip := net.ParseIP(h); ip != nil {
+			if !ip.IsUnspecified() {
+				ips = append(ips, ip)
+			}
+		} else if h != "" {
+			dnsNames = append(dnsNames, h)
+		}
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: randomSerial(),
@@ -469,7 +488,7 @@ func generateWebhookCerts(now time.Time) ([]byte, tls.Certificate, error) {
 		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		IPAddresses:  ips,
 		DNSNames:     dnsNames,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)

@@ -2,8 +2,10 @@ package sim
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -332,5 +334,40 @@ func evWaitWebhookActive(t *testing.T, kv *kvPlane, pod *corev1.Pod) {
 			t.Fatalf("the API server did not call the eviction webhook within 30s (last answer: %v)", err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestWebhookURLAndCertificate: the advertised URL and the serving certificate agree for the
+// default and for configured listen addresses.
+func TestWebhookURLAndCertificate(t *testing.T) {
+	tests := []struct {
+		name, listen, wantURLPrefix string
+	}{
+		{name: "default", listen: "127.0.0.1:0", wantURLPrefix: "https://127.0.0.1:"},
+		{name: "all interfaces", listen: "0.0.0.0:0", wantURLPrefix: "https://127.0.0.1:"},
+		{name: "host name", listen: "localhost:0", wantURLPrefix: "https://localhost:"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", tt.listen)
+			require.NoError(t, err)
+			defer ln.Close()
+			host, _, err := net.SplitHostPort(tt.listen)
+			require.NoError(t, err)
+			url := webhookURL(host, ln.Addr())
+			require.True(t, strings.HasPrefix(url, tt.wantURLPrefix), url)
+			require.True(t, strings.HasSuffix(url, evictionWebhookPath), url)
+
+			caPEM, serving, err := generateWebhookCerts(time.Now(), host)
+			require.NoError(t, err)
+			pool := x509.NewCertPool()
+			require.True(t, pool.AppendCertsFromPEM(caPEM))
+			leaf, err := x509.ParseCertificate(serving.Certificate[0])
+			require.NoError(t, err)
+			urlHost, _, err := net.SplitHostPort(strings.TrimPrefix(strings.TrimSuffix(url, evictionWebhookPath), "https://"))
+			require.NoError(t, err)
+			_, err = leaf.Verify(x509.VerifyOptions{Roots: pool, DNSName: urlHost, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+			require.NoError(t, err, "the certificate is valid for %s", urlHost)
+		})
 	}
 }
