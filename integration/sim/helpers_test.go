@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	kvv1 "kubevirt.io/api/core/v1"
 
 	"github.com/drover-io/drover/integration/cluster"
@@ -18,10 +19,29 @@ import (
 
 const testNS = "default"
 
+// updateNode changes node name with f, retrying on conflicts (the
+// simulator's kubelets write nodes all the time).
+func updateNode(t *testing.T, s *Simulator, name string, f func(*corev1.Node)) {
+	t.Helper()
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		n, err := s.Kube.CoreV1().Nodes().Get(ctxT(t), name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		f(n)
+		_, err = s.Kube.CoreV1().Nodes().Update(ctxT(t), n, metav1.UpdateOptions{})
+		return err
+	})
+	require.NoError(t, err)
+}
+
 // startSim starts a cluster and a simulator on it; both stop when the test
 // ends, and the test fails if Run does not return in time or with an error.
 func startSim(t *testing.T, opts Options) *Simulator {
 	t.Helper()
+	// Each test has its own control plane and simulator, so they can run
+	// in parallel (up to -parallel, GOMAXPROCS by default).
+	t.Parallel()
 	c := cluster.StartT(t)
 	if opts.TimeScale == 0 {
 		opts.TimeScale = 20

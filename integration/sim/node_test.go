@@ -113,11 +113,9 @@ func TestNodeLifecycle(t *testing.T) {
 		require.NotEmpty(t, s.vasFor(byVANode, "n2"))
 		require.NoError(t, s.SetFault(ctx, "n2", FaultDown))
 		waitNodeReady(t, s, "n2", corev1.ConditionUnknown, 30*time.Second)
-		n, err := s.Kube.CoreV1().Nodes().Get(ctx, "n2", metav1.GetOptions{})
-		require.NoError(t, err)
-		n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: taintOutOfService, Value: "nodeshutdown", Effect: corev1.TaintEffectNoExecute})
-		_, err = s.Kube.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{})
-		require.NoError(t, err)
+		updateNode(t, s, "n2", func(n *corev1.Node) {
+			n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: taintOutOfService, Value: "nodeshutdown", Effect: corev1.TaintEffectNoExecute})
+		})
 		eventually(t, 30*time.Second, "pods and attachments gone from n2", func() (bool, string) {
 			return len(s.podsBy(byNode, "n2")) == 0 && len(s.vasFor(byVANode, "n2")) == 0,
 				fmt.Sprintf("%d pods, %d attachments", len(s.podsBy(byNode, "n2")), len(s.vasFor(byVANode, "n2")))

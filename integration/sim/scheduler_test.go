@@ -7,7 +7,6 @@ import (
 
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kvv1 "kubevirt.io/api/core/v1"
 )
 
@@ -16,16 +15,11 @@ import (
 // one that fits nowhere stays Pending, Unschedulable.
 func TestSchedulingHonoursCordonTaintsAndSelectors(t *testing.T) {
 	s := startSim(t, Options{})
-	ctx := ctxT(t)
 	mustNode(t, s, "cordoned", NodeOptions{})
 	mustNode(t, s, "tainted", NodeOptions{Taints: []corev1.Taint{{Key: "dedicated", Value: "db", Effect: corev1.TaintEffectNoSchedule}}})
 	mustNode(t, s, "ssd", NodeOptions{Labels: map[string]string{"disk": "ssd"}})
 	mustNode(t, s, "plain", NodeOptions{})
-	n, err := s.Kube.CoreV1().Nodes().Get(ctx, "cordoned", metav1.GetOptions{})
-	require.NoError(t, err)
-	n.Spec.Unschedulable = true
-	_, err = s.Kube.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{})
-	require.NoError(t, err)
+	updateNode(t, s, "cordoned", func(n *corev1.Node) { n.Spec.Unschedulable = true })
 	eventually(t, 10*time.Second, "cordon in cache", func() (bool, string) {
 		n := s.getNode("cordoned")
 		return n != nil && n.Spec.Unschedulable, ""
@@ -86,11 +80,7 @@ func TestSchedulingHonoursCordonTaintsAndSelectors(t *testing.T) {
 	}
 
 	t.Run("uncordon schedules the waiting pod", func(t *testing.T) {
-		n, err := s.Kube.CoreV1().Nodes().Get(ctx, "cordoned", metav1.GetOptions{})
-		require.NoError(t, err)
-		n.Spec.Unschedulable = false
-		_, err = s.Kube.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{})
-		require.NoError(t, err)
+		updateNode(t, s, "cordoned", func(n *corev1.Node) { n.Spec.Unschedulable = false })
 		vmi := vmiRunning(t, s, "wants-cordoned", 30*time.Second)
 		require.Equal(t, "cordoned", vmi.Status.NodeName)
 	})
