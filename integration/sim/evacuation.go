@@ -371,7 +371,7 @@ func (e *evacuationController) sync(ctx context.Context) error {
 		// KubeVirt counts the running migrations for both limits and relies on its
 		// expectations to avoid piling up Pending ones; the simulator counts every unfinished
 		// migration, which reaches the same steady state without that race.
-		fromNode := migrationsFromNode(onNode, unfinished)
+		fromNode := migrationsFromNode(node.Name, onNode, unfinished)
 		free := min(limits.perCluster-len(unfinished), limits.perNode-fromNode)
 		if free <= 0 {
 			continue
@@ -566,14 +566,23 @@ func launcherPodsByVMI(pods []corev1.Pod) map[string]int {
 	return out
 }
 
-// migrationsFromNode counts the unfinished migrations of VMIs that run on a node.
-func migrationsFromNode(onNode []*virtv1.VirtualMachineInstance, unfinished []*virtv1.VirtualMachineInstanceMigration) int {
+// migrationsFromNode counts the unfinished migrations whose source is node: the source node
+// the migration records, else (not started yet) the node its VMI runs on. KubeVirt counts the
+// migrations of the VMIs that are on the node, which frees a slot at the hand-off, before the
+// migration has finished; counting by source keeps the limit strict.
+func migrationsFromNode(node string, onNode []*virtv1.VirtualMachineInstance, unfinished []*virtv1.VirtualMachineInstanceMigration) int {
 	names := map[string]bool{}
 	for _, vmi := range onNode {
 		names[vmi.Namespace+"/"+vmi.Name] = true
 	}
 	n := 0
 	for _, m := range unfinished {
+		if s := m.Status.MigrationState; s != nil && s.SourceNode != "" {
+			if s.SourceNode == node {
+				n++
+			}
+			continue
+		}
 		if names[m.Namespace+"/"+m.Spec.VMIName] {
 			n++
 		}

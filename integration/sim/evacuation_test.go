@@ -465,3 +465,26 @@ func TestEvacuationCandidates(t *testing.T) {
 		})
 	}
 }
+
+// TestMigrationsFromNode: a migration counts against its source node until it finishes, also
+// after the hand-off moved its VMI away.
+func TestMigrationsFromNode(t *testing.T) {
+	onN1 := []*virtv1.VirtualMachineInstance{{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "still-here"}}}
+	mig := func(vmi, source string) *virtv1.VirtualMachineInstanceMigration {
+		m := &virtv1.VirtualMachineInstanceMigration{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "m-" + vmi},
+			Spec:       virtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi},
+		}
+		if source != "" {
+			m.Status.MigrationState = &virtv1.VirtualMachineInstanceMigrationState{SourceNode: source}
+		}
+		return m
+	}
+	unfinished := []*virtv1.VirtualMachineInstanceMigration{
+		mig("still-here", ""),       // pending, its VMI is on n1
+		mig("handed-off", "n1"),     // running, its VMI already reports n2
+		mig("from-elsewhere", "n2"), // another node's
+		mig("elsewhere-pending", ""),
+	}
+	require.Equal(t, 2, migrationsFromNode("n1", onN1, unfinished))
+}
