@@ -79,7 +79,10 @@ func nodeAllocatable(n *corev1.Node) resources {
 // capacity (requests against allocatable). A pod that fits nowhere stays
 // Pending with PodScheduled=False, reason Unschedulable.
 func (s *Simulator) runScheduler(ctx context.Context) error {
+	flushed := make(chan struct{})
+	defer func() { <-flushed }()
 	go func() {
+		defer close(flushed)
 		t := s.clock.NewTicker(s.scaled(s.opts.HeartbeatInterval))
 		defer t.Stop()
 		for {

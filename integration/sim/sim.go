@@ -297,8 +297,14 @@ func (s *Simulator) Run(ctx context.Context) error {
 	s.kubeInformers.Start(ctx.Done())
 	s.leaseInformers.Start(ctx.Done())
 	s.dynInformers.Start(ctx.Done())
+	var infWG sync.WaitGroup
+	defer func() { cancel(); infWG.Wait() }() // hand-built informers have exited when Run returns
 	for _, inf := range []cache.SharedIndexInformer{s.vmInformer, s.vmiInformer, s.vmimInformer, s.kvInformer} {
-		go inf.Run(ctx.Done())
+		infWG.Add(1)
+		go func() {
+			defer infWG.Done()
+			inf.Run(ctx.Done())
+		}()
 	}
 	if !cache.WaitForCacheSync(ctx.Done(), s.syncedFuncs()...) {
 		s.kubeInformers.Shutdown()
