@@ -22,13 +22,19 @@ import (
 )
 
 func main() {
-	if err := run(); err != nil {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "drover-sim:", err)
+		stop()
 		os.Exit(1)
 	}
 }
 
-func run() error {
+// run parses args, then seeds and runs the simulator until ctx ends.
+func run(ctx context.Context, args []string, stderr *os.File) error {
+	flag := flag.NewFlagSet("drover-sim", flag.ContinueOnError)
+	flag.SetOutput(stderr)
 	var (
 		kubeconfig = flag.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the cluster to simulate in")
 		nodes      = flag.Int("nodes", 4, "nodes to create")
@@ -40,7 +46,9 @@ func run() error {
 		level      = flag.String("log-level", "info", "zerolog level")
 		logJSON    = flag.Bool("log-json", false, "log JSON even on a terminal")
 	)
-	flag.Parse()
+	if err := flag.Parse(args); err != nil {
+		return err
+	}
 	if *kubeconfig == "" {
 		return errors.New("--kubeconfig is required")
 	}
@@ -49,10 +57,10 @@ func run() error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	var log zerolog.Logger
-	if !*logJSON && term.IsTerminal(int(os.Stderr.Fd())) {
-		log = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: "15:04:05.000"})
+	if !*logJSON && term.IsTerminal(int(stderr.Fd())) {
+		log = zerolog.New(zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000"})
 	} else {
-		log = zerolog.New(os.Stderr)
+		log = zerolog.New(stderr)
 	}
 	log = log.Level(lvl).With().Timestamp().Str("component", "drover-sim").Logger()
 
@@ -60,7 +68,7 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("load kubeconfig %s: %w", *kubeconfig, err)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 
 	s, err := sim.New(cfg, sim.Options{TimeScale: *timeScale, Logger: &log})
