@@ -23,6 +23,7 @@ type kubeletPod struct {
 	creatingSince time.Time
 	stopSince     time.Time
 	ip            string
+	node          string
 }
 
 type kubeletState struct {
@@ -47,6 +48,17 @@ func (k *kubeletState) set(uid types.UID, p kubeletPod) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.pods[uid] = &p
+}
+
+// prune forgets the pods of node that the API no longer has.
+func (k *kubeletState) prune(node string, present map[types.UID]bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for uid, p := range k.pods {
+		if p.node == node && !present[uid] {
+			delete(k.pods, uid)
+		}
+	}
 }
 
 func (k *kubeletState) forget(uid types.UID) {
@@ -92,6 +104,7 @@ func (s *Simulator) syncKubelet(ctx context.Context, node string) error {
 			}
 		}
 	}
+	s.kubelet.prune(node, present)
 	var after time.Duration
 	var errs []error
 	for _, p := range pods {
@@ -120,7 +133,7 @@ func (s *Simulator) kubeletSyncPod(ctx context.Context, node string, bootID int,
 		case isTerminal(p):
 		case bootID == 0 && p.Status.Phase == corev1.PodRunning:
 			// The simulator itself just started: adopt what runs.
-			k = kubeletPod{bootID: bootID}
+			k = kubeletPod{bootID: bootID, node: node}
 			s.kubelet.set(p.UID, k)
 			if isLauncher(p) && p.Labels[kvv1.MigrationJobLabel] == "" && p.DeletionTimestamp == nil {
 				s.truth.start(s.guestFor(p))
@@ -134,7 +147,7 @@ func (s *Simulator) kubeletSyncPod(ctx context.Context, node string, bootID int,
 			s.log.Info().Str("pod", keyOf(p)).Str("node", node).Msg("kubelet: pod did not survive the node's restart, Failed")
 			return 0, nil
 		default:
-			k = kubeletPod{bootID: bootID}
+			k = kubeletPod{bootID: bootID, node: node}
 			s.kubelet.set(p.UID, k)
 		}
 	}

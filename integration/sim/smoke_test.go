@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	kvv1 "kubevirt.io/api/core/v1"
 )
 
@@ -29,4 +31,41 @@ func TestSeedRunsVMs(t *testing.T) {
 	}
 	require.NoError(t, s.Check())
 	require.Empty(t, s.Violations())
+
+	ctx := ctxT(t)
+	t.Run("a Manual VM stops on request and stays stopped", func(t *testing.T) {
+		name := res.VMs[3] // Manual, started by Seed's start request
+		vmiRunning(t, s, name, 10*time.Second)
+		require.NoError(t, s.StopKubeVirtVM(ctx, testNS, name))
+		waitVMStopped(t, s, name)
+	})
+	t.Run("switching to Halted stops an Always VM", func(t *testing.T) {
+		name := res.VMs[0]
+		_, err := s.mutateVM(ctx, testNS, name, false, func(vm *kvv1.VirtualMachine) bool {
+			vm.Spec.RunStrategy = ptr.To(kvv1.RunStrategyHalted)
+			return true
+		})
+		require.NoError(t, err)
+		waitVMStopped(t, s, name)
+	})
+	t.Run("deleting a VM removes its VMI and pod", func(t *testing.T) {
+		name := res.VMs[2]
+		vmiRunning(t, s, name, 10*time.Second)
+		require.NoError(t, s.KubeVirt.VirtualMachines(testNS).Delete(ctx, name, metav1.DeleteOptions{}))
+		eventually(t, 20*time.Second, "vm, vmi and pod gone", func() (bool, string) {
+			return s.getVM(testNS+"/"+name) == nil && s.getVMI(testNS+"/"+name) == nil && len(vmiPods(s, name)) == 0, ""
+		})
+		require.Empty(t, s.Truth().GuestNodes(testNS+"/"+name))
+	})
+}
+
+// waitVMStopped waits until VM name has no VMI, no pod, no guest and shows Stopped.
+func waitVMStopped(t *testing.T, s *Simulator, name string) {
+	t.Helper()
+	eventually(t, 20*time.Second, "vm "+name+" stopped", func() (bool, string) {
+		vm := s.getVM(testNS + "/" + name)
+		return s.getVMI(testNS+"/"+name) == nil && len(vmiPods(s, name)) == 0 && vm.Status.PrintableStatus == kvv1.VirtualMachineStatusStopped,
+			string(vm.Status.PrintableStatus)
+	})
+	require.Empty(t, s.Truth().GuestNodes(testNS+"/"+name))
 }

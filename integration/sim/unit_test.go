@@ -151,3 +151,29 @@ func TestTruthRecordsEveryViolation(t *testing.T) {
 	tr.start(Guest{VMI: "ns/a", Node: "n2", Pod: "ns/p5", PodUID: "p5"})
 	require.Len(t, tr.violations, 3)
 }
+
+func TestMigratableCondition(t *testing.T) {
+	s, err := New(&rest.Config{Host: "https://127.0.0.1:1"}, Options{InstallCRDs: noCRDs})
+	require.NoError(t, err)
+	bridge := NewKubeVirtVM("ns", "b", VMOptions{BridgeOnPodNetwork: true}).Spec.Template.Spec
+	masq := NewKubeVirtVM("ns", "m", VMOptions{}).Spec.Template.Spec
+	tests := []struct {
+		name        string
+		spec        kvv1.VirtualMachineInstanceSpec
+		annotations map[string]string
+		status      corev1.ConditionStatus
+		reason      string
+	}{
+		{"masquerade", masq, nil, corev1.ConditionTrue, ""},
+		{"bridge on the pod network", bridge, nil, corev1.ConditionFalse, kvv1.VirtualMachineInstanceReasonInterfaceNotMigratable},
+		{"bridge allowed by annotation", bridge, map[string]string{allowPodBridgeMigration: "true"}, corev1.ConditionTrue, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			vmi := &kvv1.VirtualMachineInstance{ObjectMeta: metav1.ObjectMeta{Annotations: tc.annotations}, Spec: tc.spec}
+			c := s.migratableCondition(vmi)
+			require.Equal(t, tc.status, c.Status)
+			require.Equal(t, tc.reason, c.Reason)
+		})
+	}
+}
