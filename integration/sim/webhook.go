@@ -156,16 +156,17 @@ func (w *evictionWebhook) run(ctx context.Context) error {
 	close(w.ready)
 	w.log.Info().Str("url", w.url).Str("config", EvictionWebhookConfigName).Msg("eviction webhook registered")
 
+	var serveFailed error
 	select {
 	case <-ctx.Done():
 	case err := <-serveErr:
 		if !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("eviction webhook: serve on %s: %w", w.url, err)
+			serveFailed = fmt.Errorf("eviction webhook: serve on %s: %w", w.url, err)
 		}
 	}
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	return errors.Join(w.unregister(dctx, uid), shutdown())
+	return errors.Join(serveFailed, w.unregister(dctx, uid), shutdown())
 }
 
 // webhookURL is the URL the API server calls: the configured listen host when it names one
