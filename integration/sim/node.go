@@ -92,8 +92,8 @@ func (s *Simulator) syncNode(ctx context.Context, name string) error {
 	log := s.log.With().Str("node", name).Logger()
 
 	s.nodes.mu.Lock()
-	st, ok := s.nodes.m[name]
-	if !ok {
+	st, seen := s.nodes.m[name]
+	if !seen {
 		st = &nodeSim{phase: NodeHealthy, since: now}
 		s.nodes.m[name] = st
 	}
@@ -206,7 +206,7 @@ func (s *Simulator) syncNode(ctx context.Context, name string) error {
 		}
 	}
 	if phase == NodeHealthy || phase == NodeBooting {
-		if phase != prev {
+		if phase != prev || !seen { // a kubelet that (re)starts renews its lease at once
 			if err := s.renewLease(ctx, name); err != nil {
 				return err
 			}
@@ -614,7 +614,8 @@ func (s *Simulator) runVirtHandlerHeartbeats(ctx context.Context) error {
 		for _, obj := range s.nodeInformer.GetStore().List() {
 			node := obj.(*corev1.Node)
 			var labels, annotations map[string]any
-			if beat && s.nodes.kubeletAlive(node.Name) {
+			_, started := node.Annotations[kvv1.VirtHandlerHeartbeat]
+			if (beat || !started) && s.nodes.kubeletAlive(node.Name) { // a new virt-handler beats at once
 				annotations = map[string]any{kvv1.VirtHandlerHeartbeat: now.UTC().Format(time.RFC3339)}
 				if node.Labels[kvv1.NodeSchedulable] != "true" {
 					labels = map[string]any{kvv1.NodeSchedulable: "true"}

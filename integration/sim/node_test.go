@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
@@ -59,8 +60,11 @@ func TestNodeLifecycle(t *testing.T) {
 	waitNodeReady(t, s, "n1", corev1.ConditionTrue, 10*time.Second)
 	mustVM(t, s, "vm", VMOptions{})
 	vmiRunning(t, s, "vm", 30*time.Second)
-	lease, err := s.Kube.CoordinationV1().Leases(corev1.NamespaceNodeLease).Get(ctx, "n1", metav1.GetOptions{})
-	require.NoError(t, err)
+	var lease *coordinationv1.Lease
+	eventually(t, 10*time.Second, "lease", func() (bool, string) {
+		lease = s.getLease("n1")
+		return lease != nil, ""
+	})
 	eventually(t, 10*time.Second, "lease renewed", func() (bool, string) {
 		l := s.getLease("n1")
 		return l != nil && l.Spec.RenewTime.After(lease.Spec.RenewTime.Time), ""
@@ -80,6 +84,10 @@ func TestNodeLifecycle(t *testing.T) {
 		vmi := s.getVMI(testNS + "/vm")
 		require.Equal(t, kvv1.Running, vmi.Status.Phase, "KubeVirt cannot tell: the VMI stays Running")
 		require.Equal(t, NodeDown, s.NodeState("n1"))
+		eventually(t, 30*time.Second, "virt-controller marks the node unschedulable for VMIs", func() (bool, string) {
+			n := s.getNode("n1")
+			return n.Labels[kvv1.NodeSchedulable] == "false", fmt.Sprint(n.Labels, n.Annotations)
+		})
 	})
 	t.Run("heals after boot, the dead pod fails and the VM restarts", func(t *testing.T) {
 		require.NoError(t, s.SetFault(ctx, "n1", ""))
@@ -87,6 +95,9 @@ func TestNodeLifecycle(t *testing.T) {
 		eventually(t, 10*time.Second, "taints removed", func() (bool, string) {
 			n := s.getNode("n1")
 			return !hasTaint(n, taintUnreachable, "") && !hasTaint(n, taintNotReady, ""), fmt.Sprint(n.Spec.Taints)
+		})
+		eventually(t, 30*time.Second, "virt-handler marks the node schedulable again", func() (bool, string) {
+			return s.getNode("n1").Labels[kvv1.NodeSchedulable] == "true", ""
 		})
 		vmi := vmiRunning(t, s, "vm", 30*time.Second)
 		require.Equal(t, []string{vmi.Status.NodeName}, s.Truth().GuestNodes(testNS+"/vm"))

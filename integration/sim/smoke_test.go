@@ -59,6 +59,38 @@ func TestSeedRunsVMs(t *testing.T) {
 	})
 }
 
+// TestStartFailureBackOff: a VMI that fails before it ever runs counts as
+// a start failure; the VM shows CrashLoopBackOff and starts again only
+// after the back-off.
+func TestStartFailureBackOff(t *testing.T) {
+	s := startSim(t, Options{})
+	ctx := ctxT(t)
+	mustNode(t, s, "n", NodeOptions{})
+	mustVM(t, s, "crashy", VMOptions{NodeSelector: map[string]string{"nowhere": "true"}})
+	var first *kvv1.VirtualMachineInstance
+	eventually(t, 30*time.Second, "launcher pod pending", func() (bool, string) {
+		first = s.getVMI(testNS + "/crashy")
+		return first != nil && len(vmiPods(s, "crashy")) == 1, ""
+	})
+	for _, p := range vmiPods(s, "crashy") {
+		require.NoError(t, s.Kube.CoreV1().Pods(testNS).Delete(ctx, p.Name, metav1.DeleteOptions{}))
+	}
+	var vm *kvv1.VirtualMachine
+	eventually(t, 30*time.Second, "start failure recorded", func() (bool, string) {
+		vm = s.getVM(testNS + "/crashy")
+		return vm.Status.StartFailure != nil && vm.Status.StartFailure.LastFailedVMIUID == first.UID, ""
+	})
+	require.Equal(t, 1, vm.Status.StartFailure.ConsecutiveFailCount)
+	retryAfter := vm.Status.StartFailure.RetryAfterTimestamp.Time
+	require.True(t, retryAfter.After(time.Now().Add(-time.Second)), "a back-off lies ahead")
+	eventually(t, 30*time.Second, "a new VMI after the back-off", func() (bool, string) {
+		vmi := s.getVMI(testNS + "/crashy")
+		return vmi != nil && vmi.UID != first.UID, ""
+	})
+	// one whole second of slack: API timestamps have whole seconds
+	require.False(t, time.Now().Add(time.Second).Before(retryAfter), "not before the back-off ended")
+}
+
 // waitVMStopped waits until VM name has no VMI, no pod, no guest and shows Stopped.
 func waitVMStopped(t *testing.T, s *Simulator, name string) {
 	t.Helper()
