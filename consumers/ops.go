@@ -160,8 +160,9 @@ func (s *OpStore) List(ctx context.Context, filter string) ([]Record, error) {
 // cancel-requested; the handler running it sees Operation.Cancelled close and
 // finishes cleanly. When filter names one key (no wildcard) and no record
 // exists yet, it records the operation as cancelled so that its request, if it
-// arrives later, is skipped. It returns the keys it marked.
-func (s *OpStore) RequestCancel(ctx context.Context, filter, reason string) ([]string, error) {
+// arrives later, is skipped; workflow and target label that record. It
+// returns the keys it marked.
+func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, target string) ([]string, error) {
 	var keys []string
 	if !hasWildcard(filter) {
 		keys = []string{filter}
@@ -186,6 +187,9 @@ func (s *OpStore) RequestCancel(ctx context.Context, filter, reason string) ([]s
 				// Never started: nothing to abort, so it is cancelled outright.
 				r.State = StateCancelled
 				r.Finished = s.now().UTC()
+				if r.Workflow == "" {
+					r.Workflow, r.Target = workflow, target
+				}
 			}
 			r.CancelRequested = true
 			r.CancelReason = reason

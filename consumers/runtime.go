@@ -275,7 +275,7 @@ func (r *Runtime) process(stop, base context.Context, wf Workflow, holder string
 	ctx = log.WithContext(base)
 
 	if keys.Cancels != "" {
-		marked, err := r.ops.RequestCancel(ctx, keys.Cancels, "cancelled by "+ev.CloudEvent.Type()+" "+ev.CloudEvent.ID())
+		marked, err := r.ops.RequestCancel(ctx, keys.Cancels, "cancelled by "+ev.CloudEvent.Type()+" "+ev.CloudEvent.ID(), keys.Workflow, keys.Target)
 		if err != nil {
 			r.retry(ctx, log, wf.Name, msg, meta, nil, fmt.Errorf("request cancel of %s: %w", keys.Cancels, err))
 			return

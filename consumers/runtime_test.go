@@ -408,5 +408,8 @@ func TestCancelSignalsTheRunningHandler(t *testing.T) {
 	e.publish("start-late", maintenance("node-2", "req-late"))
 	e.eventually(func() bool { return e.streamMsgs(consumers.StreamRequests) == 0 }, "late request settled")
 	require.Equal(t, 1, order.get("requested-cancelled"), "a request cancelled before it started never runs")
-	require.Equal(t, consumers.StateCancelled, e.op(consumers.MaintenanceOperationKey("node-2", "req-late")).State)
+	late := e.op(consumers.MaintenanceOperationKey("node-2", "req-late"))
+	require.Equal(t, consumers.StateCancelled, late.State)
+	require.Equal(t, schemas.WorkflowMaintenance, late.Workflow, "a record made by an early cancel says whose it is")
+	require.Equal(t, "node-2", late.Target)
 }
