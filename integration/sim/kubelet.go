@@ -86,6 +86,7 @@ func (s *Simulator) runKubelet(ctx context.Context) error {
 // kills the guests whose pods the API no longer has. A kubelet that is not
 // alive (node down, partitioned, rebooting) does nothing.
 func (s *Simulator) syncKubelet(ctx context.Context, node string) error {
+	defer s.nodes.lock(node)()
 	if s.getNode(node) == nil || !s.nodes.kubeletAlive(node) {
 		return nil
 	}
@@ -166,6 +167,12 @@ func (s *Simulator) kubeletSyncPod(ctx context.Context, node string, bootID int,
 			}
 			s.truth.stop(p.UID)
 			s.log.Info().Str("pod", keyOf(p)).Str("node", node).Msg("kubelet: stopped pod being deleted")
+			if isLauncher(p) {
+				// virt-handler on this node sees the domain shut off
+				if err := s.vmiShutOff(ctx, p); err != nil {
+					return 0, err
+				}
+			}
 		}
 		if !isTerminal(p) && p.Status.Phase == corev1.PodRunning {
 			// virt-launcher shuts the guest down and exits 0 on SIGTERM.

@@ -189,7 +189,9 @@ func setMigrationPhase(m *kvv1.VirtualMachineInstanceMigration, phase kvv1.Virtu
 // nil) into its status.migrationState.
 func (s *Simulator) setPhase(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, from, to kvv1.VirtualMachineInstanceMigrationPhase, vmiState *kvv1.VirtualMachineInstanceMigrationState) error {
 	now := s.now()
+	changed := false
 	_, err := s.mutateVMIM(ctx, m.Namespace, m.Name, true, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
+		changed = false
 		if cur.UID != m.UID || cur.Status.Phase != from {
 			return false
 		}
@@ -197,10 +199,14 @@ func (s *Simulator) setPhase(ctx context.Context, m *kvv1.VirtualMachineInstance
 		if vmiState != nil {
 			cur.Status.MigrationState = vmiState.DeepCopy()
 		}
+		changed = true
 		return true
 	})
 	if err != nil {
 		return fmt.Errorf("migration %s: %s -> %s: %w", keyOf(m), from, to, err)
+	}
+	if !changed {
+		return nil // another sync moved it already
 	}
 	s.migration.mu.Lock()
 	s.migration.since[m.UID] = s.clock.Now()
@@ -500,16 +506,36 @@ func (s *Simulator) migrationRunning(ctx context.Context, m *kvv1.VirtualMachine
 }
 
 func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) error {
+	// The handover has effects beyond the API (the guest moves): make sure
+	// the cache did not hand us a migration that has already completed.
+	fresh, err := s.KubeVirt.VirtualMachineInstanceMigrations(m.Namespace).Get(ctx, m.Name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("migration %s: %w", keyOf(m), err)
+	}
+	if fresh.UID != m.UID || fresh.Status.Phase != kvv1.MigrationRunning || fresh.DeletionTimestamp != nil {
+		s.migrationQueue.Add(keyOf(m))
+		return nil
+	}
+	m = fresh
 	st := m.Status.MigrationState
 	target := s.getPod(m.Namespace + "/" + st.TargetPod)
-	source := activePod(vmi, s.mustLaunchers(vmi))
-	if target == nil || source == nil {
+	var source *corev1.Pod
+	if st.SourcePod != "" {
+		source = s.getPod(m.Namespace + "/" + st.SourcePod)
+	}
+	if source == nil {
+		source = activePod(vmi, s.mustLaunchers(vmi))
+	}
+	if target == nil || source == nil || source.UID == target.UID || !s.truth.running(source.UID) {
 		return s.failMigration(ctx, m, vmi, "Migration failed: lost a pod at handoff")
 	}
 	now := s.now()
 	var final kvv1.VirtualMachineInstanceMigrationState
 	// 1. the VMI points at the target first...
-	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
+	_, err = s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.UID != vmi.UID {
 			return false
 		}
@@ -566,6 +592,24 @@ func (s *Simulator) setVMIMigrationState(ctx context.Context, vmi *kvv1.VirtualM
 }
 
 func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance, reason string) error {
+	// Failing rewrites the VMI's migrationState and removes the target pod:
+	// make sure the cache did not hand us a migration that already ended.
+	fresh, err := s.KubeVirt.VirtualMachineInstanceMigrations(m.Namespace).Get(ctx, m.Name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("migration %s: %w", keyOf(m), err)
+	}
+	if fresh.UID != m.UID || isMigrationFinal(fresh) || fresh.Status.Phase != m.Status.Phase {
+		s.migrationQueue.Add(keyOf(m))
+		return nil
+	}
+	if vmi != nil {
+		if cur, err := s.KubeVirt.VirtualMachineInstances(vmi.Namespace).Get(ctx, vmi.Name, metav1.GetOptions{}); err == nil {
+			vmi = cur
+		}
+	}
 	now := s.now()
 	var final *kvv1.VirtualMachineInstanceMigrationState
 	if vmi != nil && vmi.Status.MigrationState != nil && vmi.Status.MigrationState.MigrationUID == m.UID && !vmiFinal(vmi) {
@@ -592,7 +636,7 @@ func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineIns
 		final.Completed, final.Failed, final.EndTimestamp, final.FailureReason = true, true, &now, reason
 	}
 	s.deleteTargetPod(ctx, m, vmi)
-	_, err := s.mutateVMIM(ctx, m.Namespace, m.Name, true, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
+	_, err = s.mutateVMIM(ctx, m.Namespace, m.Name, true, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
 		if cur.UID != m.UID || isMigrationFinal(cur) {
 			return false
 		}

@@ -26,11 +26,22 @@ type nodeSim struct {
 }
 
 type nodeStates struct {
-	mu sync.Mutex
-	m  map[string]*nodeSim
+	mu    sync.Mutex
+	m     map[string]*nodeSim
+	locks sync.Map // node name -> *sync.Mutex
 }
 
 func newNodeStates() *nodeStates { return &nodeStates{m: map[string]*nodeSim{}} }
+
+// lock serialises what happens on one node: its hardware changing state
+// and its kubelet acting, so a kubelet never acts on a node that went down
+// halfway through its sync. It returns the unlock func.
+func (n *nodeStates) lock(name string) func() {
+	l, _ := n.locks.LoadOrStore(name, &sync.Mutex{})
+	mu := l.(*sync.Mutex)
+	mu.Lock()
+	return mu.Unlock
+}
 
 func (n *nodeStates) get(name string) nodeSim {
 	n.mu.Lock()
@@ -80,6 +91,7 @@ func watchdogTimeout(n *corev1.Node) time.Duration {
 // syncNode runs a node's fault state machine (the node's hardware and its
 // watchdog) and, while the kubelet is alive, posts its Ready condition.
 func (s *Simulator) syncNode(ctx context.Context, name string) error {
+	defer s.nodes.lock(name)()
 	node := s.getNode(name)
 	if node == nil {
 		s.nodes.mu.Lock()
@@ -417,10 +429,15 @@ func (s *Simulator) monitorNode(ctx context.Context, node *corev1.Node, stale bo
 			return err
 		}
 		s.log.Info().Str("node", node.Name).Msg("node lifecycle: no heartbeat within the grace period, Ready=Unknown")
+		// taint in the same pass, as the real controller does, so the
+		// scheduler stops placing pods there at once
+		if err := s.syncConditionTaints(ctx, node, corev1.ConditionUnknown); err != nil {
+			return err
+		}
 		for _, p := range s.podsBy(byNode, node.Name) {
 			s.markPodNotReady(ctx, p)
 		}
-		return nil // the node update brings us back with the new condition
+		return nil
 	}
 	status := corev1.ConditionUnknown
 	if ready != nil {

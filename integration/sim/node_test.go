@@ -29,6 +29,9 @@ func waitNodeReady(t *testing.T, s *Simulator, name string, want corev1.Conditio
 	t.Helper()
 	eventually(t, timeout, fmt.Sprintf("node %s Ready=%s", name, want), func() (bool, string) {
 		got := nodeReadyStatus(s, name)
+		if want == corev1.ConditionUnknown && !hasTaint(s.getNode(name), taintUnreachable, corev1.TaintEffectNoSchedule) {
+			return false, "not tainted unreachable yet"
+		}
 		return got == want, string(got)
 	})
 }

@@ -143,7 +143,7 @@ func (t *truth) move(from types.UID, to Guest) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	old, ok := t.guests[from]
-	if !ok {
+	if !ok || from == to.PodUID {
 		return false
 	}
 	delete(t.guests, from)

@@ -103,7 +103,7 @@ func (s *Simulator) syncVM(ctx context.Context, key string) error {
 		if stopReq {
 			edits = append(edits, popStop)
 		}
-		if alsoStart {
+		if alsoStart && !startReq {
 			edits = append(edits, pushStart)
 		}
 		return s.updateVMStatus(ctx, vm, vmi, edits...)

@@ -28,12 +28,16 @@ func (s *Simulator) runVMIs(ctx context.Context) error {
 	return s.runWorkers(ctx, "vmi", s.vmiQueue, 4, s.syncVMI)
 }
 
-// launcherPods returns the virt-launcher pods of vmi (this incarnation only).
+// launcherPods returns the virt-launcher pods of vmi (this incarnation
+// only) and those of an earlier VMI of the same name. A pod of another VMI
+// that is not older than vmi belongs to a newer VMI the cache has not shown
+// yet: it is neither.
 func (s *Simulator) launcherPods(vmi *kvv1.VirtualMachineInstance) (mine, stale []*corev1.Pod) {
 	for _, p := range s.podsBy(byVMI, keyOf(vmi)) {
-		if p.Labels[kvv1.CreatedByLabel] == string(vmi.UID) {
+		switch {
+		case p.Labels[kvv1.CreatedByLabel] == string(vmi.UID):
 			mine = append(mine, p)
-		} else {
+		case p.CreationTimestamp.Before(&vmi.CreationTimestamp):
 			stale = append(stale, p)
 		}
 	}
@@ -433,7 +437,8 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 		switch pod.Status.Phase {
 		case corev1.PodSucceeded:
 			_, err := s.mutateVMI(ctx, ns, name, true, func(v *kvv1.VirtualMachineInstance) bool {
-				if vmiFinal(v) {
+				// decided on a cached VMI: a migration may have moved it since
+				if vmiFinal(v) || v.UID != vmi.UID || v.Status.NodeName != pod.Spec.NodeName {
 					return false
 				}
 				setVMIPhase(v, kvv1.Succeeded, now)
@@ -568,10 +573,35 @@ func (s *Simulator) labelVMINode(ctx context.Context, ns, name, node string) err
 	return nil
 }
 
+// vmiShutOff is virt-handler reporting that the guest in launcher pod p
+// shut down cleanly (its pod was deleted gracefully): the VMI it hosted
+// is Succeeded.
+func (s *Simulator) vmiShutOff(ctx context.Context, p *corev1.Pod) error {
+	name := p.Annotations[kvv1.DomainAnnotation]
+	vmi := s.getVMI(p.Namespace + "/" + name)
+	if vmi == nil || string(vmi.UID) != p.Labels[kvv1.CreatedByLabel] || vmiFinal(vmi) || vmi.Status.NodeName != p.Spec.NodeName {
+		return nil
+	}
+	now := s.now()
+	_, err := s.mutateVMI(ctx, p.Namespace, name, true, func(v *kvv1.VirtualMachineInstance) bool {
+		if v.UID != vmi.UID || vmiFinal(v) || v.Status.NodeName != p.Spec.NodeName {
+			return false
+		}
+		setVMIPhase(v, kvv1.Succeeded, now)
+		setVMICondition(v, kvv1.VirtualMachineInstanceCondition{Type: kvv1.VirtualMachineInstanceReady, Status: corev1.ConditionFalse, Reason: "PodTerminating"}, now)
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("vmi %s/%s: set Succeeded: %w", p.Namespace, name, err)
+	}
+	return nil
+}
+
 func (s *Simulator) failVMI(ctx context.Context, vmi *kvv1.VirtualMachineInstance, reason string, msg string) error {
 	now := s.now()
 	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
-		if vmiFinal(v) || v.UID != vmi.UID {
+		// decided on a cached VMI: a migration may have moved it since
+		if vmiFinal(v) || v.UID != vmi.UID || v.Status.NodeName != vmi.Status.NodeName || v.Status.Phase != vmi.Status.Phase {
 			return false
 		}
 		setVMIPhase(v, kvv1.Failed, now)
