@@ -165,6 +165,7 @@ func (s *Simulator) addHandlers() {
 		s.scheduler.nodesChanged(s)
 		s.volumeQueue.Add(volumeNodeKey(n.Name))
 		s.enqueueMigrationsAll()
+		s.controlPlaneQueue.Add(controlPlaneKey)
 	}))
 	_, _ = s.leaseInformer.AddEventHandler(handler(func(obj interface{}) {}))
 	_, _ = s.podInformer.AddEventHandler(handler(func(obj interface{}) {
@@ -181,6 +182,9 @@ func (s *Simulator) addHandlers() {
 		if p.DeletionTimestamp != nil || isTerminal(p) || !s.podExists(p) {
 			// freed capacity
 			s.scheduler.nodesChanged(s)
+		}
+		if p.Namespace == s.opts.KubeVirtNamespace && p.Labels[kvv1.AppLabel] != "" {
+			s.controlPlaneQueue.Add(controlPlaneKey)
 		}
 		if p.Labels[kvv1.AppLabel] == launcherLabelValue {
 			if vmi := p.Annotations[kvv1.DomainAnnotation]; vmi != "" {

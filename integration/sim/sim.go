@@ -80,8 +80,12 @@ type Options struct {
 	// VMIs keep failing before they ever run (300s, as KubeVirt).
 	StartBackoffMax time.Duration
 	// KubeVirtNamespace is where the default KubeVirt CR named "kubevirt" is
-	// created when none exists ("kubevirt").
+	// created when none exists ("kubevirt"), and where KubeVirt's own pods
+	// run.
 	KubeVirtNamespace string
+	// NoKubeVirtPods leaves out KubeVirt's own pods (virt-handler on every
+	// node, virt-api and virt-controller), which are created by default.
+	NoKubeVirtPods bool
 }
 
 func (o *Options) setDefaults() {
@@ -169,6 +173,8 @@ type Simulator struct {
 	migrationQueue workqueue.TypedRateLimitingInterface[string]
 	dvmQueue       workqueue.TypedRateLimitingInterface[string]
 
+	controlPlaneQueue workqueue.TypedRateLimitingInterface[string]
+
 	nodes     *nodeStates
 	kubelet   *kubeletState
 	scheduler *schedulerState
@@ -177,6 +183,8 @@ type Simulator struct {
 
 	saMu    sync.Mutex
 	saReady map[string]bool
+
+	cpExpect map[string]time.Time // control-plane pods created, not yet seen (one worker)
 
 	runMu   sync.Mutex
 	running bool
@@ -213,6 +221,7 @@ func New(cfg *rest.Config, opts Options) (*Simulator, error) {
 		KubeVirt: kv,
 		Dynamic:  dyn,
 		saReady:  map[string]bool{},
+		cpExpect: map[string]time.Time{},
 		ready:    make(chan struct{}),
 	}
 	s.nodes = newNodeStates()
@@ -258,6 +267,7 @@ func (s *Simulator) controllers() []namedController {
 		{"vmi", s.runVMIs},
 		{"migration", s.runMigrations},
 		{"deckhouse-vm", s.runDeckhouseVMs},
+		{"kubevirt-control-plane", s.runControlPlane},
 		{"eviction-webhook", s.runEvictionWebhook},
 		{"evacuation", s.runEvacuation},
 		{"vmop", s.runVMOperations},
@@ -350,7 +360,7 @@ func (s *Simulator) Ready() <-chan struct{} { return s.ready }
 func (s *Simulator) queues() []workqueue.TypedRateLimitingInterface[string] {
 	return []workqueue.TypedRateLimitingInterface[string]{
 		s.nodeQueue, s.kubeletQueue, s.schedulerQueue, s.volumeQueue,
-		s.vmQueue, s.vmiQueue, s.migrationQueue, s.dvmQueue,
+		s.vmQueue, s.vmiQueue, s.migrationQueue, s.dvmQueue, s.controlPlaneQueue,
 	}
 }
 
@@ -371,6 +381,7 @@ func (s *Simulator) setupQueues() {
 	s.vmiQueue = s.newQueue("sim-vmi")
 	s.migrationQueue = s.newQueue("sim-migration")
 	s.dvmQueue = s.newQueue("sim-deckhouse-vm")
+	s.controlPlaneQueue = s.newQueue("sim-kubevirt-control-plane")
 }
 
 // runWorkers processes queue with sync until ctx ends. A sync error requeues

@@ -1,10 +1,12 @@
 package sim
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 	kvv1 "kubevirt.io/api/core/v1"
@@ -33,6 +35,23 @@ func TestSeedRunsVMs(t *testing.T) {
 	require.Empty(t, s.Violations())
 
 	ctx := ctxT(t)
+	t.Run("KubeVirt's own pods run", func(t *testing.T) {
+		eventually(t, 30*time.Second, "virt-handler on every node, two virt-api and two virt-controller", func() (bool, string) {
+			running := map[string]int{}
+			handlerNodes := map[string]bool{}
+			for _, comp := range []string{"virt-handler", "virt-api", "virt-controller"} {
+				for _, p := range s.podsOf(s.opts.KubeVirtNamespace, comp) {
+					if p.Status.Phase == corev1.PodRunning {
+						running[comp]++
+						if comp == "virt-handler" {
+							handlerNodes[p.Spec.NodeName] = true
+						}
+					}
+				}
+			}
+			return len(handlerNodes) == 3 && running["virt-handler"] == 3 && running["virt-api"] == 2 && running["virt-controller"] == 2, fmt.Sprint(running)
+		})
+	})
 	t.Run("a Manual VM stops on request and stays stopped", func(t *testing.T) {
 		name := res.VMs[3] // Manual, started by Seed's start request
 		vmiRunning(t, s, name, 10*time.Second)
