@@ -3,7 +3,6 @@ package sim
 import (
 	"context"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -282,5 +281,4 @@ func TestMigrations(t *testing.T) {
 			require.Len(t, s.Truth().GuestNodes(testNS+"/"+n), 1, n)
 		}
 	})
-	_ = strings.Contains
 }

@@ -11,7 +11,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 )
@@ -345,5 +344,3 @@ func requirementMatches(r corev1.NodeSelectorRequirement, v string, has bool) bo
 	}
 	return false
 }
-
-var _ = resource.MustParse

@@ -20,7 +20,6 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/clock"
-	kvv1 "kubevirt.io/api/core/v1"
 	kvclient "kubevirt.io/client-go/kubevirt/typed/core/v1"
 
 	"github.com/drover-io/drover/integration/crds"
@@ -457,5 +456,3 @@ const (
 	resVMIM = "virtualmachineinstancemigrations"
 	resKV   = "kubevirts"
 )
-
-var _ = kvv1.GroupVersion
