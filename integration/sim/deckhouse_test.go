@@ -104,3 +104,27 @@ func TestDeckhouseRunPolicy(t *testing.T) {
 	})
 	require.Empty(t, s.Violations())
 }
+
+// Seeding a Deckhouse cluster configures KubeVirt as Deckhouse does and
+// creates VMs the Deckhouse CRD accepts, which then run per run policy.
+func TestSeedDeckhouse(t *testing.T) {
+	s := startSim(t, Options{TimeScale: 10})
+	ctx := ctxT(t)
+	res, err := s.Seed(ctx, SeedOptions{Nodes: 3, VMs: 6, Platform: PlatformDeckhouse, Namespace: testNS})
+	require.NoError(t, err)
+	require.Len(t, res.VMs, 6)
+	eventually(t, 30*time.Second, "migration limits of Deckhouse", func() (bool, string) {
+		c := s.MigrationConfig()
+		return c.ParallelOutboundMigrationsPerNode == 1 && c.ParallelMigrationsPerCluster == 3, fmt.Sprintf("%+v", c)
+	})
+	kvs, err := s.KubeVirt.KubeVirts(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	require.Len(t, kvs.Items, 1)
+	require.NotNil(t, kvs.Items[0].Spec.Configuration.EvictionStrategy)
+	require.Equal(t, "LiveMigrate", string(*kvs.Items[0].Spec.Configuration.EvictionStrategy))
+	// seedMix: vm-1..vm-5 start (AlwaysOnUnlessStoppedManually, AlwaysOn, Manual), vm-6 is AlwaysOff.
+	for _, vm := range res.VMs[:5] {
+		waitDVM(t, s, vm, "Running", "*", 60*time.Second)
+	}
+	waitDVM(t, s, res.VMs[5], "Stopped", "", 30*time.Second)
+}

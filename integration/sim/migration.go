@@ -57,28 +57,28 @@ func (s *Simulator) MigrationConfig() MigrationConfig {
 	}
 	objs := s.kvInformer.GetStore().List()
 	sort.Slice(objs, func(i, j int) bool { return keyOf(objs[i].(*kvv1.KubeVirt)) < keyOf(objs[j].(*kvv1.KubeVirt)) })
-	for _, o := range objs {
-		kv := o.(*kvv1.KubeVirt)
-		m := kv.Spec.Configuration.MigrationConfiguration
-		if m == nil {
-			break
-		}
-		if m.ParallelMigrationsPerCluster != nil {
-			c.ParallelMigrationsPerCluster = int(*m.ParallelMigrationsPerCluster)
-		}
-		if m.ParallelOutboundMigrationsPerNode != nil {
-			c.ParallelOutboundMigrationsPerNode = int(*m.ParallelOutboundMigrationsPerNode)
-		}
-		if m.BandwidthPerMigration != nil && !m.BandwidthPerMigration.IsZero() {
-			c.BandwidthPerMigration = m.BandwidthPerMigration.Value()
-		}
-		if m.ProgressTimeout != nil {
-			c.ProgressTimeout = time.Duration(*m.ProgressTimeout) * time.Second
-		}
-		if m.CompletionTimeoutPerGiB != nil {
-			c.CompletionTimeoutPerGiB = time.Duration(*m.CompletionTimeoutPerGiB) * time.Second
-		}
-		break
+	// Like KubeVirt, one CR configures the cluster: the first by name wins.
+	if len(objs) == 0 {
+		return c
+	}
+	m := objs[0].(*kvv1.KubeVirt).Spec.Configuration.MigrationConfiguration
+	if m == nil {
+		return c
+	}
+	if m.ParallelMigrationsPerCluster != nil {
+		c.ParallelMigrationsPerCluster = int(*m.ParallelMigrationsPerCluster)
+	}
+	if m.ParallelOutboundMigrationsPerNode != nil {
+		c.ParallelOutboundMigrationsPerNode = int(*m.ParallelOutboundMigrationsPerNode)
+	}
+	if m.BandwidthPerMigration != nil && !m.BandwidthPerMigration.IsZero() {
+		c.BandwidthPerMigration = m.BandwidthPerMigration.Value()
+	}
+	if m.ProgressTimeout != nil {
+		c.ProgressTimeout = time.Duration(*m.ProgressTimeout) * time.Second
+	}
+	if m.CompletionTimeoutPerGiB != nil {
+		c.CompletionTimeoutPerGiB = time.Duration(*m.CompletionTimeoutPerGiB) * time.Second
 	}
 	return c
 }

@@ -322,6 +322,11 @@ func (s *Simulator) Seed(ctx context.Context, opts SeedOptions) (SeedResult, err
 		}
 		res.Nodes = append(res.Nodes, name)
 	}
+	if opts.Platform == PlatformDeckhouse {
+		if err := s.configureDeckhouse(ctx, opts.Nodes); err != nil {
+			return res, fmt.Errorf("seed: %w", err)
+		}
+	}
 	for i := 0; i < opts.VMs; i++ {
 		name := fmt.Sprintf("vm-%d", i+1)
 		mix := seedMix(i)
@@ -361,6 +366,26 @@ func (s *Simulator) Seed(ctx context.Context, opts SeedOptions) (SeedResult, err
 		res.VMs = append(res.VMs, name)
 	}
 	return res, nil
+}
+
+// configureDeckhouse sets the KubeVirt configuration Deckhouse
+// virtualization applies cluster-wide: evictionStrategy LiveMigrate, one
+// outbound migration per node, max(2, nodes) migrations in the cluster.
+func (s *Simulator) configureDeckhouse(ctx context.Context, nodes int) error {
+	if err := s.ensureKubeVirtCR(ctx); err != nil {
+		return err
+	}
+	patch := fmt.Sprintf(`{"spec":{"configuration":{"evictionStrategy":"LiveMigrate","migrations":{"parallelOutboundMigrationsPerNode":1,"parallelMigrationsPerCluster":%d}}}}`, max(2, nodes))
+	list, err := s.KubeVirt.KubeVirts(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("list KubeVirt CRs: %w", err)
+	}
+	for _, kv := range list.Items {
+		if _, err := s.KubeVirt.KubeVirts(kv.Namespace).Patch(ctx, kv.Name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+			return fmt.Errorf("configure KubeVirt CR %s/%s as Deckhouse does: %w", kv.Namespace, kv.Name, err)
+		}
+	}
+	return nil
 }
 
 // SetFault sets (or, with fault "", removes) the AnnotationFault of node.

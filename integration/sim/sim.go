@@ -85,6 +85,11 @@ type Options struct {
 	// NoKubeVirtPods leaves out KubeVirt's own pods (virt-handler on every
 	// node, virt-api and virt-controller), which are created by default.
 	NoKubeVirtPods bool
+	// WebhookListenAddr is where the eviction webhook listens (host:port;
+	// port 0 picks one). The API server must reach it at that host, which
+	// the serving certificate covers. Default: $DROVER_SIM_WEBHOOK_ADDR,
+	// else 127.0.0.1 on a random port.
+	WebhookListenAddr string
 }
 
 func (o *Options) setDefaults() {

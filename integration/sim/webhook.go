@@ -56,8 +56,8 @@ const (
 	defaultWebhookListenAddr = "127.0.0.1:0"
 )
 
-// EnvWebhookListenAddr names the environment variable that sets where the simulator's eviction
-// webhook listens (host:port; port 0 picks one). Default 127.0.0.1 on a random port. The API
+// EnvWebhookListenAddr names the environment variable that sets, when Options.WebhookListenAddr
+// is empty, where the simulator's eviction webhook listens (host:port; port 0 picks one). Default 127.0.0.1 on a random port. The API
 // server must be able to reach it at that host, which the serving certificate covers; an
 // unspecified host (0.0.0.0) is advertised as 127.0.0.1.
 const EnvWebhookListenAddr = "DROVER_SIM_WEBHOOK_ADDR"
@@ -69,7 +69,11 @@ func (s *Simulator) runEvictionWebhook(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return newEvictionWebhook(kv, os.Getenv(EnvWebhookListenAddr), s.log).run(ctx)
+	addr := s.opts.WebhookListenAddr
+	if addr == "" {
+		addr = os.Getenv(EnvWebhookListenAddr)
+	}
+	return newEvictionWebhook(kv, addr, s.log).run(ctx)
 }
 
 // evictionWebhook serves the pod eviction admitter. Start with run; it blocks until ctx ends.

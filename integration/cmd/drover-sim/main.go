@@ -42,6 +42,7 @@ func run(ctx context.Context, args []string, stderr *os.File) error {
 		platform   = flag.String("platform", sim.PlatformKubeVirt, "kubevirt or deckhouse")
 		namespace  = flag.String("namespace", "default", "namespace of the VMs")
 		timeScale  = flag.Float64("time-scale", 1, "how much faster than real time the simulated world runs")
+		webhook    = flag.String("webhook-addr", "", "host:port the eviction webhook listens on; the API server must reach it there (default 127.0.0.1, random port)")
 		watchdog   = flag.Duration("watchdog-timeout", 0, "arm a watchdog of this timeout on every node (0: none)")
 		level      = flag.String("log-level", "info", "zerolog level")
 		logJSON    = flag.Bool("log-json", false, "log JSON even on a terminal")
@@ -71,7 +72,7 @@ func run(ctx context.Context, args []string, stderr *os.File) error {
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 
-	s, err := sim.New(cfg, sim.Options{TimeScale: *timeScale, Logger: &log})
+	s, err := sim.New(cfg, sim.Options{TimeScale: *timeScale, Logger: &log, WebhookListenAddr: *webhook})
 	if err != nil {
 		return err
 	}
