@@ -103,8 +103,9 @@ func newKVPlane(cfg *rest.Config, log zerolog.Logger, simToWall func(time.Durati
 	return &kvPlane{kube: kube, c: c, dyn: dyn, log: log, simToWall: simToWall, now: now}, nil
 }
 
-// kubeVirtConfiguration returns spec.configuration of the cluster's KubeVirt CR (the oldest one
-// if there are several), or an empty configuration when there is none.
+// kubeVirtConfiguration returns spec.configuration of the cluster's KubeVirt CR, or an empty
+// configuration when there is none. With several CRs it picks the one MigrationConfig reads
+// (the first by namespace/name), so evacuation and the migration engine agree on the limits.
 func (kv *kvPlane) kubeVirtConfiguration(ctx context.Context) (virtv1.KubeVirtConfiguration, error) {
 	var list virtv1.KubeVirtList
 	if err := kv.c.List(ctx, &list); err != nil {
@@ -116,9 +117,7 @@ func (kv *kvPlane) kubeVirtConfiguration(ctx context.Context) (virtv1.KubeVirtCo
 	if len(list.Items) == 0 {
 		return virtv1.KubeVirtConfiguration{}, nil
 	}
-	sort.Slice(list.Items, func(i, j int) bool {
-		return list.Items[i].CreationTimestamp.Before(&list.Items[j].CreationTimestamp)
-	})
+	sort.Slice(list.Items, func(i, j int) bool { return keyOf(&list.Items[i]) < keyOf(&list.Items[j]) })
 	return list.Items[0].Spec.Configuration, nil
 }
 
@@ -155,8 +154,8 @@ func (kv *kvPlane) patchVMIStatus(ctx context.Context, vmi *virtv1.VirtualMachin
 // wakeups returns a channel that receives (coalesced) whenever an object watched by one of the
 // given informers, or of one of the given resources, is added, changed or deleted. Informers
 // passed in are the simulator's own (already running or started by Run); resources get a
-// watch of their own that stops with ctx.
-func (kv *kvPlane) wakeups(ctx context.Context, informers []cache.SharedIndexInformer, gvrs ...schema.GroupVersionResource) <-chan struct{} {
+// watch of their own, which the returned stop function ends (waiting for its goroutines).
+func (kv *kvPlane) wakeups(ctx context.Context, informers []cache.SharedIndexInformer, gvrs ...schema.GroupVersionResource) (<-chan struct{}, func()) {
 	ch := make(chan struct{}, 1)
 	poke := func() {
 		select {
@@ -178,7 +177,7 @@ func (kv *kvPlane) wakeups(ctx context.Context, informers []cache.SharedIndexInf
 		}
 	}
 	if len(gvrs) == 0 {
-		return ch
+		return ch, func() {}
 	}
 	factory := dynamicinformer.NewDynamicSharedInformerFactory(kv.dyn, 10*time.Minute)
 	for _, gvr := range gvrs {
@@ -186,12 +185,12 @@ func (kv *kvPlane) wakeups(ctx context.Context, informers []cache.SharedIndexInf
 			kv.log.Warn().Err(err).Str("resource", gvr.String()).Msg("watch for wake-ups")
 		}
 	}
-	factory.Start(ctx.Done())
-	go func() {
-		<-ctx.Done()
+	stopCh := make(chan struct{})
+	factory.Start(stopCh)
+	return ch, func() {
+		close(stopCh)
 		factory.Shutdown()
-	}()
-	return ch
+	}
 }
 
 // loop runs sync once, then again on every wake-up or resync tick, until ctx ends. Errors are
@@ -266,12 +265,12 @@ func newEvacuationController(kv *kvPlane) *evacuationController {
 
 // run blocks until ctx ends; informers (VMIs, migrations, nodes) wake it up early.
 func (e *evacuationController) run(ctx context.Context, informers ...cache.SharedIndexInformer) error {
-	var wake <-chan struct{}
-	if len(informers) > 0 {
-		wake = e.kv.wakeups(ctx, informers)
-	} else {
-		wake = e.kv.wakeups(ctx, nil, kvpGVRVMI, kvpGVRVMIM, kvpGVRNodes)
+	var gvrs []schema.GroupVersionResource
+	if len(informers) == 0 {
+		gvrs = []schema.GroupVersionResource{kvpGVRVMI, kvpGVRVMIM, kvpGVRNodes}
 	}
+	wake, stop := e.kv.wakeups(ctx, informers, gvrs...)
+	defer stop()
 	return e.kv.loop(ctx, "evacuation", evacuationResync, wake, e.sync)
 }
 

@@ -191,7 +191,8 @@ func (c *vmopController) run(ctx context.Context, informers ...cache.SharedIndex
 		case <-time.After(5 * time.Second):
 		}
 	}
-	wake := c.kv.wakeups(ctx, informers, gvrsOrAll(informers, vmopGVR, kvpGVRVMIM, deckhouseVMGVR)...)
+	wake, stop := c.kv.wakeups(ctx, informers, gvrsOrAll(informers, vmopGVR, kvpGVRVMIM, deckhouseVMGVR)...)
+	defer stop()
 	return c.kv.loop(ctx, "vmop", vmopResync, wake, c.sync)
 }
 
