@@ -25,6 +25,10 @@ type migrationState struct {
 	inflight map[types.UID]inflightMigration
 	since    map[types.UID]time.Time
 	loaded   bool
+	// beforeHandover, when set (by tests, under mu), runs after the checks
+	// of a handover and before it takes the nodes' locks: the window in
+	// which a node can go down.
+	beforeHandover func(m *kvv1.VirtualMachineInstanceMigration, source, target string)
 }
 
 type inflightMigration struct {
@@ -435,6 +439,9 @@ func (s *Simulator) migrationBroken(m *kvv1.VirtualMachineInstanceMigration, vmi
 	if target == nil || isTerminal(target) || target.DeletionTimestamp != nil {
 		return "Migration failed: target pod is gone"
 	}
+	if s.truth.running(target.UID) {
+		return "" // the guest moved; completeMigration finishes the handover
+	}
 	if !s.nodes.kubeletAlive(st.SourceNode) {
 		return fmt.Sprintf("Migration failed: source node %s is not responding", st.SourceNode)
 	}
@@ -529,12 +536,49 @@ func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachin
 	if source == nil {
 		source = activePod(vmi, s.mustLaunchers(vmi))
 	}
-	if target == nil || source == nil || source.UID == target.UID || !s.truth.running(source.UID) {
+	if target == nil {
 		return s.failMigration(ctx, m, vmi, "Migration failed: lost a pod at handoff")
+	}
+	// Migration target pods never start a guest of their own: a guest in
+	// the target pod means an earlier attempt moved it and then failed to
+	// update the VMI; finish that handover rather than fail it.
+	resumed := s.truth.running(target.UID)
+	if !resumed && (source == nil || source.UID == target.UID || !s.truth.running(source.UID)) {
+		return s.failMigration(ctx, m, vmi, "Migration failed: lost a pod at handoff")
+	}
+	srcNode, dstNode := st.SourceNode, target.Spec.NodeName
+	if !resumed {
+		srcNode = source.Spec.NodeName
+	}
+	s.migration.mu.Lock()
+	hook := s.migration.beforeHandover
+	s.migration.mu.Unlock()
+	if hook != nil && !resumed {
+		hook(m, srcNode, dstNode)
+	}
+	// The guest moves and the VMI follows under both nodes' locks: neither
+	// node's hardware can change state nor its kubelet act in between (a
+	// source kubelet seeing its guest gone would complete the source pod
+	// while the VMI still points at it).
+	unlock := s.lockNodes(srcNode, dstNode)
+	if !resumed {
+		why := ""
+		switch {
+		case !s.nodes.kubeletAlive(srcNode):
+			why = fmt.Sprintf("Migration failed: source node %s lost during handover", srcNode)
+		case !s.nodes.kubeletAlive(dstNode):
+			why = fmt.Sprintf("Migration failed: target node %s lost during handover", dstNode)
+		case !s.truth.move(source.UID, s.guestFor(target)):
+			why = "Migration failed: source guest lost during handover"
+		}
+		if why != "" {
+			unlock()
+			return s.failMigration(ctx, m, vmi, why)
+		}
 	}
 	now := s.now()
 	var final kvv1.VirtualMachineInstanceMigrationState
-	// 1. the VMI points at the target first...
+	// 1. the guest has moved, in one step; 2. the VMI points at the target...
 	_, err = s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.UID != vmi.UID {
 			return false
@@ -545,32 +589,47 @@ func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachin
 		ms := v.Status.MigrationState
 		ms.Completed = true
 		ms.EndTimestamp = &now
-		v.Status.NodeName = target.Spec.NodeName
+		v.Status.NodeName = dstNode
 		final = *ms
 		return true
 	})
+	unlock()
+	s.kubeletQueue.Add(srcNode)
+	s.kubeletQueue.Add(dstNode)
 	if err != nil {
+		// the guest runs in the target pod: the retry resumes the handover
 		return fmt.Errorf("migration %s: hand over vmi: %w", keyOf(m), err)
 	}
-	// 2. ...then the guest moves, in one step...
-	s.truth.move(source.UID, s.guestFor(target))
-	s.kubeletQueue.Add(source.Spec.NodeName)
-	s.kubeletQueue.Add(target.Spec.NodeName)
 	// 3. ...and the VMI's labels and the migration follow.
 	if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, false, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.Labels == nil {
 			v.Labels = map[string]string{}
 		}
-		v.Labels[kvv1.NodeNameLabel] = target.Spec.NodeName
+		v.Labels[kvv1.NodeNameLabel] = dstNode
 		delete(v.Labels, kvv1.MigrationTargetNodeNameLabel)
 		return true
 	}); err != nil {
 		return fmt.Errorf("migration %s: relabel vmi: %w", keyOf(m), err)
 	}
-	s.log.Info().Str("vmi", keyOf(vmi)).Str("from", source.Spec.NodeName).Str("to", target.Spec.NodeName).Msg("migration succeeded")
+	s.log.Info().Str("vmi", keyOf(vmi)).Str("from", srcNode).Str("to", dstNode).Msg("migration succeeded")
 	err = s.setPhase(ctx, m, kvv1.MigrationRunning, kvv1.MigrationSucceeded, &final)
 	s.release(m)
 	return err
+}
+
+// lockNodes takes the locks of nodes a and b (see nodeStates.lock) in
+// name order, so two handovers between the same nodes cannot deadlock,
+// and returns the func that releases them.
+func (s *Simulator) lockNodes(a, b string) func() {
+	if a == b {
+		return s.nodes.lock(a)
+	}
+	if b < a {
+		a, b = b, a
+	}
+	ua := s.nodes.lock(a)
+	ub := s.nodes.lock(b)
+	return func() { ub(); ua() }
 }
 
 // setVMIMigrationState edits the VMI's migrationState for migration m.

@@ -3,6 +3,7 @@ package sim
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -206,7 +207,10 @@ func TestMigrations(t *testing.T) {
 
 	t.Run("limits are never exceeded with 20 queued", func(t *testing.T) {
 		const perCluster, perNode = 5, 2 // KubeVirt's defaults
-		setMigrations(t, s, kvv1.MigrationConfiguration{BandwidthPerMigration: ptr.To(resource.MustParse("128Mi"))})
+		// 1Gi at 16Mi/s is 64 s simulated, over 3 s real at TimeScale 20:
+		// the first five are admitted long before any of them ends, even on
+		// a loaded machine, so both limits are reached.
+		setMigrations(t, s, kvv1.MigrationConfiguration{BandwidthPerMigration: ptr.To(resource.MustParse("16Mi"))})
 		cfg := s.MigrationConfig()
 		require.Equal(t, perCluster, cfg.ParallelMigrationsPerCluster)
 		require.Equal(t, perNode, cfg.ParallelOutboundMigrationsPerNode)
@@ -281,4 +285,80 @@ func TestMigrations(t *testing.T) {
 			require.Len(t, s.Truth().GuestNodes(testNS+"/"+n), 1, n)
 		}
 	})
+}
+
+// TestMigrationHandoverSourceLost: a source node that goes down between the
+// last checks of a migration and the handover fails the migration; the VMI
+// is not moved to the target, and no guest appears there.
+func TestMigrationHandoverSourceLost(t *testing.T) {
+	s := startSim(t, Options{})
+	ctx := ctxT(t)
+	for _, n := range []string{"h1", "h2"} {
+		mustNode(t, s, n, NodeOptions{})
+	}
+	mustVM(t, s, "ho", VMOptions{Memory: "1Gi"})
+	before := vmiRunning(t, s, "ho", 30*time.Second)
+	src := before.Status.NodeName
+
+	// The fault is injected at the handover: the hook takes the source node
+	// down and returns once the simulator's node state machine has carried
+	// it out (its guests are dead), then the handover goes on.
+	var calls atomic.Int32
+	hookErr := make(chan error, 1)
+	s.migration.mu.Lock()
+	s.migration.beforeHandover = func(m *kvv1.VirtualMachineInstanceMigration, source, target string) {
+		if calls.Add(1) != 1 {
+			return
+		}
+		hookErr <- func() error {
+			if source != src {
+				return fmt.Errorf("handover from %s, want %s", source, src)
+			}
+			if err := s.SetFault(ctx, source, FaultDown); err != nil {
+				return err
+			}
+			for s.NodeState(source) != NodeDown {
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("node %s not down: %w", source, ctx.Err())
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+			return nil
+		}()
+	}
+	s.migration.mu.Unlock()
+
+	createMigration(t, s, newMigration("ho-1", "ho"))
+	m := waitMigrationPhase(t, s, "ho-1", kvv1.MigrationFailed, 30*time.Second)
+	select {
+	case err := <-hookErr:
+		require.NoError(t, err)
+	default:
+		t.Fatal("the handover hook did not run")
+	}
+	require.EqualValues(t, 1, calls.Load(), "one handover attempt")
+	phases := phasesOf(m)
+	require.Equal(t, kvv1.MigrationRunning, phases[len(phases)-2], "%v", phases)
+	require.NotNil(t, m.Status.MigrationState)
+	require.True(t, m.Status.MigrationState.Failed)
+	require.Contains(t, m.Status.MigrationState.FailureReason, "source node "+src+" lost during handover")
+
+	vmi := s.getVMI(testNS + "/ho")
+	require.Equal(t, before.UID, vmi.UID)
+	require.Equal(t, src, vmi.Status.NodeName, "the VMI was not handed over")
+	require.Equal(t, src, vmi.Labels[kvv1.NodeNameLabel])
+	require.NotNil(t, vmi.Status.MigrationState)
+	require.Equal(t, m.UID, vmi.Status.MigrationState.MigrationUID)
+	require.True(t, vmi.Status.MigrationState.Failed)
+	require.Empty(t, s.Truth().GuestNodes(testNS+"/ho"), "the guest died with its node and did not reach the target")
+	eventually(t, 10*time.Second, "no target pod left", func() (bool, string) {
+		for _, p := range vmiPods(s, "ho") {
+			if p.Labels[kvv1.MigrationJobLabel] == string(m.UID) {
+				return false, p.Name
+			}
+		}
+		return true, ""
+	})
+	require.Empty(t, s.Violations())
 }

@@ -10,6 +10,7 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	kvv1 "kubevirt.io/api/core/v1"
 )
@@ -144,7 +145,7 @@ func TestNodeLifecycle(t *testing.T) {
 // TestRunStrategiesAfterNodeFailure: when a dead node's launcher pods are
 // force-deleted, the VMIs fail (NodeUnresponsive) and only Always and
 // RerunOnFailure VMs start again elsewhere; until then they stay as they
-// were; Halted never runs.
+// were; a VM switched to Halted while its node is dead does not come back.
 func TestRunStrategiesAfterNodeFailure(t *testing.T) {
 	s := startSim(t, Options{})
 	ctx := ctxT(t)
@@ -165,10 +166,14 @@ func TestRunStrategiesAfterNodeFailure(t *testing.T) {
 			require.NoError(t, s.StartKubeVirtVM(ctx, testNS, name(tc.strategy)))
 		}
 	}
-	mustVM(t, s, "vm-halted", VMOptions{RunStrategy: kvv1.RunStrategyHalted})
+	// vm-halted runs (as Always) on the node that dies and is switched to
+	// Halted just before its pod is force-deleted: its VMI must not come back.
+	mustVM(t, s, "vm-halted", VMOptions{RunStrategy: kvv1.RunStrategyAlways})
 	for _, tc := range tests {
 		require.Equal(t, "a", vmiRunning(t, s, name(tc.strategy), 30*time.Second).Status.NodeName)
 	}
+	halted := vmiRunning(t, s, "vm-halted", 30*time.Second)
+	require.Equal(t, "a", halted.Status.NodeName)
 	mustNode(t, s, "b", NodeOptions{})
 	require.NoError(t, s.SetFault(ctx, "a", FaultDown))
 	waitNodeReady(t, s, "a", corev1.ConditionUnknown, 30*time.Second)
@@ -176,7 +181,16 @@ func TestRunStrategiesAfterNodeFailure(t *testing.T) {
 		vmi := s.getVMI(testNS + "/" + name(tc.strategy))
 		require.Equal(t, kvv1.Running, vmi.Status.Phase, "%s: unchanged while its pod exists", tc.strategy)
 	}
-	require.Equal(t, 4, forceDeletePods(t, s, "a"))
+	_, err := s.KubeVirt.VirtualMachines(testNS).Patch(ctx, "vm-halted", types.MergePatchType,
+		[]byte(`{"spec":{"runStrategy":"Halted"}}`), metav1.PatchOptions{})
+	require.NoError(t, err)
+	// the VM controller has acted on Halted (it reports the strategy it ran
+	// with), so the VMI's failure below cannot be handled as Always
+	eventually(t, 10*time.Second, "vm-halted synced as Halted", func() (bool, string) {
+		vm := s.getVM(testNS + "/vm-halted")
+		return vm.Status.RunStrategy == kvv1.RunStrategyHalted, string(vm.Status.RunStrategy)
+	})
+	require.Equal(t, 5, forceDeletePods(t, s, "a"))
 	for _, tc := range tests {
 		t.Run(string(tc.strategy), func(t *testing.T) {
 			vmName := name(tc.strategy)
@@ -205,7 +219,24 @@ func TestRunStrategiesAfterNodeFailure(t *testing.T) {
 			require.Empty(t, s.Truth().GuestNodes(testNS+"/"+name(tc.strategy)))
 		}
 	}
-	require.Nil(t, s.getVMI(testNS+"/vm-halted"))
-	require.Equal(t, kvv1.VirtualMachineStatusStopped, s.getVM(testNS+"/vm-halted").Status.PrintableStatus)
+	// The Always VM has restarted (above), so a VM controller treating the
+	// Halted VM as Always would have recreated its VMI by now: only the old
+	// one may be seen, on its way out.
+	eventually(t, 20*time.Second, "vm-halted's VMI gone, not replaced", func() (bool, string) {
+		vmi := s.getVMI(testNS + "/vm-halted")
+		if vmi == nil {
+			return true, ""
+		}
+		if vmi.UID != halted.UID {
+			t.Fatalf("vm-halted got a new VMI %s (phase %s) after its node died", vmi.UID, vmi.Status.Phase)
+		}
+		return false, fmt.Sprintf("old vmi phase %s deleting %v", vmi.Status.Phase, vmi.DeletionTimestamp != nil)
+	})
+	require.Empty(t, s.Truth().GuestNodes(testNS+"/vm-halted"))
+	eventually(t, 10*time.Second, "vm-halted Stopped", func() (bool, string) {
+		vm := s.getVM(testNS + "/vm-halted")
+		return vm.Status.PrintableStatus == kvv1.VirtualMachineStatusStopped, string(vm.Status.PrintableStatus)
+	})
+	require.Nil(t, s.getVMI(testNS+"/vm-halted"), "no new VMI for the Halted VM")
 	require.Empty(t, s.Violations())
 }
