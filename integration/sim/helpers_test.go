@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -37,6 +38,10 @@ func updateNode(t *testing.T, s *Simulator, name string, f func(*corev1.Node)) {
 
 // startSim starts a cluster and a simulator on it; both stop when the test
 // ends, and the test fails if Run does not return in time or with an error.
+// setTimeFormat sets zerolog's global time format once: parallel tests log
+// while later ones start, and the global is not safe to write meanwhile.
+var setTimeFormat sync.Once
+
 func startSim(t *testing.T, opts Options) *Simulator {
 	t.Helper()
 	// Each test has its own control plane and simulator, so they can run
@@ -47,7 +52,7 @@ func startSim(t *testing.T, opts Options) *Simulator {
 		opts.TimeScale = 20
 	}
 	if opts.Logger == nil {
-		zerolog.TimeFieldFormat = "15:04:05.000"
+		setTimeFormat.Do(func() { zerolog.TimeFieldFormat = "15:04:05.000" })
 		lvl := zerolog.InfoLevel
 		if os.Getenv("SIM_DEBUG") != "" {
 			lvl = zerolog.DebugLevel

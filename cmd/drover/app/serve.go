@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -39,13 +40,17 @@ type Info struct {
 // wrong kubeconfig fails fast (well inside 15 s) instead of hanging.
 const kubeCheckTimeout = 10 * time.Second
 
+// setTimeFormat sets zerolog's global time format once; the global must not
+// change while anything logs.
+var setTimeFormat sync.Once
+
 // NewLogger builds the process logger: JSON, or a console writer.
 func NewLogger(w io.Writer, level, format string) (zerolog.Logger, error) {
 	lvl, err := zerolog.ParseLevel(level)
 	if err != nil || level == "" {
 		return zerolog.Nop(), usageError{fmt.Errorf("log-level must be debug, info, warn or error, got %q", level)}
 	}
-	zerolog.TimeFieldFormat = time.RFC3339Nano
+	setTimeFormat.Do(func() { zerolog.TimeFieldFormat = time.RFC3339Nano })
 	if format == "console" {
 		w = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05.000"}
 	}
