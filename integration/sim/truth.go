@@ -74,7 +74,8 @@ type ViolationKind string
 const (
 	// DoubleRun: one VM's guest runs in two places at once.
 	DoubleRun ViolationKind = "DoubleRun"
-	// RWOMultiAttach: a ReadWriteOnce volume is attached to (written from) two nodes.
+	// RWOMultiAttach: a ReadWriteOnce volume is written from two nodes (two
+	// running guests), or has VolumeAttachments for two nodes.
 	RWOMultiAttach ViolationKind = "RWOMultiAttach"
 )
 
@@ -82,9 +83,9 @@ const (
 type Violation struct {
 	At      time.Time
 	Kind    ViolationKind
-	Subject string   // the VMI or the claim, namespace/name
+	Subject string   // the VMI or the claim, namespace/name (the PV's name for a volume without a claim)
 	Nodes   []string // where it runs / is attached
-	Pods    []string
+	Pods    []string // the guests' pods (none when only VolumeAttachments show it)
 }
 
 func (v Violation) String() string {
@@ -105,10 +106,24 @@ type truth struct {
 	open       map[string]bool // violations currently ongoing, recorded once per episode
 	planted    int
 	listeners  []func(Violation)
+	// attached maps each RWO volume with VolumeAttachments (claim
+	// namespace/name) to their nodes, as last observed in the API.
+	attached map[string][]string
 }
 
 func newTruth(c clock.Clock) *truth {
-	return &truth{clock: c, guests: map[types.UID]*Guest{}, ranIn: map[types.UID]bool{}, open: map[string]bool{}}
+	return &truth{clock: c, guests: map[types.UID]*Guest{}, ranIn: map[types.UID]bool{}, open: map[string]bool{}, attached: map[string][]string{}}
+}
+
+// observeAttachments replaces what the checker knows of the RWO volumes'
+// VolumeAttachments with what list returns (volume -> nodes) and records
+// any violation that begins. list runs under the lock, so observations
+// apply in the order they were made.
+func (t *truth) observeAttachments(list func() map[string][]string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.attached = list()
+	t.checkLocked()
 }
 
 // start records a guest starting in pod; it is a no-op if that pod already
@@ -247,14 +262,33 @@ func (t *truth) currentLocked(now time.Time) []Violation {
 		sort.Strings(v.Pods)
 		out = append(out, v)
 	}
-	for claim, nodes := range byVol {
-		if len(nodes) < 2 {
+	vols := map[string]bool{}
+	for claim := range byVol {
+		vols[claim] = true
+	}
+	for claim := range t.attached {
+		vols[claim] = true
+	}
+	for claim := range vols {
+		written, attached := byVol[claim], t.attached[claim]
+		if len(written) < 2 && len(attached) < 2 {
 			continue
 		}
 		v := Violation{At: now, Kind: RWOMultiAttach, Subject: claim}
-		for n, pods := range nodes {
+		nodes := map[string]bool{}
+		if len(written) >= 2 {
+			for n, pods := range written {
+				nodes[n] = true
+				v.Pods = append(v.Pods, pods...)
+			}
+		}
+		if len(attached) >= 2 {
+			for _, n := range attached {
+				nodes[n] = true
+			}
+		}
+		for n := range nodes {
 			v.Nodes = append(v.Nodes, n)
-			v.Pods = append(v.Pods, pods...)
 		}
 		sort.Strings(v.Nodes)
 		sort.Strings(v.Pods)
@@ -295,10 +329,12 @@ func (s *Simulator) Truth() Snapshot {
 	return snap
 }
 
-// Check evaluates the invariants now. It returns an error wrapping
-// ErrInvariant that lists every current violation, or nil.
+// Check evaluates the invariants now: the running guests and the
+// VolumeAttachments the simulator's cache holds. It returns an error
+// wrapping ErrInvariant that lists every current violation, or nil.
 func (s *Simulator) Check() error {
 	t := s.truth
+	t.observeAttachments(s.rwoAttachments)
 	t.mu.Lock()
 	current := t.currentLocked(t.clock.Now())
 	t.mu.Unlock()

@@ -4,13 +4,17 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"slices"
+	"sort"
 	"strings"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/util/retry"
 )
 
@@ -38,21 +42,141 @@ func isRWOPV(pv *corev1.PersistentVolume) bool {
 	return true
 }
 
+// attachState remembers, per RWO PV, the attachment a worker has just made
+// or is making, until the VolumeAttachment cache shows it. The workers sync
+// different nodes at once and the cache lags the API, so the cache alone
+// would let two nodes attach the same RWO volume.
+type attachState struct {
+	mu      sync.Mutex
+	pending map[string]pendingAttach // PV name -> attachment made here
+}
+
+type pendingAttach struct {
+	node string
+	name string    // of the VolumeAttachment
+	uid  types.UID // empty while the Create is in flight
+}
+
+func newAttachState() *attachState { return &attachState{pending: map[string]pendingAttach{}} }
+
 // runVolumes plays a dynamic provisioner with its PV binder, and
 // kube-controller-manager's attach/detach controller with a CSI attacher.
 func (s *Simulator) runVolumes(ctx context.Context) error {
-	return s.runWorkers(ctx, "volumes", s.volumeQueue, 2, s.syncVolumes)
+	st := newAttachState()
+	return s.runWorkers(ctx, "volumes", s.volumeQueue, 2, func(ctx context.Context, key string) error {
+		return s.syncVolumes(ctx, st, key)
+	})
 }
 
-func (s *Simulator) syncVolumes(ctx context.Context, key string) error {
+func (s *Simulator) syncVolumes(ctx context.Context, st *attachState, key string) error {
 	switch {
 	case strings.HasPrefix(key, "claim/"):
 		parts := strings.SplitN(strings.TrimPrefix(key, "claim/"), "/", 2)
 		return s.provision(ctx, parts[0], parts[1])
 	case strings.HasPrefix(key, "node/"):
-		return s.attachDetach(ctx, strings.TrimPrefix(key, "node/"))
+		return s.attachDetach(ctx, st, strings.TrimPrefix(key, "node/"))
 	}
 	return nil
+}
+
+// reserveRWO claims RWO volume pvName for an attachment (VolumeAttachment
+// name) to node. It returns the nodes that hold the volume instead, if any:
+// those the cache shows and the one an attachment made here but not yet in
+// the cache is for. The check and the claim happen under st.mu, so two
+// workers cannot both find the volume free.
+func (s *Simulator) reserveRWO(ctx context.Context, st *attachState, pvName, node, name string) []string {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	var holders []string
+	// The pending attachment first, then the cache: the cache only moves
+	// forward, so an attachment cleared here because the cache shows it is
+	// seen in the cache below (unless it has really gone since).
+	if p, ok := st.pending[pvName]; ok {
+		if s.attachmentSettled(ctx, p) {
+			delete(st.pending, pvName)
+		} else if p.node != node {
+			holders = append(holders, p.node)
+		}
+	}
+	for _, va := range s.vasFor(byVAPV, pvName) {
+		if va.Spec.NodeName != node && !slices.Contains(holders, va.Spec.NodeName) {
+			holders = append(holders, va.Spec.NodeName)
+		}
+	}
+	if len(holders) > 0 {
+		sort.Strings(holders)
+		return holders
+	}
+	st.pending[pvName] = pendingAttach{node: node, name: name}
+	return nil
+}
+
+// attachmentSettled reports whether the cache can be trusted about p again:
+// it shows the VolumeAttachment p made, or the API no longer has it.
+func (s *Simulator) attachmentSettled(ctx context.Context, p pendingAttach) bool {
+	if p.uid == "" {
+		return false // being created
+	}
+	if obj, ok, _ := s.vaInformer.GetIndexer().GetByKey(p.name); ok && obj.(*storagev1.VolumeAttachment).UID == p.uid {
+		return true
+	}
+	cur, err := s.Kube.StorageV1().VolumeAttachments().Get(ctx, p.name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return true // deleted before the cache showed it
+	case err != nil:
+		return false
+	}
+	return cur.UID != p.uid
+}
+
+// attached records that the attachment reserved for pvName on node exists
+// in the API as uid; a zero uid drops the reservation (the Create failed).
+func (st *attachState) attached(pvName, node string, uid types.UID) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	p, ok := st.pending[pvName]
+	if !ok || p.node != node {
+		return
+	}
+	if uid == "" {
+		delete(st.pending, pvName)
+		return
+	}
+	p.uid = uid
+	st.pending[pvName] = p
+}
+
+// rwoAttachments maps every RWO volume that has VolumeAttachments in the
+// cache (named by its claim, namespace/name, else by the PV) to the nodes
+// they are for, sorted. A volume counts as RWO when its claim's access modes
+// (the PV's when the claim is unknown) allow no sharing.
+func (s *Simulator) rwoAttachments() map[string][]string {
+	out := map[string][]string{}
+	for _, obj := range s.vaInformer.GetStore().List() {
+		va := obj.(*storagev1.VolumeAttachment)
+		if va.Spec.Source.PersistentVolumeName == nil {
+			continue
+		}
+		pv := s.getPV(*va.Spec.Source.PersistentVolumeName)
+		if pv == nil {
+			continue
+		}
+		subject, rwo := pv.Name, isRWOPV(pv)
+		if ref := pv.Spec.ClaimRef; ref != nil {
+			subject = ref.Namespace + "/" + ref.Name
+			if pvc := s.getPVC(ref.Namespace, ref.Name); pvc != nil && (ref.UID == "" || pvc.UID == ref.UID) {
+				rwo = isRWO(pvc)
+			}
+		}
+		if rwo && !slices.Contains(out[subject], va.Spec.NodeName) {
+			out[subject] = append(out[subject], va.Spec.NodeName)
+		}
+	}
+	for _, nodes := range out {
+		sort.Strings(nodes)
+	}
+	return out
 }
 
 // provision binds a pending claim to a new PersistentVolume of the same size
@@ -178,7 +302,10 @@ func (s *Simulator) volumesReady(p *corev1.Pod, node string) (bool, string) {
 // more is detached only when the node's kubelet confirms the unmount (it is
 // alive) or the node is tainted out-of-service; a dead node keeps its
 // attachments.
-func (s *Simulator) attachDetach(ctx context.Context, node string) error {
+func (s *Simulator) attachDetach(ctx context.Context, st *attachState, node string) error {
+	// The checker learns of every RWO volume attached to two nodes, however
+	// briefly the cache shows it.
+	defer s.truth.observeAttachments(s.rwoAttachments)
 	nodeObj := s.getNode(node)
 	needed := map[string][]*corev1.Pod{}
 	for _, p := range s.podsBy(byNode, node) {
@@ -201,12 +328,9 @@ func (s *Simulator) attachDetach(ctx context.Context, node string) error {
 			continue
 		}
 		var mine *storagev1.VolumeAttachment
-		var elsewhere []string
 		for _, va := range s.vasFor(byVAPV, pvName) {
 			if va.Spec.NodeName == node {
 				mine = va
-			} else {
-				elsewhere = append(elsewhere, va.Spec.NodeName)
 			}
 		}
 		if mine != nil {
@@ -222,15 +346,19 @@ func (s *Simulator) attachDetach(ctx context.Context, node string) error {
 		if nodeObj == nil {
 			continue
 		}
-		if isRWOPV(pv) && len(elsewhere) > 0 {
-			for _, p := range pods {
-				s.eventOnce(ctx, p, corev1.EventTypeWarning, "FailedAttachVolume",
-					fmt.Sprintf("Multi-Attach error for volume %q Volume is already exclusively attached to one node (%s) and can't be attached to another", pvName, strings.Join(elsewhere, ",")))
+		name := vaName(pvName, csiDriver, node)
+		rwo := isRWOPV(pv)
+		if rwo {
+			if elsewhere := s.reserveRWO(ctx, st, pvName, node, name); len(elsewhere) > 0 {
+				for _, p := range pods {
+					s.eventOnce(ctx, p, corev1.EventTypeWarning, "FailedAttachVolume",
+						fmt.Sprintf("Multi-Attach error for volume %q Volume is already exclusively attached to one node (%s) and can't be attached to another", pvName, strings.Join(elsewhere, ",")))
+				}
+				continue
 			}
-			continue
 		}
 		va := &storagev1.VolumeAttachment{
-			ObjectMeta: metav1.ObjectMeta{Name: vaName(pvName, csiDriver, node)},
+			ObjectMeta: metav1.ObjectMeta{Name: name},
 			Spec: storagev1.VolumeAttachmentSpec{
 				Attacher: csiDriver,
 				NodeName: node,
@@ -239,11 +367,32 @@ func (s *Simulator) attachDetach(ctx context.Context, node string) error {
 		}
 		created, err := s.Kube.StorageV1().VolumeAttachments().Create(ctx, va, metav1.CreateOptions{})
 		if apierrors.IsAlreadyExists(err) {
+			// Made by an earlier sync, not in the cache yet.
+			if rwo {
+				cur, gerr := s.Kube.StorageV1().VolumeAttachments().Get(ctx, name, metav1.GetOptions{})
+				switch {
+				case gerr == nil:
+					st.attached(pvName, node, cur.UID)
+				case apierrors.IsNotFound(gerr):
+					st.attached(pvName, node, "")
+					errs = append(errs, fmt.Errorf("attach %s to %s: attachment vanished", pvName, node))
+				default:
+					st.attached(pvName, node, "")
+					errs = append(errs, fmt.Errorf("attach %s to %s: %w", pvName, node, gerr))
+				}
+			}
 			continue
 		}
 		if err != nil {
+			if rwo {
+				st.attached(pvName, node, "")
+				s.enqueueOtherNodes(node) // they may have been refused for this one
+			}
 			errs = append(errs, fmt.Errorf("attach %s to %s: %w", pvName, node, err))
 			continue
+		}
+		if rwo {
+			st.attached(pvName, node, created.UID)
 		}
 		created.Status.Attached = true
 		if _, err := s.Kube.StorageV1().VolumeAttachments().UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
@@ -266,14 +415,20 @@ func (s *Simulator) attachDetach(ctx context.Context, node string) error {
 		}
 		s.log.Debug().Str("pv", *va.Spec.Source.PersistentVolumeName).Str("node", node).Msg("attach/detach: detached")
 		// A detach here may unblock an RWO attach elsewhere.
-		for _, other := range s.nodeNames() {
-			if other != node {
-				s.volumeQueue.Add(volumeNodeKey(other))
-			}
-		}
+		s.enqueueOtherNodes(node)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("attach/detach on %s: %w", node, errs[0])
 	}
 	return nil
+}
+
+// enqueueOtherNodes has the attach/detach controller look at every node but
+// node again.
+func (s *Simulator) enqueueOtherNodes(node string) {
+	for _, other := range s.nodeNames() {
+		if other != node {
+			s.volumeQueue.Add(volumeNodeKey(other))
+		}
+	}
 }

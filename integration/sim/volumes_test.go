@@ -2,13 +2,16 @@ package sim
 
 import (
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/watch"
 	kvv1 "kubevirt.io/api/core/v1"
 )
 
@@ -81,4 +84,122 @@ func TestRWOAttachmentBlocksAnotherNode(t *testing.T) {
 	require.Len(t, vas, 1)
 	require.Equal(t, "r2", vas[0].Spec.NodeName)
 	require.Empty(t, s.Violations())
+}
+
+// TestRWOAttachRace: pods on many nodes start at once, all wanting one RWO
+// claim. The attach/detach workers sync those nodes concurrently and the
+// cache lags their own writes, yet at most one VolumeAttachment for the
+// volume ever exists (every VolumeAttachment event is watched); the other
+// pods get Multi-Attach errors.
+func TestRWOAttachRace(t *testing.T) {
+	s := startSim(t, Options{})
+	ctx := ctxT(t)
+	const n = 8
+	for i := 0; i < n; i++ {
+		mustNode(t, s, fmt.Sprintf("race%d", i), NodeOptions{})
+	}
+	mustPVC(t, s, "shared-rwo", corev1.ReadWriteOnce)
+	var pv string
+	eventually(t, 30*time.Second, "claim bound", func() (bool, string) {
+		pv = s.pvOf(testNS, "shared-rwo")
+		return pv != "" && s.getPV(pv) != nil, "unbound"
+	})
+	require.NoError(t, s.ensureServiceAccount(ctx, testNS))
+
+	list, err := s.Kube.StorageV1().VolumeAttachments().List(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	w, err := s.Kube.StorageV1().VolumeAttachments().Watch(ctx, metav1.ListOptions{ResourceVersion: list.ResourceVersion})
+	require.NoError(t, err)
+	defer w.Stop()
+	var mu sync.Mutex
+	live := map[string]string{} // VolumeAttachment name -> node, for pv
+	most := 0
+	var seen []string
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		for ev := range w.ResultChan() {
+			va, ok := ev.Object.(*storagev1.VolumeAttachment)
+			if !ok || va.Spec.Source.PersistentVolumeName == nil || *va.Spec.Source.PersistentVolumeName != pv {
+				continue
+			}
+			mu.Lock()
+			switch ev.Type {
+			case watch.Added, watch.Modified:
+				if _, had := live[va.Name]; !had {
+					seen = append(seen, va.Spec.NodeName)
+				}
+				live[va.Name] = va.Spec.NodeName
+			case watch.Deleted:
+				delete(live, va.Name)
+			}
+			most = max(most, len(live))
+			mu.Unlock()
+		}
+	}()
+
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := &corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("writer%d", i), Namespace: testNS},
+				Spec: corev1.PodSpec{
+					NodeName:   fmt.Sprintf("race%d", i),
+					Containers: []corev1.Container{{Name: "c", Image: "writer"}},
+					Volumes: []corev1.Volume{{Name: "data", VolumeSource: corev1.VolumeSource{
+						PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "shared-rwo"},
+					}}},
+				},
+			}
+			_, err := s.Kube.CoreV1().Pods(testNS).Create(ctx, p, metav1.CreateOptions{})
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+
+	// Every pod either has the volume attached to its node or has been
+	// refused it: every node has decided.
+	var winner string
+	eventually(t, 60*time.Second, "every pod attached or refused", func() (bool, string) {
+		vas := s.vasFor(byVAPV, pv)
+		if len(vas) == 0 {
+			return false, "no attachment"
+		}
+		attachedTo := map[string]bool{}
+		for _, va := range vas {
+			attachedTo[va.Spec.NodeName] = true
+		}
+		evs, err := s.Kube.CoreV1().Events(testNS).List(ctx, metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("reason", "FailedAttachVolume").String()})
+		require.NoError(t, err)
+		refused := map[string]bool{}
+		for _, e := range evs.Items {
+			refused[e.InvolvedObject.Name] = true
+		}
+		for i := 0; i < n; i++ {
+			if !attachedTo[fmt.Sprintf("race%d", i)] && !refused[fmt.Sprintf("writer%d", i)] {
+				return false, fmt.Sprintf("writer%d undecided; attached to %v", i, attachedTo)
+			}
+		}
+		winner = vas[0].Spec.NodeName
+		return true, ""
+	})
+	mu.Lock()
+	require.LessOrEqual(t, most, 1, "RWO VolumeAttachments at once; created for %v", seen)
+	mu.Unlock()
+	var nodes []string
+	for _, va := range s.vasFor(byVAPV, pv) {
+		nodes = append(nodes, va.Spec.NodeName)
+	}
+	require.Equal(t, []string{winner}, nodes, "one RWO attachment")
+	require.NoError(t, s.Check())
+	require.Empty(t, s.Violations())
+	w.Stop()
+	<-watchDone
 }
