@@ -44,27 +44,7 @@ func evStartSim(t *testing.T, change ...func(*Options)) *evEnv {
 	for _, f := range change {
 		f(&opts)
 	}
-	s, err := New(c.Config, opts)
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			require.NoError(t, err, "simulator Run")
-		case <-time.After(30 * time.Second):
-			t.Error("simulator did not stop within 30s")
-		}
-	})
-	select {
-	case <-s.Ready():
-	case err := <-done:
-		t.Fatalf("simulator stopped before it was ready: %v", err)
-	case <-time.After(60 * time.Second):
-		t.Fatal("simulator not ready after 60s")
-	}
+	s := runSim(t, c, opts)
 	kv, err := newKVPlane(c.Config, log, nil, nil)
 	require.NoError(t, err)
 	e := &evEnv{cluster: c, sim: s, kv: kv}

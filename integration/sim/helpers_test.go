@@ -60,6 +60,13 @@ func startSim(t *testing.T, opts Options) *Simulator {
 		l := zerolog.New(zerolog.NewTestWriter(t)).Level(lvl).With().Timestamp().Logger()
 		opts.Logger = &l
 	}
+	return runSim(t, c, opts)
+}
+
+// runSim runs a simulator with opts on cluster c until the test ends and
+// returns it once it is ready; Run must return within 30 s of the end.
+func runSim(t *testing.T, c *cluster.Cluster, opts Options) *Simulator {
+	t.Helper()
 	s, err := New(c.Config, opts)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -678,14 +678,8 @@ func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineIns
 		}); err != nil {
 			return err
 		}
-		if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, false, func(v *kvv1.VirtualMachineInstance) bool {
-			if _, ok := v.Labels[kvv1.MigrationTargetNodeNameLabel]; !ok {
-				return false
-			}
-			delete(v.Labels, kvv1.MigrationTargetNodeNameLabel)
-			return true
-		}); err != nil {
-			return fmt.Errorf("migration %s: unlabel vmi: %w", keyOf(m), err)
+		if err := s.unlabelMigrationTarget(ctx, vmi, m); err != nil {
+			return err
 		}
 	} else {
 		final = m.Status.MigrationState.DeepCopy()
@@ -762,14 +756,8 @@ func (s *Simulator) abortMigration(ctx context.Context, m *kvv1.VirtualMachineIn
 			}); err != nil {
 				return err
 			}
-			if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, false, func(v *kvv1.VirtualMachineInstance) bool {
-				if _, ok := v.Labels[kvv1.MigrationTargetNodeNameLabel]; !ok {
-					return false
-				}
-				delete(v.Labels, kvv1.MigrationTargetNodeNameLabel)
-				return true
-			}); err != nil {
-				return fmt.Errorf("migration %s: unlabel vmi: %w", keyOf(m), err)
+			if err := s.unlabelMigrationTarget(ctx, vmi, m); err != nil {
+				return err
 			}
 			s.log.Info().Str("migration", keyOf(m)).Msg("migration aborted, source keeps running")
 		}
@@ -803,6 +791,21 @@ func (s *Simulator) dropMigrationFinalizer(ctx context.Context, m *kvv1.VirtualM
 	})
 	if err != nil {
 		return fmt.Errorf("migration %s: remove finalizer: %w", keyOf(m), err)
+	}
+	return nil
+}
+
+// unlabelMigrationTarget removes the migration-target node label from the
+// VMI once migration m has ended without a handover.
+func (s *Simulator) unlabelMigrationTarget(ctx context.Context, vmi *kvv1.VirtualMachineInstance, m *kvv1.VirtualMachineInstanceMigration) error {
+	if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, false, func(v *kvv1.VirtualMachineInstance) bool {
+		if _, ok := v.Labels[kvv1.MigrationTargetNodeNameLabel]; !ok {
+			return false
+		}
+		delete(v.Labels, kvv1.MigrationTargetNodeNameLabel)
+		return true
+	}); err != nil {
+		return fmt.Errorf("migration %s: unlabel vmi: %w", keyOf(m), err)
 	}
 	return nil
 }
