@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -20,9 +21,14 @@ import (
 )
 
 // KubeVirt's own pods: virt-handler on every node (a DaemonSet), virt-api
-// and virt-controller (two replicas each). They do nothing, but they are
-// there, as on a real cluster: they get stuck on a dead node, drain has to
-// skip or evict them, and a recovery has to clean them up.
+// and virt-controller (two replicas each), as on a real cluster: they get
+// stuck on a dead node, drain has to skip or evict them, and a recovery has
+// to clean them up. KubeVirt works only while they run: virt-api's webhooks
+// answer only while a virt-api pod is Ready on a live node
+// (virtAPIAvailable), and virt-controller's controllers act only while the
+// virt-controller pod holding the leader lease runs on a live node
+// (virtControllerActive). A pod on a node that died keeps its place in its
+// ReplicaSet (it still looks Running) until someone force-deletes it.
 const controlPlaneKey = "kubevirt-control-plane"
 
 var kubevirtReplicaSets = map[string]int{"virt-api": 2, "virt-controller": 2}
@@ -106,9 +112,17 @@ func (s *Simulator) syncControlPlane(ctx context.Context) error {
 			}
 		}
 		for ; active < replicas; active++ {
+			node, placed, wait := s.placeControlPlanePod(name)
+			if wait {
+				break // its node does not exist yet; a node event brings us back
+			}
 			pod := controlPlanePod(ns, name, rs.UID, "ReplicaSet", rs.Name)
 			pod.Name = name + "-" + rand.String(5)
+			pod.Spec.NodeName = node
 			if _, err := s.Kube.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+				if placed >= 0 {
+					s.cpPlaced[name][placed] = false
+				}
 				errs = append(errs, fmt.Errorf("create %s pod: %w", name, err))
 				continue
 			}
@@ -229,4 +243,191 @@ func (s *Simulator) ensureReplicaSet(ctx context.Context, ns, name string, repli
 		return nil, fmt.Errorf("create replicaset %s/%s: %w", ns, name, err)
 	}
 	return rs, nil
+}
+
+// KubeVirtPods says on which nodes the replicas of virt-api and virt-controller first start:
+// one node name per replica, in order (a name may repeat); missing entries are left to the
+// scheduler. A replica waits for its node to exist. Replacements of these pods, once they are
+// deleted, are scheduled as usual.
+type KubeVirtPods struct {
+	VirtAPI        []string `json:"virtAPI,omitempty"`
+	VirtController []string `json:"virtController,omitempty"`
+}
+
+func (k KubeVirtPods) of(component string) []string {
+	switch component {
+	case "virt-api":
+		return k.VirtAPI
+	case "virt-controller":
+		return k.VirtController
+	}
+	return nil
+}
+
+// placeControlPlanePod picks the node of the next replica of component: the first placement of
+// Options.KubeVirtPods not used yet (marked used, its index returned), "" for the scheduler
+// (index -1), or wait when that placement's node does not exist yet.
+func (s *Simulator) placeControlPlanePod(component string) (node string, index int, wait bool) {
+	want := s.opts.KubeVirtPods.of(component)
+	used := s.cpPlaced[component]
+	if len(used) != len(want) {
+		used = make([]bool, len(want))
+		s.cpPlaced[component] = used
+	}
+	for i, n := range want {
+		if used[i] {
+			continue
+		}
+		if s.getNode(n) == nil {
+			return "", -1, true
+		}
+		used[i] = true
+		return n, i, false
+	}
+	return "", -1, false
+}
+
+// podRunsOnLiveNode: pod p's containers run now on a node whose kubelet can reach the API (not
+// down, partitioned or rebooting, and started in the node's current boot).
+func (s *Simulator) podRunsOnLiveNode(p *corev1.Pod) bool {
+	node := p.Spec.NodeName
+	if node == "" || p.Status.Phase != corev1.PodRunning || !s.nodes.kubeletAlive(node) {
+		return false
+	}
+	k, ok := s.kubelet.get(p.UID)
+	return ok && k.bootID == s.nodes.get(node).bootID
+}
+
+// virtAPIAvailable says whether the API server reaches virt-api now: through the virt-api
+// Service, whose endpoints are the Ready virt-api pods, to one that runs. When it does not, it
+// says what the API server meets instead. Without KubeVirt's pods (Options.NoKubeVirtPods)
+// virt-api always answers.
+func (s *Simulator) virtAPIAvailable() (bool, string) {
+	if s.opts.NoKubeVirtPods {
+		return true, ""
+	}
+	endpoint := ""
+	for _, p := range s.podsOf(s.opts.KubeVirtNamespace, "virt-api") {
+		if p.DeletionTimestamp != nil || !podReady(p) {
+			continue
+		}
+		if s.podRunsOnLiveNode(p) {
+			return true, ""
+		}
+		endpoint = p.Status.PodIP
+	}
+	if endpoint == "" {
+		return false, `no endpoints available for service "virt-api"`
+	}
+	// The Ready endpoints are on nodes that died before the node lifecycle controller marked
+	// them not ready.
+	return false, fmt.Sprintf("Post \"https://virt-api.%s.svc:443\": dial tcp %s:8443: i/o timeout", s.opts.KubeVirtNamespace, endpoint)
+}
+
+// virt-controller's leader election (pkg/virt-controller/leaderelectionconfig/config.go): a
+// lease of 15 s, renewed every 2 s by the replica that holds it.
+const (
+	virtControllerLeaseDuration = 15 * time.Second
+	virtControllerRetryPeriod   = 2 * time.Second
+)
+
+// virtControllerLeader is the leader lease of virt-controller, kept in memory: the pod holding
+// it, and when that pod last renewed it.
+type virtControllerLeader struct {
+	mu      sync.Mutex
+	holder  string // namespace/name of the virt-controller pod
+	renewed time.Time
+	acting  bool // whether the holder acted at the last election
+}
+
+// runVirtControllerLeader plays the election among the virt-controller replicas every retry
+// period until ctx ends.
+func (s *Simulator) runVirtControllerLeader(ctx context.Context) error {
+	if s.opts.NoKubeVirtPods {
+		<-ctx.Done()
+		return nil
+	}
+	t := s.clock.NewTicker(s.scaled(virtControllerRetryPeriod))
+	defer t.Stop()
+	for {
+		s.electVirtController()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C():
+		}
+	}
+}
+
+// electVirtController renews the lease while its holder runs on a live node; once the lease
+// has expired (its holder died with its node, or was deleted), a replica that runs on a live
+// node takes it over. A new leader resyncs every controller.
+func (s *Simulator) electVirtController() {
+	now := s.clock.Now()
+	l := s.leader
+	l.mu.Lock()
+	var acting bool
+	if p := s.getPod(l.holder); l.holder != "" && p != nil && s.podRunsOnLiveNode(p) {
+		l.renewed, acting = now, true
+	} else if l.holder == "" || now.Sub(l.renewed) >= s.scaled(virtControllerLeaseDuration) {
+		if c := s.virtControllerCandidate(); c != nil {
+			if l.holder != keyOf(c) {
+				s.log.Info().Str("pod", keyOf(c)).Str("node", c.Spec.NodeName).Str("previous", l.holder).Msg("virt-controller: new leader")
+			}
+			l.holder, l.renewed, acting = keyOf(c), now, true
+		}
+	}
+	was := l.acting
+	l.acting = acting
+	holder := l.holder
+	l.mu.Unlock()
+	switch {
+	case acting && !was:
+		s.resyncKubeVirtControllers()
+	case !acting && was:
+		s.log.Warn().Str("leader", holder).Msg("virt-controller: the leader does not run on a live node; KubeVirt's controllers stand still")
+	}
+}
+
+// virtControllerCandidate is a virt-controller pod that could lead: running on a live node, not
+// being deleted (the first by name).
+func (s *Simulator) virtControllerCandidate() *corev1.Pod {
+	var best *corev1.Pod
+	for _, p := range s.podsOf(s.opts.KubeVirtNamespace, "virt-controller") {
+		if p.DeletionTimestamp == nil && s.podRunsOnLiveNode(p) && (best == nil || p.Name < best.Name) {
+			best = p
+		}
+	}
+	return best
+}
+
+// virtControllerActive says whether virt-controller's controllers (VM, VMI, migration,
+// evacuation, node) act now: the pod holding the leader lease runs on a live node. Without
+// KubeVirt's pods (Options.NoKubeVirtPods) they always act.
+func (s *Simulator) virtControllerActive() bool {
+	if s.opts.NoKubeVirtPods {
+		return true
+	}
+	s.leader.mu.Lock()
+	holder := s.leader.holder
+	s.leader.mu.Unlock()
+	p := s.getPod(holder)
+	return holder != "" && p != nil && s.podRunsOnLiveNode(p)
+}
+
+// resyncKubeVirtControllers queues every object of virt-controller's controllers, as a new
+// leader's informers do when it starts.
+func (s *Simulator) resyncKubeVirtControllers() {
+	for _, o := range s.vmInformer.GetStore().List() {
+		s.vmQueue.Add(keyOf(o.(metav1.Object)))
+	}
+	for _, o := range s.vmiInformer.GetStore().List() {
+		s.vmiQueue.Add(keyOf(o.(metav1.Object)))
+	}
+	for _, o := range s.vmimInformer.GetStore().List() {
+		s.migrationQueue.Add(keyOf(o.(metav1.Object)))
+	}
+	for _, o := range s.dvmInformer.GetStore().List() {
+		s.dvmQueue.Add(keyOf(o.(metav1.Object)))
+	}
 }

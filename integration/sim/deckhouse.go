@@ -123,6 +123,10 @@ func (s *Simulator) syncDeckhouseVM(ctx context.Context, key string) error {
 		wantRunning = power != PowerOff
 	}
 
+	if !s.virtControllerActive() {
+		// The internal VM's VMI is virt-controller's to create and delete.
+		return s.updateDeckhouseStatus(ctx, dvm, vmi)
+	}
 	switch {
 	case !wantRunning:
 		if vmi != nil && vmi.DeletionTimestamp == nil {
@@ -226,7 +230,7 @@ func (s *Simulator) createVMIFromDeckhouse(ctx context.Context, dvm *unstructure
 		}})
 		vmi.Spec.Domain.Devices.Disks = append(vmi.Spec.Domain.Devices.Disks, kvv1.Disk{Name: vname, DiskDevice: kvv1.DiskDevice{Disk: &kvv1.DiskTarget{Bus: kvv1.DiskBusVirtio}}})
 	}
-	created, err := s.KubeVirt.VirtualMachineInstances(vmi.Namespace).Create(ctx, vmi, metav1.CreateOptions{})
+	created, err := s.kv.VirtualMachineInstances(vmi.Namespace).Create(ctx, vmi, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {
 		return nil, nil // our cache lags behind an earlier create
 	}

@@ -31,6 +31,7 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
 	virtv1 "kubevirt.io/api/core/v1"
 	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
 )
@@ -232,10 +233,11 @@ func (kv *kvPlane) loop(ctx context.Context, name string, resync time.Duration, 
 // loopSettle is how long a controller loop waits after a wake-up before it looks again.
 const loopSettle = 20 * time.Millisecond
 
-// kubevirtPlane builds the clients and helpers of the controllers in webhook.go, evacuation.go
-// and vmop.go from the simulator's configuration, logger, time scale and clock.
+// kubevirtPlane builds the clients and helpers of the controllers in evacuation.go and
+// vmop.go from the simulator's configuration (acting as virt-controller, see kubeVirtConfig),
+// logger, time scale and clock.
 func (s *Simulator) kubevirtPlane() (*kvPlane, error) {
-	return newKVPlane(s.cfg, s.log, s.scaled, s.clock.Now)
+	return newKVPlane(s.kvCfg, s.log, s.scaled, s.clock.Now)
 }
 
 // runEvacuation runs KubeVirt's evacuation controller until ctx ends.
@@ -244,7 +246,9 @@ func (s *Simulator) runEvacuation(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return newEvacuationController(kv).run(ctx, s.vmiInformer, s.vmimInformer, s.nodeInformer)
+	e := newEvacuationController(kv)
+	e.active = s.virtControllerActive
+	return e.run(ctx, s.vmiInformer, s.vmimInformer, s.nodeInformer)
 }
 
 // evacuationController is the simulator's virt-controller evacuation controller.
@@ -253,6 +257,8 @@ type evacuationController struct {
 	log zerolog.Logger
 	// warned remembers the VMIs already reported as not migratable, to log once.
 	warned map[types.UID]bool
+	// active says whether virt-controller runs (nil: always).
+	active func() bool
 }
 
 func newEvacuationController(kv *kvPlane) *evacuationController {
@@ -303,6 +309,9 @@ func evacuationLimits(cfg virtv1.KubeVirtConfiguration) evacLimits {
 // sync is one pass over the cluster: clear marks of VMIs that have left, then create
 // migrations for the VMIs to evacuate, node by node, within the limits.
 func (e *evacuationController) sync(ctx context.Context) error {
+	if e.active != nil && !e.active() {
+		return nil
+	}
 	kvCfg, err := e.kv.kubeVirtConfiguration(ctx)
 	if err != nil {
 		return fmt.Errorf("evacuation: %w", err)
@@ -376,7 +385,7 @@ func (e *evacuationController) sync(ctx context.Context) error {
 			continue
 		}
 		for _, vmi := range candidates[:min(free, len(candidates))] {
-			mig, err := e.createMigration(ctx, vmi, node.Name)
+			mig, err := e.createMigration(ctx, vmi, node.Name, kvCfg)
 			if err != nil {
 				errs = append(errs, err)
 				continue
@@ -498,18 +507,20 @@ func migrationEndTime(m *virtv1.VirtualMachineInstanceMigration) time.Time {
 	return m.CreationTimestamp.Time
 }
 
-// createMigration creates the evacuation migration KubeVirt's GenerateNewMigration builds, with
-// the selector label virt-api's mutating webhook adds and the priority of an evacuation.
-func (e *evacuationController) createMigration(ctx context.Context, vmi *virtv1.VirtualMachineInstance, node string) (*virtv1.VirtualMachineInstanceMigration, error) {
-	priority := virtv1.PrioritySystemCritical
+// createMigration creates the evacuation migration KubeVirt's GenerateNewMigration builds: the
+// priority of an evacuation only with the MigrationPriorityQueue feature gate (virt-api refuses
+// it otherwise); virt-api's mutating webhook adds the selector label.
+func (e *evacuationController) createMigration(ctx context.Context, vmi *virtv1.VirtualMachineInstance, node string, cfg virtv1.KubeVirtConfiguration) (*virtv1.VirtualMachineInstanceMigration, error) {
 	mig := &virtv1.VirtualMachineInstanceMigration{
 		ObjectMeta: metav1.ObjectMeta{
 			Namespace:    vmi.Namespace,
 			GenerateName: "kubevirt-evacuation-",
 			Annotations:  map[string]string{virtv1.EvacuationMigrationAnnotation: node},
-			Labels:       map[string]string{virtv1.MigrationSelectorLabel: vmi.Name},
 		},
-		Spec: virtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi.Name, Priority: &priority},
+		Spec: virtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi.Name},
+	}
+	if featureGateEnabled(cfg, featureGateMigPrQ) {
+		mig.Spec.Priority = ptr.To(virtv1.PrioritySystemCritical)
 	}
 	if err := e.kv.c.Create(ctx, mig); err != nil {
 		return nil, fmt.Errorf("evacuate vmi %s/%s from node %s: create migration: %w", vmi.Namespace, vmi.Name, node, err)

@@ -359,10 +359,12 @@ func (s *Simulator) enqueueMigrationsForVMI(ns, vmi string) {
 	}
 }
 
+// enqueueMigrationsAll queues the migrations under way and those being deleted. Pending ones
+// are left to their own schedule (see admitMigration).
 func (s *Simulator) enqueueMigrationsAll() {
 	for _, o := range s.vmimInformer.GetStore().List() {
 		m := o.(*kvv1.VirtualMachineInstanceMigration)
-		if !isMigrationFinal(m) || m.DeletionTimestamp != nil {
+		if (!isMigrationFinal(m) && m.Status.Phase != kvv1.MigrationPending) || m.DeletionTimestamp != nil {
 			s.migrationQueue.Add(keyOf(m))
 		}
 	}

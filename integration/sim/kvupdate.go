@@ -16,7 +16,8 @@ type kvObj[T any] interface {
 	metav1.Object
 }
 
-// kvMutate reads the current object from the API, lets mutate change it and,
+// kvMutate reads the current object from the API (as virt-controller, see kubeVirtConfig),
+// lets mutate change it and,
 // when it reports a change, writes it back (to the status subresource when
 // status is set), retrying on conflicts. A missing object is not an error:
 // it returns (nil, nil).
@@ -25,7 +26,7 @@ type kvObj[T any] interface {
 // which saves a read when nothing changes; a conflict means it was stale,
 // and the next attempts read the API.
 func kvMutate[T any, P kvObj[T]](ctx context.Context, s *Simulator, resource, ns, name string, status bool, cached P, mutate func(P) bool) (P, error) {
-	rc := s.KubeVirt.RESTClient()
+	rc := s.kv.RESTClient()
 	var out P
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		cur := P(new(T))
@@ -56,8 +57,12 @@ func kvMutate[T any, P kvObj[T]](ctx context.Context, s *Simulator, resource, ns
 	return out, err
 }
 
-func (s *Simulator) mutateVMI(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachineInstance) bool) (*kvv1.VirtualMachineInstance, error) {
-	return kvMutate[kvv1.VirtualMachineInstance](ctx, s, resVMI, ns, name, status, s.getVMI(ns+"/"+name), f)
+// mutateVMI changes a VMI's metadata, spec or status with a plain update, as virt-controller
+// and virt-handler do: KubeVirt registers no status subresource for VMIs
+// (pkg/virt-operator/resource/generate/components/crds.go), so every write passes virt-api's
+// VMI update webhook.
+func (s *Simulator) mutateVMI(ctx context.Context, ns, name string, f func(*kvv1.VirtualMachineInstance) bool) (*kvv1.VirtualMachineInstance, error) {
+	return kvMutate[kvv1.VirtualMachineInstance](ctx, s, resVMI, ns, name, false, s.getVMI(ns+"/"+name), f)
 }
 
 func (s *Simulator) mutateVM(ctx context.Context, ns, name string, status bool, f func(*kvv1.VirtualMachine) bool) (*kvv1.VirtualMachine, error) {

@@ -1,5 +1,21 @@
 package sim
 
+// KubeVirt's migration controller (pkg/virt-controller/watch/migration/migration.go), which
+// acts while virt-controller runs, and the two virt-handlers of a migration. What drover meets:
+//   - a Pending migration takes a slot within parallelMigrationsPerCluster and
+//     parallelOutboundMigrationsPerNode when it looks; without a slot it looks again after 5 s
+//     (1 s while a target pod it created is not in its cache yet), and nothing wakes it earlier
+//     when a slot frees up: which Pending migration gets a free slot is arbitrary;
+//   - the migration object's status.migrationState holds only sourcePod until the migration
+//     ends; the VMI's status.migrationState has the details while it runs;
+//   - a migration whose source node dies after hand-off hangs in its phase, holding its slot,
+//     as no virt-handler reports on it: there is no timeout after hand-off;
+//   - deleting a migration cancels it before hand-off and asks the source virt-handler to
+//     abort it after: the abort can lose the race against the end of the transfer (abortStatus
+//     Failed, the migration Succeeded, the VM moved);
+//   - a migration whose VMI is gone is deleted, and at most 5 finished migrations per VMI are
+//     kept.
+
 import (
 	"context"
 	"fmt"
@@ -16,14 +32,31 @@ import (
 	kvv1 "kubevirt.io/api/core/v1"
 )
 
-// migrationState is the migration controller's memory: which migrations
-// hold a slot (they have a target pod) and when each last changed phase
-// (the API's timestamps have whole seconds only, too coarse at high time
-// scales).
+const (
+	// migrationRequeueDelay is how long a Pending migration without a free slot waits before it
+	// looks again (handleTargetPodCreation without the MigrationPriorityQueue gate).
+	migrationRequeueDelay = 5 * time.Second
+	// migrationCreationGate is how long a Pending migration waits while a target pod the
+	// controller created is not in its cache yet (podExpectations), or while its VMI still has
+	// another live launcher pod (VMIActivePodsCount > 1).
+	migrationCreationGate = time.Second
+	// creationExpectationTTL forgets a target pod creation never seen (KubeVirt's expectations
+	// expire after 5 minutes; the simulator's cache sees its own creates far sooner).
+	creationExpectationTTL = 30 * time.Second
+	// finishedMigrationsKept is defaultFinalizedMigrationGarbageCollectionBuffer.
+	finishedMigrationsKept = 5
+)
+
+// migrationState is the migration controller's memory: which migrations hold a slot (they
+// have a target pod), when each last changed phase (the API's timestamps have whole seconds
+// only, too coarse at high time scales), the target pods it created and has not seen yet, and
+// what the source virt-handler decided for aborts.
 type migrationState struct {
 	mu       sync.Mutex
 	inflight map[types.UID]inflightMigration
 	since    map[types.UID]time.Time
+	creating map[string]time.Time // namespace/name of target pods created, when
+	aborts   map[types.UID]abortDecision
 	loaded   bool
 	// beforeHandover, when set (by tests, under mu), runs after the checks
 	// of a handover and before it takes the nodes' locks: the window in
@@ -37,8 +70,18 @@ type inflightMigration struct {
 	source string
 }
 
+// abortDecision is what the source virt-handler makes of an abort request: it takes effect
+// after a MigrationStepDuration, unless the transfer ends first (lost).
+type abortDecision struct {
+	at   time.Time
+	lost bool
+}
+
 func newMigrationState() *migrationState {
-	return &migrationState{inflight: map[types.UID]inflightMigration{}, since: map[types.UID]time.Time{}}
+	return &migrationState{
+		inflight: map[types.UID]inflightMigration{}, since: map[types.UID]time.Time{},
+		creating: map[string]time.Time{}, aborts: map[types.UID]abortDecision{},
+	}
 }
 
 // MigrationConfig is the part of the KubeVirt CR's
@@ -130,22 +173,36 @@ func (ms *migrationState) load(s *Simulator) {
 		switch m.Status.Phase {
 		case kvv1.MigrationScheduling, kvv1.MigrationScheduled, kvv1.MigrationPreparingTarget, kvv1.MigrationTargetReady, kvv1.MigrationRunning:
 			src := ""
-			if m.Status.MigrationState != nil {
-				src = m.Status.MigrationState.SourceNode
+			if vmi := s.getVMI(m.Namespace + "/" + m.Spec.VMIName); vmi != nil {
+				src = vmi.Status.NodeName
+				if st := vmi.Status.MigrationState; st != nil && st.MigrationUID == m.UID {
+					src = st.SourceNode
+				}
 			}
 			ms.inflight[m.UID] = inflightMigration{key: keyOf(m), vmi: m.Namespace + "/" + m.Spec.VMIName, source: src}
 		}
 	}
 }
 
+// release frees the slot of m. Pending migrations find it when they next look.
 func (s *Simulator) release(m *kvv1.VirtualMachineInstanceMigration) {
 	s.migration.mu.Lock()
-	_, had := s.migration.inflight[m.UID]
 	delete(s.migration.inflight, m.UID)
 	delete(s.migration.since, m.UID)
+	delete(s.migration.aborts, m.UID)
 	s.migration.mu.Unlock()
-	if had {
-		s.enqueueMigrationsAll()
+}
+
+// forget drops what the controller remembers of the migration key, gone from the API.
+func (ms *migrationState) forget(key string) {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	for uid, f := range ms.inflight {
+		if f.key == key {
+			delete(ms.inflight, uid)
+			delete(ms.since, uid)
+			delete(ms.aborts, uid)
+		}
 	}
 }
 
@@ -189,9 +246,9 @@ func setMigrationPhase(m *kvv1.VirtualMachineInstanceMigration, phase kvv1.Virtu
 	return true
 }
 
-// setPhase moves m from phase from to phase to, copying vmiState (when not
-// nil) into its status.migrationState.
-func (s *Simulator) setPhase(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, from, to kvv1.VirtualMachineInstanceMigrationPhase, vmiState *kvv1.VirtualMachineInstanceMigrationState) error {
+// setPhase moves m from phase from to phase to, and sets its status.migrationState to state
+// when not nil (the source pod when it becomes Pending, the final state when it ends).
+func (s *Simulator) setPhase(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, from, to kvv1.VirtualMachineInstanceMigrationPhase, state *kvv1.VirtualMachineInstanceMigrationState) error {
 	now := s.now()
 	changed := false
 	_, err := s.mutateVMIM(ctx, m.Namespace, m.Name, true, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
@@ -200,8 +257,8 @@ func (s *Simulator) setPhase(ctx context.Context, m *kvv1.VirtualMachineInstance
 			return false
 		}
 		setMigrationPhase(cur, to, now)
-		if vmiState != nil {
-			cur.Status.MigrationState = vmiState.DeepCopy()
+		if state != nil {
+			cur.Status.MigrationState = state.DeepCopy()
 		}
 		changed = true
 		return true
@@ -228,48 +285,37 @@ func targetPodName(vmiName string, vmiUID, mUID types.UID) string {
 // virt-handlers: it admits migrations within the KubeVirt CR's limits,
 // schedules a target pod, walks the phases, transfers the guest in a time
 // derived from its memory and the bandwidth, and hands the guest over. A
-// migration deleted before it ends is aborted; the source keeps running.
-// It works for every VirtualMachineInstanceMigration, whoever created it.
+// migration deleted before it ends is cancelled or aborted. It works for
+// every VirtualMachineInstanceMigration, whoever created it.
 func (s *Simulator) syncMigration(ctx context.Context, key string) error {
 	s.migration.load(s)
 	m := s.getVMIM(key)
 	if m == nil {
-		s.migration.mu.Lock()
-		for uid, f := range s.migration.inflight {
-			if f.key == key {
-				delete(s.migration.inflight, uid)
-				delete(s.migration.since, uid)
-			}
-		}
-		s.migration.mu.Unlock()
+		s.migration.forget(key)
 		return nil
 	}
+	if !s.virtControllerActive() {
+		return nil // a new leader resyncs every migration
+	}
 	vmi := s.getVMI(m.Namespace + "/" + m.Spec.VMIName)
+	if vmi == nil {
+		return s.migrationOfGoneVMI(ctx, m)
+	}
 	if m.DeletionTimestamp != nil {
 		return s.abortMigration(ctx, m, vmi)
 	}
 	if isMigrationFinal(m) {
 		s.release(m)
 		s.deleteTargetPod(ctx, m, vmi)
-		return s.dropMigrationFinalizer(ctx, m, false)
+		if err := s.dropMigrationFinalizer(ctx, m); err != nil {
+			return err
+		}
+		return s.collectFinishedMigrations(ctx, vmi)
 	}
 	if m.Status.Phase == kvv1.MigrationPhaseUnset {
-		if _, err := s.mutateVMIM(ctx, m.Namespace, m.Name, false, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
-			changed := addFinalizer(cur, kvv1.VirtualMachineInstanceMigrationFinalizer)
-			if cur.Labels[kvv1.MigrationSelectorLabel] != cur.Spec.VMIName {
-				if cur.Labels == nil {
-					cur.Labels = map[string]string{}
-				}
-				cur.Labels[kvv1.MigrationSelectorLabel] = cur.Spec.VMIName
-				changed = true
-			}
-			return changed
-		}); err != nil {
-			return fmt.Errorf("migration %s: add finalizer: %w", key, err)
-		}
-		return s.setPhase(ctx, m, kvv1.MigrationPhaseUnset, kvv1.MigrationPending, nil)
+		return s.acceptMigration(ctx, m, vmi)
 	}
-	if vmi == nil || vmi.DeletionTimestamp != nil || vmiFinal(vmi) {
+	if vmi.DeletionTimestamp != nil || vmiFinal(vmi) {
 		return s.failMigration(ctx, m, vmi, fmt.Sprintf("Migration failed: VMI %s/%s is not running", m.Namespace, m.Spec.VMIName))
 	}
 	switch m.Status.Phase {
@@ -285,27 +331,100 @@ func (s *Simulator) syncMigration(ctx context.Context, key string) error {
 	return nil
 }
 
+// migrationOfGoneVMI is execute's "Deleting migration for deleted vmi". A migration already
+// being deleted loses its finalizer, which KubeVirt would leave: its migrations end before
+// their VMI goes, a race the simulator's caches can lose.
+func (s *Simulator) migrationOfGoneVMI(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration) error {
+	_, err := s.kv.VirtualMachineInstances(m.Namespace).Get(ctx, m.Spec.VMIName, metav1.GetOptions{})
+	if err == nil || !apierrors.IsNotFound(err) {
+		return err // the cache lags behind; the VMI's events bring us back
+	}
+	s.release(m)
+	if m.DeletionTimestamp != nil {
+		return s.dropMigrationFinalizer(ctx, m)
+	}
+	uid := m.UID
+	err = s.kv.VirtualMachineInstanceMigrations(m.Namespace).Delete(ctx, m.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+		return fmt.Errorf("migration %s: delete, its vmi is gone: %w", keyOf(m), err)
+	}
+	s.log.Info().Str("migration", keyOf(m)).Str("vmi", m.Spec.VMIName).Msg("deleted migration of a deleted vmi")
+	return nil
+}
+
+// acceptMigration is the first pass over a new migration: the selector label (execute's
+// ensureSelectorLabelPresent), then Pending with its source pod (SetSourcePod), or Failed when
+// another unfinished migration owns the VMI's migration state (canMigrateVMI).
+func (s *Simulator) acceptMigration(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) error {
+	if m.Labels[kvv1.MigrationSelectorLabel] != m.Spec.VMIName {
+		if _, err := s.mutateVMIM(ctx, m.Namespace, m.Name, false, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
+			if cur.Labels == nil {
+				cur.Labels = map[string]string{}
+			}
+			cur.Labels[kvv1.MigrationSelectorLabel] = cur.Spec.VMIName
+			return true
+		}); err != nil {
+			return fmt.Errorf("migration %s: add selector label: %w", keyOf(m), err)
+		}
+	}
+	if st := vmi.Status.MigrationState; st != nil && st.MigrationUID != "" && st.MigrationUID != m.UID {
+		for _, other := range s.migrationsForVMI(m.Namespace, m.Spec.VMIName) {
+			if other.UID == st.MigrationUID && !isMigrationFinal(other) {
+				return s.failMigration(ctx, m, vmi, "VMI is not eligible for migration because another migration job is in progress.")
+			}
+		}
+	}
+	state := &kvv1.VirtualMachineInstanceMigrationState{}
+	if p := activePod(vmi, s.mustLaunchers(vmi)); p != nil {
+		state.SourcePod = p.Name
+	}
+	return s.setPhase(ctx, m, kvv1.MigrationPhaseUnset, kvv1.MigrationPending, state)
+}
+
+// admitMigration is handleTargetPodCreation: within the limits, the migration takes a slot and
+// gets its target pod; otherwise it looks again later.
 func (s *Simulator) admitMigration(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) error {
 	if vmi.Status.Phase != kvv1.Running {
-		return s.failMigration(ctx, m, vmi, fmt.Sprintf("Migration failed: VMI %s is in phase %s, not Running", keyOf(vmi), vmi.Status.Phase))
+		return nil // no target pod for a VMI that does not run; its events bring us back
 	}
 	if c := vmiCondition(vmi, kvv1.VirtualMachineInstanceIsMigratable); c != nil && c.Status == corev1.ConditionFalse {
 		return s.failMigration(ctx, m, vmi, fmt.Sprintf("Cannot migrate VMI, Reason: %s, Message: %s", c.Reason, c.Message))
 	}
 	cfg := s.MigrationConfig()
 	source := vmi.Status.NodeName
-	s.migration.mu.Lock()
+	key := keyOf(m)
+	live := 0
+	for _, p := range s.mustLaunchers(vmi) {
+		if !isTerminal(p) {
+			live++
+		}
+	}
+	podName := targetPodName(vmi.Name, vmi.UID, m.UID)
+	now := s.clock.Now()
+	ms := s.migration
+	ms.mu.Lock()
+	for pod, at := range ms.creating {
+		if s.getPod(pod) != nil || now.Sub(at) > creationExpectationTTL {
+			delete(ms.creating, pod)
+		}
+	}
+	if len(ms.creating) > 0 || live > 1 {
+		ms.mu.Unlock()
+		s.migrationQueue.AddAfter(key, s.scaled(migrationCreationGate))
+		return nil
+	}
 	total, perNode := 0, 0
-	for uid, f := range s.migration.inflight {
+	for uid, f := range ms.inflight {
 		cur := s.getVMIM(f.key)
 		if cur == nil || cur.UID != uid {
 			// gone behind our back
-			delete(s.migration.inflight, uid)
+			delete(ms.inflight, uid)
 			continue
 		}
 		if f.vmi == keyOf(vmi) {
-			s.migration.mu.Unlock()
-			return nil // one migration per VMI at a time; wait
+			ms.mu.Unlock()
+			s.migrationQueue.AddAfter(key, s.scaled(migrationCreationGate))
+			return nil // one migration per VMI at a time
 		}
 		total++
 		if f.source == source {
@@ -313,30 +432,30 @@ func (s *Simulator) admitMigration(ctx context.Context, m *kvv1.VirtualMachineIn
 		}
 	}
 	if total >= cfg.ParallelMigrationsPerCluster || perNode >= cfg.ParallelOutboundMigrationsPerNode {
-		s.migration.mu.Unlock()
-		return nil // queued; a slot freeing up requeues us
+		ms.mu.Unlock()
+		// Nothing wakes a waiting migration when a slot frees up: whichever looks first
+		// after that takes it, in no particular order.
+		s.migrationQueue.AddAfter(key, s.scaled(migrationRequeueDelay))
+		return nil
 	}
-	// older pending migrations go first (FIFO within the limits)
-	s.migration.inflight[m.UID] = inflightMigration{key: keyOf(m), vmi: keyOf(vmi), source: source}
-	s.migration.mu.Unlock()
+	ms.inflight[m.UID] = inflightMigration{key: key, vmi: keyOf(vmi), source: source}
+	ms.creating[m.Namespace+"/"+podName] = now
+	ms.mu.Unlock()
 
 	if err := s.ensureServiceAccount(ctx, m.Namespace); err != nil {
 		s.release(m)
 		return err
 	}
 	pod := newLauncherPod(vmi, m, source)
-	pod.Name = targetPodName(vmi.Name, vmi.UID, m.UID)
+	pod.Name = podName
 	if _, err := s.Kube.CoreV1().Pods(m.Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		s.release(m)
-		return fmt.Errorf("migration %s: create target pod: %w", keyOf(m), err)
+		ms.mu.Lock()
+		delete(ms.creating, m.Namespace+"/"+podName)
+		ms.mu.Unlock()
+		return fmt.Errorf("migration %s: create target pod: %w", key, err)
 	}
-	state := &kvv1.VirtualMachineInstanceMigrationState{
-		SourceNode: source, TargetPod: pod.Name, MigrationUID: m.UID, Mode: kvv1.MigrationPreCopy,
-	}
-	if p := activePod(vmi, s.mustLaunchers(vmi)); p != nil {
-		state.SourcePod = p.Name
-	}
-	return s.setPhase(ctx, m, kvv1.MigrationPending, kvv1.MigrationScheduling, state)
+	return s.setPhase(ctx, m, kvv1.MigrationPending, kvv1.MigrationScheduling, nil)
 }
 
 func (s *Simulator) mustLaunchers(vmi *kvv1.VirtualMachineInstance) []*corev1.Pod {
@@ -357,13 +476,7 @@ func (s *Simulator) migrationScheduling(ctx context.Context, m *kvv1.VirtualMach
 		return s.failMigration(ctx, m, vmi, "Migration failed: target pod ended")
 	}
 	if pod.Status.Phase == corev1.PodRunning {
-		state := m.Status.MigrationState.DeepCopy()
-		if state == nil {
-			state = &kvv1.VirtualMachineInstanceMigrationState{MigrationUID: m.UID, SourceNode: vmi.Status.NodeName, TargetPod: name}
-		}
-		state.TargetNode = pod.Spec.NodeName
-		state.TargetNodeAddress = pod.Status.PodIP
-		return s.setPhase(ctx, m, kvv1.MigrationScheduling, kvv1.MigrationScheduled, state)
+		return s.setPhase(ctx, m, kvv1.MigrationScheduling, kvv1.MigrationScheduled, nil)
 	}
 	timeout := s.scaled(15 * time.Minute) // KubeVirt's catch-all for a pending target pod
 	msg := fmt.Sprintf("Migration target pod for VMI [%s] was still pending", keyOf(vmi))
@@ -379,80 +492,101 @@ func (s *Simulator) migrationScheduling(ctx context.Context, m *kvv1.VirtualMach
 	return s.failMigration(ctx, m, vmi, msg)
 }
 
-// migrationPrepare walks Scheduled -> PreparingTarget -> TargetReady ->
-// Running, one MigrationStepDuration each, keeping the VMI's
-// status.migrationState current.
+// migrationPrepare walks Scheduled -> PreparingTarget -> TargetReady -> Running, one
+// MigrationStepDuration each: virt-controller hands the migration off to the virt-handlers
+// (the VMI's status.migrationState and migration target label, handleTargetPodHandoff), the
+// target virt-handler prepares the target, the source virt-handler starts the transfer.
 func (s *Simulator) migrationPrepare(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) error {
-	if why := s.migrationBroken(m, vmi); why != "" {
+	why, hang := s.migrationBroken(m, vmi)
+	if why != "" {
 		return s.failMigration(ctx, m, vmi, why)
+	}
+	if hang {
+		return nil // the node's return brings us back
 	}
 	left := s.scaled(s.opts.MigrationStepDuration) - s.clock.Now().Sub(s.phaseSince(m))
 	if left > 0 {
 		s.migrationQueue.AddAfter(keyOf(m), left)
 		return nil
 	}
-	state := m.Status.MigrationState.DeepCopy()
-	if state == nil {
-		return s.failMigration(ctx, m, vmi, "Migration failed: lost its state")
+	target := s.getPod(m.Namespace + "/" + targetPodName(vmi.Name, vmi.UID, m.UID))
+	if target == nil {
+		return s.failMigration(ctx, m, vmi, "Migration failed: target pod is gone")
 	}
 	now := s.now()
 	var next kvv1.VirtualMachineInstanceMigrationPhase
+	var edit func(*kvv1.VirtualMachineInstanceMigrationState)
 	switch m.Status.Phase {
 	case kvv1.MigrationScheduled:
 		next = kvv1.MigrationPreparingTarget
+		sourcePod := ""
+		if m.Status.MigrationState != nil {
+			sourcePod = m.Status.MigrationState.SourcePod
+		}
+		edit = func(st *kvv1.VirtualMachineInstanceMigrationState) {
+			*st = kvv1.VirtualMachineInstanceMigrationState{
+				MigrationUID: m.UID, SourceNode: vmi.Status.NodeName, SourcePod: sourcePod,
+				TargetNode: target.Spec.NodeName, TargetPod: target.Name, Mode: kvv1.MigrationPreCopy,
+			}
+		}
 	case kvv1.MigrationPreparingTarget:
 		next = kvv1.MigrationTargetReady
-		state.TargetNodeDomainDetected = true
-		state.TargetNodeDomainReadyTimestamp = &now
+		edit = func(st *kvv1.VirtualMachineInstanceMigrationState) {
+			st.TargetNodeAddress = target.Status.PodIP
+			st.TargetNodeDomainDetected = true
+			st.TargetNodeDomainReadyTimestamp = &now
+		}
 	case kvv1.MigrationTargetReady:
 		next = kvv1.MigrationRunning
-		state.StartTimestamp = &now
+		edit = func(st *kvv1.VirtualMachineInstanceMigrationState) { st.StartTimestamp = &now }
 	}
-	if err := s.setVMIMigrationState(ctx, vmi, m, func(ms *kvv1.VirtualMachineInstanceMigrationState) { *ms = *state }); err != nil {
+	if err := s.setVMIMigrationState(ctx, vmi, m, edit); err != nil {
 		return err
 	}
 	if next == kvv1.MigrationPreparingTarget {
-		if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, false, func(v *kvv1.VirtualMachineInstance) bool {
-			if v.Labels[kvv1.MigrationTargetNodeNameLabel] == state.TargetNode {
+		if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
+			if v.Labels[kvv1.MigrationTargetNodeNameLabel] == target.Spec.NodeName {
 				return false
 			}
 			if v.Labels == nil {
 				v.Labels = map[string]string{}
 			}
-			v.Labels[kvv1.MigrationTargetNodeNameLabel] = state.TargetNode
+			v.Labels[kvv1.MigrationTargetNodeNameLabel] = target.Spec.NodeName
 			return true
 		}); err != nil {
 			return fmt.Errorf("migration %s: label vmi: %w", keyOf(m), err)
 		}
 	}
-	return s.setPhase(ctx, m, m.Status.Phase, next, state)
+	return s.setPhase(ctx, m, m.Status.Phase, next, nil)
 }
 
-// migrationBroken says why a migration cannot go on: a pod or node of it
-// died (the simulator knows; virt-handler would notice).
-func (s *Simulator) migrationBroken(m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) string {
-	st := m.Status.MigrationState
-	if st == nil {
-		return ""
-	}
-	target := s.getPod(m.Namespace + "/" + st.TargetPod)
+// migrationBroken says why a migration cannot go on (a pod or node of it died: the simulator
+// knows, virt-controller or a virt-handler would notice), or that it hangs: its source node is
+// dead once the source virt-handler has a part to play (TargetReady on), and nobody reports
+// anything about it.
+func (s *Simulator) migrationBroken(m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) (why string, hang bool) {
+	target := s.getPod(m.Namespace + "/" + targetPodName(vmi.Name, vmi.UID, m.UID))
 	if target == nil || isTerminal(target) || target.DeletionTimestamp != nil {
-		return "Migration failed: target pod is gone"
+		return "Migration failed: target pod is gone", false
 	}
 	if s.truth.running(target.UID) {
-		return "" // the guest moved; completeMigration finishes the handover
+		return "", false // the guest moved; completeMigration finishes the handover
 	}
-	if !s.nodes.kubeletAlive(st.SourceNode) {
-		return fmt.Sprintf("Migration failed: source node %s is not responding", st.SourceNode)
+	source := vmi.Status.NodeName
+	if st := vmi.Status.MigrationState; st != nil && st.MigrationUID == m.UID && st.SourceNode != "" {
+		source = st.SourceNode
 	}
-	if st.TargetNode != "" && !s.nodes.kubeletAlive(st.TargetNode) {
-		return fmt.Sprintf("Migration failed: target node %s is not responding", st.TargetNode)
+	if !s.nodes.kubeletAlive(source) {
+		return "", m.Status.Phase == kvv1.MigrationTargetReady || m.Status.Phase == kvv1.MigrationRunning
+	}
+	if !s.nodes.kubeletAlive(target.Spec.NodeName) {
+		return fmt.Sprintf("Migration failed: target node %s is not responding", target.Spec.NodeName), false
 	}
 	src := activePod(vmi, s.mustLaunchers(vmi))
 	if src == nil || !s.truth.running(src.UID) {
-		return "Migration failed: source guest is not running"
+		return "Migration failed: source guest is not running", false
 	}
-	return ""
+	return "", false
 }
 
 func dirtyRate(vmi *kvv1.VirtualMachineInstance) int64 {
@@ -497,8 +631,12 @@ func (s *Simulator) PlanMigration(vmi *kvv1.VirtualMachineInstance) MigrationPla
 }
 
 func (s *Simulator) migrationRunning(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) error {
-	if why := s.migrationBroken(m, vmi); why != "" {
+	why, hang := s.migrationBroken(m, vmi)
+	if why != "" {
 		return s.failMigration(ctx, m, vmi, why)
+	}
+	if hang {
+		return nil // the node's return brings us back
 	}
 	plan := s.PlanMigration(vmi)
 	left := s.scaled(plan.Duration) - s.clock.Now().Sub(s.phaseSince(m))
@@ -515,19 +653,22 @@ func (s *Simulator) migrationRunning(ctx context.Context, m *kvv1.VirtualMachine
 func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) error {
 	// The handover has effects beyond the API (the guest moves): make sure
 	// the cache did not hand us a migration that has already completed.
-	fresh, err := s.KubeVirt.VirtualMachineInstanceMigrations(m.Namespace).Get(ctx, m.Name, metav1.GetOptions{})
+	fresh, err := s.kv.VirtualMachineInstanceMigrations(m.Namespace).Get(ctx, m.Name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("migration %s: %w", keyOf(m), err)
 	}
-	if fresh.UID != m.UID || fresh.Status.Phase != kvv1.MigrationRunning || fresh.DeletionTimestamp != nil {
+	if fresh.UID != m.UID || fresh.Status.Phase != kvv1.MigrationRunning || (fresh.DeletionTimestamp != nil && !s.abortLost(m)) {
 		s.migrationQueue.Add(keyOf(m))
 		return nil
 	}
 	m = fresh
-	st := m.Status.MigrationState
+	st := vmi.Status.MigrationState
+	if st == nil || st.MigrationUID != m.UID {
+		return s.failMigration(ctx, m, vmi, "VMI's migration state was cleared during the active migration.")
+	}
 	target := s.getPod(m.Namespace + "/" + st.TargetPod)
 	var source *corev1.Pod
 	if st.SourcePod != "" {
@@ -579,7 +720,7 @@ func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachin
 	now := s.now()
 	var final kvv1.VirtualMachineInstanceMigrationState
 	// 1. the guest has moved, in one step; 2. the VMI points at the target...
-	_, err = s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
+	_, err = s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.UID != vmi.UID {
 			return false
 		}
@@ -589,6 +730,9 @@ func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachin
 		ms := v.Status.MigrationState
 		ms.Completed = true
 		ms.EndTimestamp = &now
+		if ms.AbortRequested {
+			ms.AbortStatus = kvv1.MigrationAbortFailed // the abort came too late
+		}
 		v.Status.NodeName = dstNode
 		final = *ms
 		return true
@@ -601,7 +745,7 @@ func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachin
 		return fmt.Errorf("migration %s: hand over vmi: %w", keyOf(m), err)
 	}
 	// 3. ...and the VMI's labels and the migration follow.
-	if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, false, func(v *kvv1.VirtualMachineInstance) bool {
+	if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.Labels == nil {
 			v.Labels = map[string]string{}
 		}
@@ -611,7 +755,7 @@ func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachin
 	}); err != nil {
 		return fmt.Errorf("migration %s: relabel vmi: %w", keyOf(m), err)
 	}
-	s.log.Info().Str("vmi", keyOf(vmi)).Str("from", srcNode).Str("to", dstNode).Msg("migration succeeded")
+	s.log.Info().Str("vmi", keyOf(vmi)).Str("from", srcNode).Str("to", dstNode).Bool("abortLost", final.AbortRequested).Msg("migration succeeded")
 	err = s.setPhase(ctx, m, kvv1.MigrationRunning, kvv1.MigrationSucceeded, &final)
 	s.release(m)
 	return err
@@ -634,7 +778,7 @@ func (s *Simulator) lockNodes(a, b string) func() {
 
 // setVMIMigrationState edits the VMI's migrationState for migration m.
 func (s *Simulator) setVMIMigrationState(ctx context.Context, vmi *kvv1.VirtualMachineInstance, m *kvv1.VirtualMachineInstanceMigration, f func(*kvv1.VirtualMachineInstanceMigrationState)) error {
-	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
+	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.UID != vmi.UID {
 			return false
 		}
@@ -650,10 +794,14 @@ func (s *Simulator) setVMIMigrationState(ctx context.Context, vmi *kvv1.VirtualM
 	return nil
 }
 
+// failMigration ends m as Failed. A migration handed off to the virt-handlers has the failure
+// on the VMI's migrationState, which becomes the migration's; one that failed before (target
+// unschedulable, cancelled) keeps its source pod and gets the reason there too, where KubeVirt
+// only records an event.
 func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance, reason string) error {
 	// Failing rewrites the VMI's migrationState and removes the target pod:
 	// make sure the cache did not hand us a migration that already ended.
-	fresh, err := s.KubeVirt.VirtualMachineInstanceMigrations(m.Namespace).Get(ctx, m.Name, metav1.GetOptions{})
+	fresh, err := s.kv.VirtualMachineInstanceMigrations(m.Namespace).Get(ctx, m.Name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		return nil
 	}
@@ -665,7 +813,7 @@ func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineIns
 		return nil
 	}
 	if vmi != nil {
-		if cur, err := s.KubeVirt.VirtualMachineInstances(vmi.Namespace).Get(ctx, vmi.Name, metav1.GetOptions{}); err == nil {
+		if cur, err := s.kv.VirtualMachineInstances(vmi.Namespace).Get(ctx, vmi.Name, metav1.GetOptions{}); err == nil {
 			vmi = cur
 		}
 	}
@@ -682,9 +830,9 @@ func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineIns
 			return err
 		}
 	} else {
-		final = m.Status.MigrationState.DeepCopy()
+		final = fresh.Status.MigrationState.DeepCopy()
 		if final == nil {
-			final = &kvv1.VirtualMachineInstanceMigrationState{MigrationUID: m.UID}
+			final = &kvv1.VirtualMachineInstanceMigrationState{}
 		}
 		final.Completed, final.Failed, final.EndTimestamp, final.FailureReason = true, true, &now, reason
 	}
@@ -694,9 +842,7 @@ func (s *Simulator) failMigration(ctx context.Context, m *kvv1.VirtualMachineIns
 			return false
 		}
 		setMigrationPhase(cur, kvv1.MigrationFailed, now)
-		if final != nil {
-			cur.Status.MigrationState = final
-		}
+		cur.Status.MigrationState = final
 		return true
 	})
 	if err != nil {
@@ -719,72 +865,141 @@ func (s *Simulator) deleteTargetPod(ctx context.Context, m *kvv1.VirtualMachineI
 	}
 }
 
-// abortMigration handles a migration deleted before it ended: a running
-// one is aborted (abortRequested, then abortStatus Succeeded), the source
-// keeps running; the finalizer then goes.
+// abortLost reports that the source virt-handler found migration m too far along to abort it.
+func (s *Simulator) abortLost(m *kvv1.VirtualMachineInstanceMigration) bool {
+	s.migration.mu.Lock()
+	defer s.migration.mu.Unlock()
+	return s.migration.aborts[m.UID].lost
+}
+
+// abortMigration handles a migration deleted before it ended. Before hand-off it is cancelled:
+// its target pod goes and it fails (handlePreHandoffMigrationCancel). After hand-off
+// virt-controller asks the source virt-handler to abort it (abortRequested on the VMI's
+// migrationState, markMigrationAbortInVmiStatus), which takes a MigrationStepDuration: the
+// source keeps running (abortStatus Succeeded), unless the transfer ends first, when the abort
+// fails and the migration succeeds (abortStatus Failed). A dead source virt-handler does
+// neither: the migration hangs. The finalizer goes once the migration has ended.
 func (s *Simulator) abortMigration(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, vmi *kvv1.VirtualMachineInstance) error {
 	if isMigrationFinal(m) {
 		s.release(m)
-		return s.dropMigrationFinalizer(ctx, m, true)
+		s.deleteTargetPod(ctx, m, vmi)
+		return s.dropMigrationFinalizer(ctx, m)
+	}
+	ms := vmi.Status.MigrationState
+	if ms == nil || ms.MigrationUID != m.UID || vmiFinal(vmi) {
+		s.deleteTargetPod(ctx, m, vmi)
+		if err := s.markMigrationFailedAborted(ctx, m, s.now()); err != nil {
+			return err
+		}
+		s.release(m)
+		return s.dropMigrationFinalizer(ctx, m)
+	}
+	sourceAlive := s.nodes.kubeletAlive(ms.SourceNode)
+	if !ms.AbortRequested {
+		now := s.clock.Now()
+		lost := false
+		if m.Status.Phase == kvv1.MigrationRunning {
+			plan := s.PlanMigration(vmi)
+			remaining := s.scaled(plan.Duration) - now.Sub(s.phaseSince(m))
+			lost = plan.Converges && remaining <= s.scaled(s.opts.MigrationStepDuration)
+		}
+		if err := s.setVMIMigrationState(ctx, vmi, m, func(st *kvv1.VirtualMachineInstanceMigrationState) {
+			st.AbortRequested = true
+			if sourceAlive {
+				st.AbortStatus = kvv1.MigrationAbortInProgress
+			}
+		}); err != nil {
+			return err
+		}
+		if err := s.addAbortRequestedCondition(ctx, m); err != nil {
+			return err
+		}
+		s.migration.mu.Lock()
+		s.migration.aborts[m.UID] = abortDecision{at: now, lost: lost}
+		s.migration.mu.Unlock()
+		s.log.Info().Str("migration", keyOf(m)).Bool("lost", lost).Bool("sourceAlive", sourceAlive).Msg("migration deleted after hand-off: abort requested")
+		s.migrationQueue.AddAfter(keyOf(m), s.scaled(s.opts.MigrationStepDuration))
+		return nil
+	}
+	if !sourceAlive {
+		return nil // nobody can abort it; the node's return brings us back
+	}
+	s.migration.mu.Lock()
+	d, ok := s.migration.aborts[m.UID]
+	if !ok { // decided before a restart of the simulator: the abort goes on
+		d = abortDecision{at: s.clock.Now()}
+		s.migration.aborts[m.UID] = d
+	}
+	s.migration.mu.Unlock()
+	if d.lost && m.Status.Phase == kvv1.MigrationRunning {
+		return s.migrationRunning(ctx, m, vmi)
+	}
+	if left := s.scaled(s.opts.MigrationStepDuration) - s.clock.Now().Sub(d.at); left > 0 {
+		s.migrationQueue.AddAfter(keyOf(m), left)
+		return nil
 	}
 	now := s.now()
-	if vmi != nil && vmi.Status.MigrationState != nil && vmi.Status.MigrationState.MigrationUID == m.UID && !vmiFinal(vmi) {
-		ms := vmi.Status.MigrationState
-		if !ms.AbortRequested {
-			if err := s.setVMIMigrationState(ctx, vmi, m, func(ms *kvv1.VirtualMachineInstanceMigrationState) {
-				ms.AbortRequested = true
-				ms.AbortStatus = kvv1.MigrationAbortInProgress
-			}); err != nil {
-				return err
-			}
-			s.log.Info().Str("migration", keyOf(m)).Msg("migration deleted: aborting")
-			s.migration.mu.Lock()
-			s.migration.since[m.UID] = s.clock.Now()
-			s.migration.mu.Unlock()
-			s.migrationQueue.AddAfter(keyOf(m), s.scaled(s.opts.MigrationStepDuration))
-			return nil
-		}
-		if ms.AbortStatus == kvv1.MigrationAbortInProgress {
-			if left := s.scaled(s.opts.MigrationStepDuration) - s.clock.Now().Sub(s.phaseSince(m)); left > 0 {
-				s.migrationQueue.AddAfter(keyOf(m), left)
-				return nil
-			}
-			if err := s.setVMIMigrationState(ctx, vmi, m, func(ms *kvv1.VirtualMachineInstanceMigrationState) {
-				ms.AbortStatus = kvv1.MigrationAbortSucceeded
-				ms.Completed, ms.Failed, ms.EndTimestamp = true, true, &now
-				ms.FailureReason = "Live migration aborted"
-			}); err != nil {
-				return err
-			}
-			if err := s.unlabelMigrationTarget(ctx, vmi, m); err != nil {
-				return err
-			}
-			s.log.Info().Str("migration", keyOf(m)).Msg("migration aborted, source keeps running")
-		}
+	if err := s.setVMIMigrationState(ctx, vmi, m, func(st *kvv1.VirtualMachineInstanceMigrationState) {
+		st.AbortStatus = kvv1.MigrationAbortSucceeded
+		st.Completed, st.Failed, st.EndTimestamp = true, true, &now
+		st.FailureReason = "Live migration aborted"
+	}); err != nil {
+		return err
 	}
+	if err := s.unlabelMigrationTarget(ctx, vmi, m); err != nil {
+		return err
+	}
+	s.log.Info().Str("migration", keyOf(m)).Msg("migration aborted, source keeps running")
 	s.deleteTargetPod(ctx, m, vmi)
-	if _, err := s.mutateVMIM(ctx, m.Namespace, m.Name, true, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
-		if cur.UID != m.UID || isMigrationFinal(cur) {
+	if err := s.markMigrationFailedAborted(ctx, m, now); err != nil {
+		return err
+	}
+	s.release(m)
+	return s.dropMigrationFinalizer(ctx, m)
+}
+
+// addAbortRequestedCondition is updateStatus's migrationAbortRequested condition of a deleted
+// migration.
+func (s *Simulator) addAbortRequestedCondition(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration) error {
+	now := s.now()
+	_, err := s.mutateVMIM(ctx, m.Namespace, m.Name, true, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
+		if cur.UID != m.UID {
 			return false
 		}
-		setMigrationPhase(cur, kvv1.MigrationFailed, now)
+		for _, c := range cur.Status.Conditions {
+			if c.Type == kvv1.VirtualMachineInstanceMigrationAbortRequested {
+				return false
+			}
+		}
 		cur.Status.Conditions = append(cur.Status.Conditions, kvv1.VirtualMachineInstanceMigrationCondition{
 			Type: kvv1.VirtualMachineInstanceMigrationAbortRequested, Status: corev1.ConditionTrue, Reason: "AbortRequested", Message: "migration deleted", LastTransitionTime: now,
 		})
 		return true
+	})
+	if err != nil {
+		return fmt.Errorf("migration %s: mark abort requested: %w", keyOf(m), err)
+	}
+	return nil
+}
+
+// markMigrationFailedAborted ends a deleted migration as Failed, with the abort condition.
+func (s *Simulator) markMigrationFailedAborted(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, now metav1.Time) error {
+	if err := s.addAbortRequestedCondition(ctx, m); err != nil {
+		return err
+	}
+	if _, err := s.mutateVMIM(ctx, m.Namespace, m.Name, true, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
+		return cur.UID == m.UID && !isMigrationFinal(cur) && setMigrationPhase(cur, kvv1.MigrationFailed, now)
 	}); err != nil {
 		return fmt.Errorf("migration %s: mark aborted: %w", keyOf(m), err)
 	}
-	s.release(m)
-	return s.dropMigrationFinalizer(ctx, m, true)
+	return nil
 }
 
-func (s *Simulator) dropMigrationFinalizer(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration, deleting bool) error {
+// dropMigrationFinalizer removes the finalizer of a migration that has ended or is being
+// deleted (updateStatus: "Remove the finalizer ... if the migration has already completed").
+func (s *Simulator) dropMigrationFinalizer(ctx context.Context, m *kvv1.VirtualMachineInstanceMigration) error {
 	if !hasFinalizer(m, kvv1.VirtualMachineInstanceMigrationFinalizer) {
 		return nil
-	}
-	if !deleting && m.DeletionTimestamp == nil {
-		return nil // KubeVirt keeps it until the object is deleted
 	}
 	_, err := s.mutateVMIM(ctx, m.Namespace, m.Name, false, func(cur *kvv1.VirtualMachineInstanceMigration) bool {
 		return cur.UID == m.UID && removeFinalizer(cur, kvv1.VirtualMachineInstanceMigrationFinalizer)
@@ -795,10 +1010,38 @@ func (s *Simulator) dropMigrationFinalizer(ctx context.Context, m *kvv1.VirtualM
 	return nil
 }
 
+// collectFinishedMigrations is garbageCollectFinalizedMigrations: of the VMI's finished
+// migrations, only the five most recent are kept.
+func (s *Simulator) collectFinishedMigrations(ctx context.Context, vmi *kvv1.VirtualMachineInstance) error {
+	var done []*kvv1.VirtualMachineInstanceMigration
+	for _, m := range s.migrationsForVMI(vmi.Namespace, vmi.Name) {
+		if isMigrationFinal(m) && m.DeletionTimestamp == nil {
+			done = append(done, m)
+		}
+	}
+	if len(done) <= finishedMigrationsKept {
+		return nil
+	}
+	sort.Slice(done, func(i, j int) bool { // oldest first
+		if !done[i].CreationTimestamp.Equal(&done[j].CreationTimestamp) {
+			return done[i].CreationTimestamp.Before(&done[j].CreationTimestamp)
+		}
+		return done[i].Name < done[j].Name
+	})
+	for _, m := range done[:len(done)-finishedMigrationsKept] {
+		uid := m.UID
+		err := s.kv.VirtualMachineInstanceMigrations(m.Namespace).Delete(ctx, m.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
+		if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+			return fmt.Errorf("vmi %s: garbage-collect finished migration %s: %w", keyOf(vmi), m.Name, err)
+		}
+	}
+	return nil
+}
+
 // unlabelMigrationTarget removes the migration-target node label from the
 // VMI once migration m has ended without a handover.
 func (s *Simulator) unlabelMigrationTarget(ctx context.Context, vmi *kvv1.VirtualMachineInstance, m *kvv1.VirtualMachineInstanceMigration) error {
-	if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, false, func(v *kvv1.VirtualMachineInstance) bool {
+	if _, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
 		if _, ok := v.Labels[kvv1.MigrationTargetNodeNameLabel]; !ok {
 			return false
 		}

@@ -327,7 +327,7 @@ func (s *Simulator) renewLease(ctx context.Context, name string) error {
 				ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: corev1.NamespaceNodeLease},
 				Spec: coordinationv1.LeaseSpec{
 					HolderIdentity:       ptr.To(name),
-					LeaseDurationSeconds: ptr.To(int32(s.opts.NodeMonitorGracePeriod / time.Second)),
+					LeaseDurationSeconds: ptr.To(int32(40)), // the kubelet's nodeLeaseDurationSeconds
 					RenewTime:            &now,
 				},
 			}
@@ -445,6 +445,13 @@ func (s *Simulator) monitorNode(ctx context.Context, node *corev1.Node, stale bo
 	}
 	if err := s.syncConditionTaints(ctx, node, status); err != nil {
 		return err
+	}
+	if status != corev1.ConditionTrue {
+		// Pods on a node that is not Ready are not Ready either (MarkPodsNotReady, on the
+		// node's transition and for every pod that shows up there); endpoints drop them.
+		for _, p := range s.podsBy(byNode, node.Name) {
+			s.markPodNotReady(ctx, p)
+		}
 	}
 	s.evictNoExecute(ctx, node)
 	if hasTaint(node, taintOutOfService, "") && status != corev1.ConditionTrue {
@@ -618,8 +625,11 @@ func (s *Simulator) markPodNotReady(ctx context.Context, p *corev1.Pod) {
 
 // runVirtHandlerHeartbeats plays virt-handler's node heartbeat (the
 // kubevirt.io/heartbeat annotation and kubevirt.io/schedulable=true on a
-// live node) and virt-controller's node controller (schedulable=false once
-// the heartbeat is stale).
+// live node) and virt-controller's node controller
+// (pkg/virt-controller/watch/node/node.go), while virt-controller runs: once
+// the heartbeat is older than VirtHandlerUnresponsiveAfter it marks the node
+// schedulable=false and fails the VMIs there that have no live launcher pod
+// (reason NodeUnresponsive).
 func (s *Simulator) runVirtHandlerHeartbeats(ctx context.Context) error {
 	t := s.clock.NewTicker(s.scaled(s.opts.VirtHandlerHeartbeatInterval))
 	defer t.Stop()
@@ -628,21 +638,27 @@ func (s *Simulator) runVirtHandlerHeartbeats(ctx context.Context) error {
 	beat := true
 	for {
 		now := s.clock.Now()
+		ctrl := s.virtControllerActive()
 		for _, obj := range s.nodeInformer.GetStore().List() {
 			node := obj.(*corev1.Node)
 			var labels, annotations map[string]any
 			_, started := node.Annotations[kvv1.VirtHandlerHeartbeat]
+			unresponsive := false
 			if (beat || !started) && s.nodes.kubeletAlive(node.Name) { // a new virt-handler beats at once
 				annotations = map[string]any{kvv1.VirtHandlerHeartbeat: now.UTC().Format(time.RFC3339)}
 				if node.Labels[kvv1.NodeSchedulable] != "true" {
 					labels = map[string]any{kvv1.NodeSchedulable: "true"}
 				}
-			} else if node.Labels[kvv1.NodeSchedulable] == "true" {
-				hb, err := time.Parse(time.RFC3339, node.Annotations[kvv1.VirtHandlerHeartbeat])
-				if err == nil && now.Sub(hb) > s.scaled(s.opts.VirtHandlerUnresponsiveAfter) {
+			} else if hb, err := time.Parse(time.RFC3339, node.Annotations[kvv1.VirtHandlerHeartbeat]); err == nil && ctrl &&
+				now.Sub(hb) > s.scaled(s.opts.VirtHandlerUnresponsiveAfter) {
+				unresponsive = true
+				if node.Labels[kvv1.NodeSchedulable] == "true" {
 					labels = map[string]any{kvv1.NodeSchedulable: "false"}
 					s.log.Info().Str("node", node.Name).Msg("virt-controller: virt-handler heartbeat stale, node unschedulable for VMIs")
 				}
+			}
+			if unresponsive {
+				s.failUnresponsiveNodeVMIs(ctx, node.Name)
 			}
 			if labels == nil && annotations == nil {
 				continue
@@ -668,6 +684,52 @@ func (s *Simulator) runVirtHandlerHeartbeats(ctx context.Context) error {
 			beat = false
 		}
 	}
+}
+
+// failUnresponsiveNodeVMIs is the node controller's checkNodeForOrphanedAndErroredVMIs: the
+// VMIs on a node whose virt-handler stopped answering, that have no live launcher pod there
+// (none, or only finished ones), are Failed with reason NodeUnresponsive.
+func (s *Simulator) failUnresponsiveNodeVMIs(ctx context.Context, node string) {
+	alive := map[string]bool{} // VMI UIDs with a live launcher pod on node
+	for _, p := range s.podsBy(byNode, node) {
+		if isLauncher(p) && !isTerminal(p) && !allContainersTerminated(p) {
+			alive[p.Labels[kvv1.CreatedByLabel]] = true
+		}
+	}
+	for _, vmi := range s.vmisOnNode(node) {
+		if vmiFinal(vmi) || alive[string(vmi.UID)] {
+			continue
+		}
+		uid, phase := vmi.UID, vmi.Status.Phase
+		now := s.now()
+		_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
+			if v.UID != uid || v.Status.Phase != phase || v.Status.NodeName != node {
+				return false
+			}
+			setVMIPhase(v, kvv1.Failed, now)
+			v.Status.Reason = nodeUnresponsiveReason
+			return true
+		})
+		if err != nil {
+			s.log.Debug().Err(err).Str("vmi", keyOf(vmi)).Msg("node controller: fail vmi of unresponsive node")
+			continue
+		}
+		s.log.Info().Str("vmi", keyOf(vmi)).Str("node", node).Msg("virt-controller: virt-handler is not responsive, VMI Failed (NodeUnresponsive)")
+	}
+}
+
+// allContainersTerminated: a pod stuck terminating whose containers all ended is not alive
+// for virt-controller's node controller.
+func allContainersTerminated(p *corev1.Pod) bool {
+	if len(p.Status.ContainerStatuses) == 0 {
+		return false
+	}
+	for _, c := range p.Status.ContainerStatuses {
+		if c.State.Terminated == nil {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *Simulator) vmisOnNode(node string) []*kvv1.VirtualMachineInstance {

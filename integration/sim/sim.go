@@ -45,7 +45,8 @@ type Options struct {
 	// HeartbeatInterval is how often a kubelet renews its Lease (10s).
 	HeartbeatInterval time.Duration
 	// NodeMonitorGracePeriod is how long the node lifecycle controller waits
-	// without a heartbeat before it marks a node Ready=Unknown (40s).
+	// without a heartbeat before it marks a node Ready=Unknown (50s, the
+	// kube-controller-manager default since Kubernetes 1.32).
 	NodeMonitorGracePeriod time.Duration
 	// NodeMonitorPeriod is how often the node lifecycle controller looks (5s).
 	NodeMonitorPeriod time.Duration
@@ -84,7 +85,13 @@ type Options struct {
 	KubeVirtNamespace string
 	// NoKubeVirtPods leaves out KubeVirt's own pods (virt-handler on every
 	// node, virt-api and virt-controller), which are created by default.
+	// KubeVirt's control plane then never fails: its webhooks always answer
+	// and its controllers always act.
 	NoKubeVirtPods bool
+	// KubeVirtPods says on which nodes the replicas of virt-api and
+	// virt-controller first start (default: wherever the scheduler puts
+	// them). Their replacements, once those pods are deleted, are scheduled.
+	KubeVirtPods KubeVirtPods
 	// WebhookListenAddr is where the eviction webhook listens (host:port;
 	// port 0 picks one). The API server must reach it at that host, which
 	// the serving certificate covers. Default: $DROVER_SIM_WEBHOOK_ADDR,
@@ -112,7 +119,7 @@ func (o *Options) setDefaults() {
 		o.InstallCRDs = crds.Install
 	}
 	def(&o.HeartbeatInterval, 10*time.Second)
-	def(&o.NodeMonitorGracePeriod, 40*time.Second)
+	def(&o.NodeMonitorGracePeriod, 50*time.Second)
 	def(&o.NodeMonitorPeriod, 5*time.Second)
 	def(&o.RebootDuration, 30*time.Second)
 	def(&o.KubeletStartupDuration, 5*time.Second)
@@ -147,8 +154,17 @@ type Simulator struct {
 
 	// Kube is the typed client for core objects.
 	Kube kubernetes.Interface
-	// KubeVirt is the typed client for kubevirt.io/v1 objects.
+	// KubeVirt is the typed client for kubevirt.io/v1 objects. It acts as
+	// the user of the configuration New was given: KubeVirt's admission
+	// treats it as any user (see kv for the simulator's own writes).
 	KubeVirt kvclient.KubevirtV1Interface
+	// kv is the client KubeVirt's components use: it acts as
+	// virt-controller's service account (see kubeVirtConfig), which
+	// KubeVirt's admission lets set what users may not.
+	kv    kvclient.KubevirtV1Interface
+	kvCfg *rest.Config
+	// webhooks are virt-api's admission webhooks.
+	webhooks *virtAPIWebhooks
 	// Dynamic is the client for Deckhouse objects.
 	Dynamic dynamic.Interface
 
@@ -189,6 +205,8 @@ type Simulator struct {
 	saReady map[string]bool
 
 	cpExpect map[string]time.Time // control-plane pods created, not yet seen (one worker)
+	cpPlaced map[string][]bool    // which Options.KubeVirtPods placements are used, by component
+	leader   *virtControllerLeader
 
 	runMu   sync.Mutex
 	running bool
@@ -216,6 +234,11 @@ func New(cfg *rest.Config, opts Options) (*Simulator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sim: dynamic client: %w", err)
 	}
+	kvCfg := kubeVirtConfig(cfg, opts.KubeVirtNamespace)
+	kvAsController, err := kvclient.NewForConfig(kvCfg)
+	if err != nil {
+		return nil, fmt.Errorf("sim: kubevirt client as virt-controller: %w", err)
+	}
 	s := &Simulator{
 		opts:     opts,
 		cfg:      cfg,
@@ -223,11 +246,21 @@ func New(cfg *rest.Config, opts Options) (*Simulator, error) {
 		clock:    opts.Clock,
 		Kube:     kube,
 		KubeVirt: kv,
+		kv:       kvAsController,
+		kvCfg:    kvCfg,
 		Dynamic:  dyn,
 		saReady:  map[string]bool{},
 		cpExpect: map[string]time.Time{},
+		cpPlaced: map[string][]bool{},
+		leader:   &virtControllerLeader{},
 		ready:    make(chan struct{}),
 	}
+	kvp, err := newKVPlane(kvCfg, s.log, s.scaled, s.clock.Now)
+	if err != nil {
+		return nil, fmt.Errorf("sim: %w", err)
+	}
+	s.webhooks = newVirtAPIWebhooks(kvp, opts.KubeVirtNamespace, webhookListenAddr(opts), s.log)
+	s.webhooks.available = s.virtAPIAvailable
 	s.nodes = newNodeStates()
 	s.kubelet = newKubeletState()
 	s.scheduler = newSchedulerState()
@@ -272,7 +305,8 @@ func (s *Simulator) controllers() []namedController {
 		{"migration", s.runMigrations},
 		{"deckhouse-vm", s.runDeckhouseVMs},
 		{"kubevirt-control-plane", s.runControlPlane},
-		{"eviction-webhook", s.runEvictionWebhook},
+		{"virt-api-webhooks", s.runWebhooks},
+		{"virt-controller-leader", s.runVirtControllerLeader},
 		{"evacuation", s.runEvacuation},
 		{"vmop", s.runVMOperations},
 	}
@@ -327,7 +361,6 @@ func (s *Simulator) Run(ctx context.Context) error {
 		return ctx.Err()
 	}
 	s.log.Info().Float64("timeScale", s.opts.TimeScale).Msg("simulator caches synced, starting controllers")
-	close(s.ready)
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 32)
@@ -342,6 +375,13 @@ func (s *Simulator) Run(ctx context.Context) error {
 			}
 		}(c)
 	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if s.waitWebhooksActive(ctx) {
+			close(s.ready)
+		}
+	}()
 	<-ctx.Done()
 	for _, q := range s.queues() {
 		q.ShutDown()
@@ -358,7 +398,8 @@ func (s *Simulator) Run(ctx context.Context) error {
 	return errors.Join(all...)
 }
 
-// Ready is closed once Run has synced its caches and started its controllers.
+// Ready is closed once Run has synced its caches, started its controllers and the API server
+// calls virt-api's webhooks.
 func (s *Simulator) Ready() <-chan struct{} { return s.ready }
 
 func (s *Simulator) queues() []workqueue.TypedRateLimitingInterface[string] {

@@ -25,12 +25,16 @@ func controlledBy(obj metav1.Object, apiVersion, kind string) *metav1.OwnerRefer
 	return ref
 }
 
-// syncVM plays virt-controller's VirtualMachine controller: it keeps a VMI
+// syncVM plays virt-controller's VirtualMachine controller, while virt-controller
+// runs (virtControllerActive): it keeps a VMI
 // of the VM's name in line with spec.runStrategy (Always, RerunOnFailure,
 // Manual, Halted, Once), honours status.stateChangeRequests (what virtctl
 // start/stop do through virt-api), backs off restarts of VMIs that fail
 // before they ever run, and reports status.
 func (s *Simulator) syncVM(ctx context.Context, key string) error {
+	if !s.virtControllerActive() {
+		return nil // a new leader resyncs every VM
+	}
 	ns, name := splitKey(key)
 	vm := s.getVM(key)
 	vmi := s.getVMI(key)
@@ -38,7 +42,7 @@ func (s *Simulator) syncVM(ctx context.Context, key string) error {
 		vmi = nil // not ours (a Deckhouse VM's or a bare VMI)
 	}
 	if vmi != nil && vmi.DeletionTimestamp != nil && hasFinalizer(vmi, kvv1.VirtualMachineControllerFinalizer) {
-		if _, err := s.mutateVMI(ctx, ns, name, false, func(v *kvv1.VirtualMachineInstance) bool {
+		if _, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 			return removeFinalizer(v, kvv1.VirtualMachineControllerFinalizer)
 		}); err != nil {
 			return fmt.Errorf("vm %s: release vmi: %w", key, err)
@@ -156,7 +160,7 @@ func (s *Simulator) syncVM(ctx context.Context, key string) error {
 
 func (s *Simulator) deleteVMI(ctx context.Context, vmi *kvv1.VirtualMachineInstance) error {
 	uid := vmi.UID
-	err := s.KubeVirt.VirtualMachineInstances(vmi.Namespace).Delete(ctx, vmi.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
+	err := s.kv.VirtualMachineInstances(vmi.Namespace).Delete(ctx, vmi.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
 	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
 		return fmt.Errorf("delete vmi %s: %w", keyOf(vmi), err)
 	}
@@ -183,7 +187,7 @@ func (s *Simulator) createVMIFromVM(ctx context.Context, vm *kvv1.VirtualMachine
 		vmi.Labels = map[string]string{}
 	}
 	vmi.Labels["vm.kubevirt.io/name"] = vm.Name
-	created, err := s.KubeVirt.VirtualMachineInstances(vm.Namespace).Create(ctx, vmi, metav1.CreateOptions{})
+	created, err := s.kv.VirtualMachineInstances(vm.Namespace).Create(ctx, vmi, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {
 		return nil, fmt.Errorf("vm %s: previous vmi still terminating: %w", keyOf(vm), err)
 	}

@@ -16,7 +16,8 @@ import (
 
 const (
 	// nodeUnresponsiveReason is KubeVirt's VMI status.reason for a VMI
-	// failed because its node stopped answering.
+	// failed because virt-handler on its node stopped answering
+	// (pkg/virt-controller/watch/node/node.go).
 	nodeUnresponsiveReason = "NodeUnresponsive"
 	launcherImage          = "quay.io/kubevirt/virt-launcher:v1.8.0"
 	// allowPodBridgeMigration is KubeVirt's opt-in for migrating a VMI with
@@ -304,14 +305,21 @@ func vmiFinal(vmi *kvv1.VirtualMachineInstance) bool {
 	return vmi.Status.Phase == kvv1.Succeeded || vmi.Status.Phase == kvv1.Failed
 }
 
-// syncVMI plays virt-controller's VMI controller and virt-handler: it
-// creates the launcher pod, follows it through Pending, Scheduling,
-// Scheduled and Running, and fails the VMI when the pod is gone. A VMI on
-// a node that stopped answering keeps its phase until its pod is gone.
+// syncVMI plays virt-controller's VMI controller (pkg/virt-controller/watch/vmi/lifecycle.go)
+// while virt-controller runs (virtControllerActive), and virt-handler while the VMI's node is
+// alive: the controller creates the launcher pod, follows it through Pending, Scheduling and
+// Scheduled and marks the VMI Failed, without a reason, once its pod is gone; virt-handler
+// starts the guest (Running) and reports a guest that ended with its pod. A VMI on a node that
+// stopped answering keeps its phase until its pod is gone, or until virt-controller's node
+// controller gives up on the node (failUnresponsiveNodeVMIs).
 func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 	ns, name := splitKey(key)
 	vmi := s.getVMI(key)
+	ctrl := s.virtControllerActive() // a new leader resyncs every VMI
 	if vmi == nil {
+		if !ctrl {
+			return nil
+		}
 		// garbage-collect launcher pods of a VMI that is gone
 		for _, p := range s.podsBy(byVMI, key) {
 			if p.DeletionTimestamp == nil {
@@ -322,12 +330,15 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 	}
 	pods, stale := s.launcherPods(vmi)
 	for _, p := range stale {
-		if p.DeletionTimestamp == nil {
+		if ctrl && p.DeletionTimestamp == nil {
 			s.deletePod(ctx, p, nil)
 		}
 	}
 	now := s.now()
 	if vmi.DeletionTimestamp != nil {
+		if !ctrl {
+			return nil
+		}
 		live := 0
 		for _, p := range pods {
 			live++
@@ -336,7 +347,7 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 			}
 		}
 		if live == 0 && hasFinalizer(vmi, kvv1.VirtualMachineInstanceFinalizer) {
-			_, err := s.mutateVMI(ctx, ns, name, false, func(v *kvv1.VirtualMachineInstance) bool {
+			_, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 				return removeFinalizer(v, kvv1.VirtualMachineInstanceFinalizer)
 			})
 			if err != nil {
@@ -348,14 +359,17 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 
 	switch vmi.Status.Phase {
 	case kvv1.VmPhaseUnset:
+		if !ctrl {
+			return nil
+		}
 		if !hasFinalizer(vmi, kvv1.VirtualMachineInstanceFinalizer) {
-			if _, err := s.mutateVMI(ctx, ns, name, false, func(v *kvv1.VirtualMachineInstance) bool {
+			if _, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 				return addFinalizer(v, kvv1.VirtualMachineInstanceFinalizer)
 			}); err != nil {
 				return fmt.Errorf("vmi %s: add finalizer: %w", key, err)
 			}
 		}
-		_, err := s.mutateVMI(ctx, ns, name, true, func(v *kvv1.VirtualMachineInstance) bool {
+		_, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 			if v.Status.Phase != kvv1.VmPhaseUnset {
 				return false
 			}
@@ -370,6 +384,9 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 		return nil
 
 	case kvv1.Pending:
+		if !ctrl {
+			return nil
+		}
 		if err := s.ensureServiceAccount(ctx, ns); err != nil {
 			return err
 		}
@@ -377,7 +394,7 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 		if _, err := s.Kube.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 			return fmt.Errorf("vmi %s: create launcher pod: %w", key, err)
 		}
-		_, err := s.mutateVMI(ctx, ns, name, true, func(v *kvv1.VirtualMachineInstance) bool {
+		_, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 			return v.Status.Phase == kvv1.Pending && setVMIPhase(v, kvv1.Scheduling, now)
 		})
 		if err != nil {
@@ -387,6 +404,9 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 
 	case kvv1.Scheduling, kvv1.Scheduled:
 		pod := activePod(vmi, pods)
+		if (pod == nil || isTerminal(pod) || vmi.Status.Phase == kvv1.Scheduling) && !ctrl {
+			return nil
+		}
 		if pod == nil {
 			// the cache may lag behind our own create: ask the API
 			podName := launcherPodName(vmi.Name, string(vmi.UID))
@@ -402,7 +422,7 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 			if pod.Status.Phase != corev1.PodRunning || pod.DeletionTimestamp != nil {
 				return s.copyPodScheduled(ctx, vmi, pod)
 			}
-			_, err := s.mutateVMI(ctx, ns, name, true, func(v *kvv1.VirtualMachineInstance) bool {
+			_, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 				if v.Status.Phase != kvv1.Scheduling {
 					return false
 				}
@@ -425,18 +445,26 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 	case kvv1.Running:
 		pod := activePod(vmi, pods)
 		if pod == nil {
+			if !ctrl {
+				return nil
+			}
 			if ms := vmi.Status.MigrationState; ms != nil && !ms.Completed && ms.TargetNode != "" && s.getPod(ns+"/"+ms.TargetPod) != nil && s.migrationHandingOff(vmi) {
 				return nil
 			}
-			reason := ""
-			if n := s.getNode(vmi.Status.NodeName); n == nil || !nodeReadyInAPI(n) {
-				reason = nodeUnresponsiveReason
-			}
-			return s.failVMI(ctx, vmi, reason, "virt-launcher pod is gone")
+			// lifecycle.go: "setting VMI to failed while running because pod does not exist",
+			// with no reason, whatever the state of its node.
+			return s.failVMI(ctx, vmi, "", "virt-launcher pod is gone")
 		}
 		switch pod.Status.Phase {
-		case corev1.PodSucceeded:
-			_, err := s.mutateVMI(ctx, ns, name, true, func(v *kvv1.VirtualMachineInstance) bool {
+		case corev1.PodSucceeded, corev1.PodFailed:
+			// virt-handler on the pod's node reports the guest's end; a dead node's cannot.
+			if !s.nodes.kubeletAlive(pod.Spec.NodeName) {
+				return nil
+			}
+			if pod.Status.Phase == corev1.PodFailed {
+				return s.failVMI(ctx, vmi, "", fmt.Sprintf("virt-launcher pod %s failed", pod.Name))
+			}
+			_, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 				// decided on a cached VMI: a migration may have moved it since
 				if vmiFinal(v) || v.UID != vmi.UID || v.Status.NodeName != pod.Spec.NodeName {
 					return false
@@ -446,8 +474,9 @@ func (s *Simulator) syncVMI(ctx context.Context, key string) error {
 				return true
 			})
 			return err
-		case corev1.PodFailed:
-			return s.failVMI(ctx, vmi, "", fmt.Sprintf("virt-launcher pod %s failed", pod.Name))
+		}
+		if !ctrl {
+			return nil
 		}
 		// a migration source pod that has completed is cleaned up
 		for _, p := range pods {
@@ -494,7 +523,7 @@ func (s *Simulator) updateRunningVMI(ctx context.Context, vmi *kvv1.VirtualMachi
 			active[p.UID] = p.Spec.NodeName
 		}
 	}
-	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
+	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
 		if vmiFinal(v) {
 			return false
 		}
@@ -545,7 +574,7 @@ func (s *Simulator) copyPodScheduled(ctx context.Context, vmi *kvv1.VirtualMachi
 		if c.Type != corev1.PodScheduled || c.Status != corev1.ConditionFalse {
 			continue
 		}
-		_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
+		_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
 			return setVMICondition(v, kvv1.VirtualMachineInstanceCondition{
 				Type: kvv1.VirtualMachineInstanceConditionType(corev1.PodScheduled), Status: corev1.ConditionFalse,
 				Reason: c.Reason, Message: c.Message,
@@ -557,7 +586,7 @@ func (s *Simulator) copyPodScheduled(ctx context.Context, vmi *kvv1.VirtualMachi
 }
 
 func (s *Simulator) labelVMINode(ctx context.Context, ns, name, node string) error {
-	_, err := s.mutateVMI(ctx, ns, name, false, func(v *kvv1.VirtualMachineInstance) bool {
+	_, err := s.mutateVMI(ctx, ns, name, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.Labels[kvv1.NodeNameLabel] == node {
 			return false
 		}
@@ -583,7 +612,7 @@ func (s *Simulator) vmiShutOff(ctx context.Context, p *corev1.Pod) error {
 		return nil
 	}
 	now := s.now()
-	_, err := s.mutateVMI(ctx, p.Namespace, name, true, func(v *kvv1.VirtualMachineInstance) bool {
+	_, err := s.mutateVMI(ctx, p.Namespace, name, func(v *kvv1.VirtualMachineInstance) bool {
 		if v.UID != vmi.UID || vmiFinal(v) || v.Status.NodeName != p.Spec.NodeName {
 			return false
 		}
@@ -599,7 +628,7 @@ func (s *Simulator) vmiShutOff(ctx context.Context, p *corev1.Pod) error {
 
 func (s *Simulator) failVMI(ctx context.Context, vmi *kvv1.VirtualMachineInstance, reason string, msg string) error {
 	now := s.now()
-	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, true, func(v *kvv1.VirtualMachineInstance) bool {
+	_, err := s.mutateVMI(ctx, vmi.Namespace, vmi.Name, func(v *kvv1.VirtualMachineInstance) bool {
 		// decided on a cached VMI: a migration may have moved it since
 		if vmiFinal(v) || v.UID != vmi.UID || v.Status.NodeName != vmi.Status.NodeName || v.Status.Phase != vmi.Status.Phase {
 			return false

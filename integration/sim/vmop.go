@@ -658,10 +658,10 @@ func (c *vmopController) mirror(ctx context.Context, u *unstructured.Unstructure
 	return nil
 }
 
-// migrationState is the migration's state: the one on the migration object, else the VMI's
-// when it describes this migration.
+// migrationState is the migration's state: the one on the migration object once it has ended
+// (until then it holds only the source pod), else the VMI's when it describes this migration.
 func (c *vmopController) migrationState(ctx context.Context, mig *virtv1.VirtualMachineInstanceMigration) (*virtv1.VirtualMachineInstanceMigrationState, error) {
-	if mig.Status.MigrationState != nil {
+	if mig.IsFinal() && mig.Status.MigrationState != nil {
 		return mig.Status.MigrationState, nil
 	}
 	vmi := &virtv1.VirtualMachineInstance{}

@@ -1,10 +1,14 @@
 package sim
 
-// KubeVirt's eviction path, part 1: the validating admission webhook that virt-api serves for
-// pods/eviction (pkg/virt-api/webhooks/validating-webhook/admitters/pod-eviction-admitter.go).
-// The simulator serves it itself over HTTPS with a CA it generates in memory and registers it
-// with the API server by URL, so `kubectl drain` against the test cluster meets the same
-// answers it would meet on a KubeVirt cluster.
+// virt-api's admission webhooks, served by the simulator itself over HTTPS with a CA it
+// generates in memory and registered with the API server by URL, as KubeVirt's virt-operator
+// registers them for the virt-api Service
+// (pkg/virt-operator/resource/generate/components/webhooks.go): the pod eviction validator
+// (KubeVirt's eviction path, part 1), VirtualMachineInstance create and update validators,
+// and the VirtualMachineInstanceMigration create validator and mutator (admission.go). Every
+// one has failurePolicy Fail, as in KubeVirt 1.5 and later, and answers only while a virt-api
+// pod is Ready on a live node (see virtAPIAvailable): otherwise the API server reports the
+// failed webhook call and refuses the request, as on a cluster whose virt-api is gone.
 
 import (
 	"context"
@@ -35,21 +39,36 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	virtv1 "kubevirt.io/api/core/v1"
 	ctrlclient "sigs.k8s.io/controller-runtime/pkg/client"
 )
 
 const (
-	// EvictionWebhookConfigName is the ValidatingWebhookConfiguration the simulator registers.
-	// It is not KubeVirt's own name (virt-api-validator) so that the simulator never replaces
-	// the configuration of a real KubeVirt installation.
-	EvictionWebhookConfigName = "drover-sim-virt-api-validator"
-	// evictionWebhookName is KubeVirt's webhook name; the API server puts it into the message a
-	// client sees ("admission webhook %q denied the request: ..."), so it is kept verbatim.
-	evictionWebhookName = "virt-launcher-eviction-interceptor.kubevirt.io"
-	evictionWebhookPath = "/pod-eviction-validator"
-	// webhookManagedByLabel marks the configuration as the simulator's.
+	// ValidatingWebhookConfigName and MutatingWebhookConfigName are the configurations the
+	// simulator registers. They are not KubeVirt's own names (virt-api-validator,
+	// virt-api-mutator) so that the simulator never replaces the configuration of a real
+	// KubeVirt installation.
+	ValidatingWebhookConfigName = "drover-sim-virt-api-validator"
+	MutatingWebhookConfigName   = "drover-sim-virt-api-mutator"
+
+	// KubeVirt's webhook names: the API server puts them into the message a client sees
+	// ("admission webhook %q denied the request: ..."), so they are kept verbatim.
+	evictionWebhookName        = "virt-launcher-eviction-interceptor.kubevirt.io"
+	vmiCreateWebhookName       = "virtualmachineinstances-create-validator.kubevirt.io"
+	vmiUpdateWebhookName       = "virtualmachineinstances-update-validator.kubevirt.io"
+	migrationCreateWebhookName = "migration-create-validator.kubevirt.io"
+	migrationMutateWebhookName = "migrations-mutator.kubevirt.io"
+
+	// KubeVirt's paths (components/webhooks.go).
+	evictionWebhookPath        = "/pod-eviction-validate"
+	vmiCreateWebhookPath       = "/virtualmachineinstances-validate-create"
+	vmiUpdateWebhookPath       = "/virtualmachineinstances-validate-update"
+	migrationCreateWebhookPath = "/migration-validate-create"
+	migrationMutateWebhookPath = "/migration-mutate-create"
+
+	// webhookManagedByLabel marks the configurations as the simulator's.
 	webhookManagedByLabel = "app.kubernetes.io/managed-by"
 	webhookManagedByValue = "drover-sim"
 	// defaultWebhookListenAddr is used when the simulator is not told where to listen.
@@ -57,59 +76,94 @@ const (
 )
 
 // EnvWebhookListenAddr names the environment variable that sets, when Options.WebhookListenAddr
-// is empty, where the simulator's eviction webhook listens (host:port; port 0 picks one). Default 127.0.0.1 on a random port. The API
-// server must be able to reach it at that host, which the serving certificate covers; an
-// unspecified host (0.0.0.0) is advertised as 127.0.0.1.
+// is empty, where the simulator's webhooks listen (host:port; port 0 picks one). Default
+// 127.0.0.1 on a random port. The API server must be able to reach it at that host, which the
+// serving certificate covers; an unspecified host (0.0.0.0) is advertised as 127.0.0.1.
 const EnvWebhookListenAddr = "DROVER_SIM_WEBHOOK_ADDR"
 
-// runEvictionWebhook serves KubeVirt's pod eviction webhook and keeps it registered until ctx
-// ends (see evictionWebhook.run for what happens to the registration on shutdown).
-func (s *Simulator) runEvictionWebhook(ctx context.Context) error {
-	kv, err := s.kubevirtPlane()
-	if err != nil {
-		return err
+// runWebhooks serves virt-api's webhooks and keeps them registered until ctx ends (see
+// virtAPIWebhooks.run for what happens to the registration on shutdown).
+func (s *Simulator) runWebhooks(ctx context.Context) error { return s.webhooks.run(ctx) }
+
+// webhookListenAddr is Options.WebhookListenAddr, else $DROVER_SIM_WEBHOOK_ADDR.
+func webhookListenAddr(o Options) string {
+	if o.WebhookListenAddr != "" {
+		return o.WebhookListenAddr
 	}
-	addr := s.opts.WebhookListenAddr
-	if addr == "" {
-		addr = os.Getenv(EnvWebhookListenAddr)
-	}
-	return newEvictionWebhook(kv, addr, s.log).run(ctx)
+	return os.Getenv(EnvWebhookListenAddr)
 }
 
-// evictionWebhook serves the pod eviction admitter. Start with run; it blocks until ctx ends.
-type evictionWebhook struct {
+// waitWebhooksActive waits until the webhooks are registered and the API server calls them
+// (it picks new configurations up asynchronously): a dry-run migration of a VMI that does not
+// exist is refused by the webhook, or fails calling it while virt-api is down. It reports
+// false when ctx ends first.
+func (s *Simulator) waitWebhooksActive(ctx context.Context) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-s.webhooks.ready:
+	}
+	probe := &virtv1.VirtualMachineInstanceMigration{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "drover-sim-probe-", Namespace: s.opts.KubeVirtNamespace},
+		Spec:       virtv1.VirtualMachineInstanceMigrationSpec{VMIName: "drover-sim-probe"},
+	}
+	for {
+		_, err := s.KubeVirt.VirtualMachineInstanceMigrations(probe.Namespace).Create(ctx, probe, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		if err != nil && (strings.Contains(err.Error(), "admission webhook") || strings.Contains(err.Error(), "failed calling webhook")) {
+			s.log.Debug().Err(err).Msg("virt-api webhooks active")
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// virtAPIWebhooks serves virt-api's admission webhooks. Start with run; it blocks until ctx
+// ends.
+type virtAPIWebhooks struct {
 	kv         *kvPlane
 	listenAddr string
 	log        zerolog.Logger
+	// kubevirtNS is where KubeVirt runs; serviceAccounts are the users its admission trusts
+	// (webhooks/serviceaccounts.go).
+	kubevirtNS      string
+	serviceAccounts map[string]bool
+	// available says whether virt-api can answer now and, when not, what the API server meets
+	// instead (nil: always).
+	available func() (bool, string)
 
-	// ready is closed once the configuration is registered (tests wait on it).
+	// ready is closed once the configurations are registered (tests wait on it).
 	ready chan struct{}
-	// url is the URL registered with the API server; valid after ready is closed.
+	// url is the base URL registered with the API server; valid after ready is closed.
 	url string
 }
 
-func newEvictionWebhook(kv *kvPlane, listenAddr string, log zerolog.Logger) *evictionWebhook {
+func newVirtAPIWebhooks(kv *kvPlane, kubevirtNamespace, listenAddr string, log zerolog.Logger) *virtAPIWebhooks {
 	if listenAddr == "" {
 		listenAddr = defaultWebhookListenAddr
 	}
-	return &evictionWebhook{
-		kv:         kv,
-		listenAddr: listenAddr,
-		log:        log.With().Str("component", "eviction-webhook").Logger(),
-		ready:      make(chan struct{}),
+	return &virtAPIWebhooks{
+		kv:              kv,
+		listenAddr:      listenAddr,
+		log:             log.With().Str("component", "virt-api").Logger(),
+		kubevirtNS:      kubevirtNamespace,
+		serviceAccounts: kubeVirtServiceAccounts(kubevirtNamespace),
+		ready:           make(chan struct{}),
 	}
 }
 
-// run serves the webhook and keeps its registration until ctx ends. On a clean shutdown it
-// removes the ValidatingWebhookConfiguration it registered (only if it still points at this
-// process): KubeVirt's failurePolicy is Ignore, so a configuration left behind would not block
-// evictions, but it would name a dead URL that every eviction in the cluster tries first, and it
-// would claim a KubeVirt behaviour that is no longer there. A crashed simulator leaves it
-// behind; the next start overwrites it.
-func (w *evictionWebhook) run(ctx context.Context) error {
+// run serves the webhooks and keeps their registration until ctx ends. On a clean shutdown it
+// removes the configurations it registered (only if they still point at this process): with
+// failurePolicy Fail a configuration left behind would refuse every VMI and migration write
+// and every eviction of a virt-launcher pod in the cluster. A crashed simulator leaves them
+// behind; the next start overwrites them.
+func (w *virtAPIWebhooks) run(ctx context.Context) error {
 	ln, err := net.Listen("tcp", w.listenAddr)
 	if err != nil {
-		return fmt.Errorf("eviction webhook: listen on %s: %w", w.listenAddr, err)
+		return fmt.Errorf("virt-api webhooks: listen on %s: %w", w.listenAddr, err)
 	}
 	var extraHosts []string
 	configured, _, _ := net.SplitHostPort(w.listenAddr)
@@ -119,11 +173,19 @@ func (w *evictionWebhook) run(ctx context.Context) error {
 	w.url = webhookURL(configured, ln.Addr())
 	caPEM, serving, err := generateWebhookCerts(time.Now(), extraHosts...)
 	if err != nil {
-		return errors.Join(fmt.Errorf("eviction webhook: %w", err), ln.Close())
+		return errors.Join(fmt.Errorf("virt-api webhooks: %w", err), ln.Close())
 	}
 
 	mux := http.NewServeMux()
-	mux.HandleFunc(evictionWebhookPath, w.serveAdmission)
+	for path, admit := range map[string]admitFunc{
+		evictionWebhookPath:        w.kv.admitEviction,
+		vmiCreateWebhookPath:       w.admitVMICreate,
+		vmiUpdateWebhookPath:       w.admitVMIUpdate,
+		migrationCreateWebhookPath: w.admitMigrationCreate,
+		migrationMutateWebhookPath: w.mutateMigrationCreate,
+	} {
+		mux.HandleFunc(path, w.serveAdmission(path, admit))
+	}
 	srv := &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -142,96 +204,168 @@ func (w *evictionWebhook) run(ctx context.Context) error {
 
 	// Keep trying to register: an API server that is briefly unavailable must not stop the
 	// simulator.
-	var uid types.UID
+	var reg registeredWebhooks
 	for {
-		uid, err = w.register(ctx, caPEM)
+		reg, err = w.register(ctx, caPEM)
 		if err == nil {
 			break
 		}
-		w.log.Warn().Err(err).Msg("register eviction webhook; retrying")
+		w.log.Warn().Err(err).Msg("register virt-api webhooks; retrying")
 		select {
 		case <-ctx.Done():
 			return shutdown()
 		case err := <-serveErr:
-			return fmt.Errorf("eviction webhook: serve on %s: %w", w.url, err)
+			return fmt.Errorf("virt-api webhooks: serve on %s: %w", w.url, err)
 		case <-time.After(time.Second):
 		}
 	}
 	close(w.ready)
-	w.log.Info().Str("url", w.url).Str("config", EvictionWebhookConfigName).Msg("eviction webhook registered")
+	w.log.Info().Str("url", w.url).Str("validating", ValidatingWebhookConfigName).Str("mutating", MutatingWebhookConfigName).
+		Msg("virt-api webhooks registered")
 
 	var serveFailed error
 	select {
 	case <-ctx.Done():
 	case err := <-serveErr:
 		if !errors.Is(err, http.ErrServerClosed) {
-			serveFailed = fmt.Errorf("eviction webhook: serve on %s: %w", w.url, err)
+			serveFailed = fmt.Errorf("virt-api webhooks: serve on %s: %w", w.url, err)
 		}
 	}
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	return errors.Join(serveFailed, w.unregister(dctx, uid), shutdown())
+	return errors.Join(serveFailed, w.unregister(dctx, reg), shutdown())
 }
 
-// webhookURL is the URL the API server calls: the configured listen host when it names one
-// (a host name or a specific address, which the serving certificate then covers), else the
+// webhookURL is the base URL the API server calls: the configured listen host when it names
+// one (a host name or a specific address, which the serving certificate then covers), else the
 // listener's address, an unspecified one (0.0.0.0, ::) being advertised as 127.0.0.1.
 func webhookURL(configuredHost string, addr net.Addr) string {
 	host, port, err := net.SplitHostPort(addr.String())
 	if err != nil {
-		return "https://" + addr.String() + evictionWebhookPath
+		return "https://" + addr.String()
 	}
 	if ip := net.ParseIP(configuredHost); configuredHost != "" && (ip == nil || !ip.IsUnspecified()) {
 		host = configuredHost
 	} else if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
 		host = "127.0.0.1"
 	}
-	return "https://" + net.JoinHostPort(host, port) + evictionWebhookPath
+	return "https://" + net.JoinHostPort(host, port)
 }
 
-// webhookConfig is the configuration KubeVirt's virt-operator installs for this admitter,
-// pointed at a URL instead of the virt-api Service.
-func (w *evictionWebhook) webhookConfig(caPEM []byte) *admissionregistrationv1.ValidatingWebhookConfiguration {
-	// KubeVirt: "configured to be ignored in case kube-api fails to get a response from it".
-	failurePolicy := admissionregistrationv1.Ignore
-	sideEffects := admissionregistrationv1.SideEffectClassNoneOnDryRun
-	matchPolicy := admissionregistrationv1.Equivalent
+// webhookRule is one rule of a KubeVirt webhook.
+func webhookRule(group, resource string, ops ...admissionregistrationv1.OperationType) []admissionregistrationv1.RuleWithOperations {
+	return []admissionregistrationv1.RuleWithOperations{{
+		Operations: ops,
+		Rule:       admissionregistrationv1.Rule{APIGroups: []string{group}, APIVersions: []string{"v1"}, Resources: []string{resource}},
+	}}
+}
+
+// validatingConfig is the part of virt-operator's virt-api-validator configuration the
+// simulator serves, pointed at its URL instead of the virt-api Service.
+func (w *virtAPIWebhooks) validatingConfig(caPEM []byte) *admissionregistrationv1.ValidatingWebhookConfiguration {
+	fail := admissionregistrationv1.Fail
+	none := admissionregistrationv1.SideEffectClassNone
+	noneOnDryRun := admissionregistrationv1.SideEffectClassNoneOnDryRun
 	timeout := int32(10)
-	url := w.url
+	hook := func(name, path string, sideEffects *admissionregistrationv1.SideEffectClass, rules []admissionregistrationv1.RuleWithOperations) admissionregistrationv1.ValidatingWebhook {
+		url := w.url + path
+		return admissionregistrationv1.ValidatingWebhook{
+			Name: name, AdmissionReviewVersions: []string{"v1"}, FailurePolicy: &fail, SideEffects: sideEffects,
+			TimeoutSeconds: &timeout, Rules: rules,
+			ClientConfig: admissionregistrationv1.WebhookClientConfig{URL: &url, CABundle: caPEM},
+		}
+	}
+	eviction := hook(evictionWebhookName, evictionWebhookPath, &noneOnDryRun,
+		webhookRule("", "pods/eviction", admissionregistrationv1.OperationAll))
+	// Only evictions of virt-launcher pods reach virt-api: with failurePolicy Fail, a virt-api
+	// that is down blocks only those.
+	eviction.MatchConditions = []admissionregistrationv1.MatchCondition{{Name: "only-vms", Expression: `object.metadata.name.startsWith("virt-launcher")`}}
 	return &admissionregistrationv1.ValidatingWebhookConfiguration{
-		ObjectMeta: metav1.ObjectMeta{
-			Name:   EvictionWebhookConfigName,
-			Labels: map[string]string{webhookManagedByLabel: webhookManagedByValue},
+		ObjectMeta: metav1.ObjectMeta{Name: ValidatingWebhookConfigName, Labels: map[string]string{webhookManagedByLabel: webhookManagedByValue}},
+		Webhooks: []admissionregistrationv1.ValidatingWebhook{
+			eviction,
+			hook(vmiCreateWebhookName, vmiCreateWebhookPath, &none, webhookRule(virtv1.SchemeGroupVersion.Group, resVMI, admissionregistrationv1.Create)),
+			hook(vmiUpdateWebhookName, vmiUpdateWebhookPath, &none, webhookRule(virtv1.SchemeGroupVersion.Group, resVMI, admissionregistrationv1.Update)),
+			hook(migrationCreateWebhookName, migrationCreateWebhookPath, &none, webhookRule(virtv1.SchemeGroupVersion.Group, resVMIM, admissionregistrationv1.Create)),
 		},
-		Webhooks: []admissionregistrationv1.ValidatingWebhook{{
-			Name:                    evictionWebhookName,
-			AdmissionReviewVersions: []string{"v1"},
-			FailurePolicy:           &failurePolicy,
-			SideEffects:             &sideEffects,
-			MatchPolicy:             &matchPolicy,
-			TimeoutSeconds:          &timeout,
-			ClientConfig: admissionregistrationv1.WebhookClientConfig{
-				URL:      &url,
-				CABundle: caPEM,
-			},
-			Rules: []admissionregistrationv1.RuleWithOperations{{
-				Operations: []admissionregistrationv1.OperationType{admissionregistrationv1.Create},
-				Rule: admissionregistrationv1.Rule{
-					APIGroups:   []string{""},
-					APIVersions: []string{"v1"},
-					Resources:   []string{"pods/eviction"},
-				},
-			}},
+	}
+}
+
+// mutatingConfig is the part of virt-operator's virt-api-mutator configuration the simulator
+// serves.
+func (w *virtAPIWebhooks) mutatingConfig(caPEM []byte) *admissionregistrationv1.MutatingWebhookConfiguration {
+	fail := admissionregistrationv1.Fail
+	none := admissionregistrationv1.SideEffectClassNone
+	timeout := int32(10)
+	url := w.url + migrationMutateWebhookPath
+	return &admissionregistrationv1.MutatingWebhookConfiguration{
+		ObjectMeta: metav1.ObjectMeta{Name: MutatingWebhookConfigName, Labels: map[string]string{webhookManagedByLabel: webhookManagedByValue}},
+		Webhooks: []admissionregistrationv1.MutatingWebhook{{
+			Name: migrationMutateWebhookName, AdmissionReviewVersions: []string{"v1"}, FailurePolicy: &fail, SideEffects: &none,
+			TimeoutSeconds: &timeout, Rules: webhookRule(virtv1.SchemeGroupVersion.Group, resVMIM, admissionregistrationv1.Create),
+			ClientConfig: admissionregistrationv1.WebhookClientConfig{URL: &url, CABundle: caPEM},
 		}},
 	}
 }
 
-// register creates or updates the configuration and returns its UID.
-func (w *evictionWebhook) register(ctx context.Context, caPEM []byte) (types.UID, error) {
-	api := w.kv.kube.AdmissionregistrationV1().ValidatingWebhookConfigurations()
-	want := w.webhookConfig(caPEM)
+// registeredWebhooks are the UIDs of the configurations this process registered.
+type registeredWebhooks struct{ validating, mutating types.UID }
+
+// register creates or updates both configurations.
+func (w *virtAPIWebhooks) register(ctx context.Context, caPEM []byte) (registeredWebhooks, error) {
+	var reg registeredWebhooks
+	var err error
+	admission := w.kv.kube.AdmissionregistrationV1()
+	reg.validating, err = applyWebhookConfig(ctx, admission.ValidatingWebhookConfigurations(), w.validatingConfig(caPEM),
+		func(cur, want *admissionregistrationv1.ValidatingWebhookConfiguration) {
+			cur.Labels, cur.Webhooks = want.Labels, want.Webhooks
+		})
+	if err != nil {
+		return reg, err
+	}
+	reg.mutating, err = applyWebhookConfig(ctx, admission.MutatingWebhookConfigurations(), w.mutatingConfig(caPEM),
+		func(cur, want *admissionregistrationv1.MutatingWebhookConfiguration) {
+			cur.Labels, cur.Webhooks = want.Labels, want.Webhooks
+		})
+	return reg, err
+}
+
+// unregister deletes both configurations if they are still the ones this process registered.
+func (w *virtAPIWebhooks) unregister(ctx context.Context, reg registeredWebhooks) error {
+	admission := w.kv.kube.AdmissionregistrationV1()
+	return errors.Join(
+		deleteWebhookConfig(ctx, w.log, admission.ValidatingWebhookConfigurations(), ValidatingWebhookConfigName, reg.validating,
+			func(c *admissionregistrationv1.ValidatingWebhookConfiguration) bool {
+				return len(c.Webhooks) > 0 && c.Webhooks[0].ClientConfig.URL != nil && strings.HasPrefix(*c.Webhooks[0].ClientConfig.URL, w.url+"/")
+			}),
+		deleteWebhookConfig(ctx, w.log, admission.MutatingWebhookConfigurations(), MutatingWebhookConfigName, reg.mutating,
+			func(c *admissionregistrationv1.MutatingWebhookConfiguration) bool {
+				return len(c.Webhooks) > 0 && c.Webhooks[0].ClientConfig.URL != nil && strings.HasPrefix(*c.Webhooks[0].ClientConfig.URL, w.url+"/")
+			}),
+	)
+}
+
+// webhookConfigAPI is what applyWebhookConfig and deleteWebhookConfig need of the typed
+// clients of validating and mutating webhook configurations.
+type webhookConfigAPI[T interface {
+	metav1.Object
+	runtime.Object
+}] interface {
+	Get(ctx context.Context, name string, opts metav1.GetOptions) (T, error)
+	Create(ctx context.Context, obj T, opts metav1.CreateOptions) (T, error)
+	Update(ctx context.Context, obj T, opts metav1.UpdateOptions) (T, error)
+	Delete(ctx context.Context, name string, opts metav1.DeleteOptions) error
+}
+
+// applyWebhookConfig creates want, or copies it (setFrom) into the existing configuration of
+// its name, and returns the UID.
+func applyWebhookConfig[T interface {
+	metav1.Object
+	runtime.Object
+}](ctx context.Context, api webhookConfigAPI[T], want T, setFrom func(cur, want T)) (types.UID, error) {
+	kind := fmt.Sprintf("%T", want)
 	for attempt := 0; ; attempt++ {
-		cur, err := api.Get(ctx, want.Name, metav1.GetOptions{})
+		cur, err := api.Get(ctx, want.GetName(), metav1.GetOptions{})
 		switch {
 		case apierrors.IsNotFound(err):
 			created, err := api.Create(ctx, want, metav1.CreateOptions{})
@@ -239,83 +373,100 @@ func (w *evictionWebhook) register(ctx context.Context, caPEM []byte) (types.UID
 				continue
 			}
 			if err != nil {
-				return "", fmt.Errorf("create validatingwebhookconfiguration %s: %w", want.Name, err)
+				return "", fmt.Errorf("create %s %s: %w", kind, want.GetName(), err)
 			}
-			return created.UID, nil
+			return created.GetUID(), nil
 		case err != nil:
-			return "", fmt.Errorf("get validatingwebhookconfiguration %s: %w", want.Name, err)
+			return "", fmt.Errorf("get %s %s: %w", kind, want.GetName(), err)
 		}
-		upd := cur.DeepCopy()
-		upd.Labels = want.Labels
-		upd.Webhooks = want.Webhooks
+		upd := cur.DeepCopyObject().(T)
+		setFrom(upd, want)
 		updated, err := api.Update(ctx, upd, metav1.UpdateOptions{})
 		if apierrors.IsConflict(err) && attempt < 5 {
 			continue
 		}
 		if err != nil {
-			return "", fmt.Errorf("update validatingwebhookconfiguration %s: %w", want.Name, err)
+			return "", fmt.Errorf("update %s %s: %w", kind, want.GetName(), err)
 		}
-		return updated.UID, nil
+		return updated.GetUID(), nil
 	}
 }
 
-// unregister deletes the configuration if it is still the one this process registered.
-func (w *evictionWebhook) unregister(ctx context.Context, uid types.UID) error {
-	api := w.kv.kube.AdmissionregistrationV1().ValidatingWebhookConfigurations()
-	cur, err := api.Get(ctx, EvictionWebhookConfigName, metav1.GetOptions{})
+// deleteWebhookConfig deletes the configuration name if it has uid and still points at this
+// process (ours).
+func deleteWebhookConfig[T interface {
+	metav1.Object
+	runtime.Object
+}](ctx context.Context, log zerolog.Logger, api webhookConfigAPI[T], name string, uid types.UID, ours func(T) bool) error {
+	cur, err := api.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("get validatingwebhookconfiguration %s: %w", EvictionWebhookConfigName, err)
+		return fmt.Errorf("get webhook configuration %s: %w", name, err)
 	}
-	if cur.UID != uid || len(cur.Webhooks) == 0 || cur.Webhooks[0].ClientConfig.URL == nil || *cur.Webhooks[0].ClientConfig.URL != w.url {
-		w.log.Debug().Msg("webhook configuration now belongs to another simulator; leaving it")
+	if cur.GetUID() != uid || !ours(cur) {
+		log.Debug().Str("config", name).Msg("webhook configuration now belongs to another simulator; leaving it")
 		return nil
 	}
-	err = api.Delete(ctx, EvictionWebhookConfigName, metav1.DeleteOptions{
-		Preconditions: &metav1.Preconditions{UID: &cur.UID, ResourceVersion: &cur.ResourceVersion},
-	})
+	uid, rv := cur.GetUID(), cur.GetResourceVersion()
+	err = api.Delete(ctx, name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid, ResourceVersion: &rv}})
 	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
-		return fmt.Errorf("delete validatingwebhookconfiguration %s: %w", EvictionWebhookConfigName, err)
+		return fmt.Errorf("delete webhook configuration %s: %w", name, err)
 	}
 	return nil
 }
 
-// serveAdmission decodes an AdmissionReview, admits it and writes the review back.
-func (w *evictionWebhook) serveAdmission(rw http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		http.Error(rw, "only POST", http.StatusMethodNotAllowed)
-		return
-	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
-	if err != nil {
-		http.Error(rw, "read body: "+err.Error(), http.StatusBadRequest)
-		return
-	}
-	var review admissionv1.AdmissionReview
-	if err := json.Unmarshal(body, &review); err != nil || review.Request == nil {
-		http.Error(rw, "not an admission.k8s.io/v1 AdmissionReview", http.StatusBadRequest)
-		return
-	}
-	resp := w.kv.admitEviction(r.Context(), review.Request)
-	resp.UID = review.Request.UID
-	out := admissionv1.AdmissionReview{
-		TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
-		Response: resp,
-	}
-	ev := w.log.Debug().Str("pod", review.Request.Namespace+"/"+review.Request.Name).Bool("allowed", resp.Allowed)
-	if resp.Result != nil {
-		ev = ev.Str("message", resp.Result.Message)
-	}
-	ev.Msg("eviction admission")
-	rw.Header().Set("Content-Type", "application/json")
-	if err := json.NewEncoder(rw).Encode(out); err != nil {
-		w.log.Warn().Err(err).Msg("write admission review")
+// admitFunc decides one admission request.
+type admitFunc func(ctx context.Context, req *admissionv1.AdmissionRequest) *admissionv1.AdmissionResponse
+
+// serveAdmission decodes an AdmissionReview, admits it and writes the review back. While
+// virt-api is not available it fails the call instead, as a Service without a live endpoint
+// does: the API server then refuses the request (failurePolicy Fail).
+func (w *virtAPIWebhooks) serveAdmission(path string, admit admitFunc) http.HandlerFunc {
+	return func(rw http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			http.Error(rw, "only POST", http.StatusMethodNotAllowed)
+			return
+		}
+		if w.available != nil {
+			if ok, why := w.available(); !ok {
+				w.log.Debug().Str("path", path).Str("why", why).Msg("virt-api unavailable: failing the webhook call")
+				http.Error(rw, why, http.StatusServiceUnavailable)
+				return
+			}
+		}
+		body, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
+		if err != nil {
+			http.Error(rw, "read body: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		var review admissionv1.AdmissionReview
+		if err := json.Unmarshal(body, &review); err != nil || review.Request == nil {
+			http.Error(rw, "not an admission.k8s.io/v1 AdmissionReview", http.StatusBadRequest)
+			return
+		}
+		resp := admit(r.Context(), review.Request)
+		resp.UID = review.Request.UID
+		out := admissionv1.AdmissionReview{
+			TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
+			Response: resp,
+		}
+		ev := w.log.Debug().Str("path", path).Str("object", review.Request.Namespace+"/"+review.Request.Name).
+			Str("user", review.Request.UserInfo.Username).Bool("allowed", resp.Allowed)
+		if resp.Result != nil {
+			ev = ev.Str("message", resp.Result.Message)
+		}
+		ev.Msg("admission")
+		rw.Header().Set("Content-Type", "application/json")
+		if err := json.NewEncoder(rw).Encode(out); err != nil {
+			w.log.Warn().Err(err).Msg("write admission review")
+		}
 	}
 }
 
-// admitEviction is KubeVirt's PodEvictionAdmitter.Admit (1.8):
+// admitEviction is KubeVirt's PodEvictionAdmitter.Admit (1.8,
+// pkg/virt-api/webhooks/validating-webhook/admitters/pod-eviction-admitter.go):
 //   - a pod that cannot be read, is not a virt-launcher, has finished (Succeeded/Failed) or
 //     names no domain is allowed;
 //   - a VMI that cannot be read denies the eviction (the client retries);
@@ -325,10 +476,10 @@ func (w *evictionWebhook) serveAdmission(rw http.ResponseWriter, r *http.Request
 //     LiveMigrate / LiveMigrateIfPossible on a migratable VMI, and External, mark the VMI
 //     (status.evacuationNodeName = its node, a dry-run patch for dry-run evictions) and deny
 //     with 429 "Eviction triggered evacuation of VMI", and keep denying ("Evacuation in
-//     progress: ...") while the mark stays.
-//
-// A launcher pod that is not on the VMI's current node (a migration target still starting, or
-// a source pod left behind after a migration) is not the VMI's running domain: it is allowed.
+//     progress: ...") while the mark stays;
+//   - a launcher pod that is not on the VMI's current node (a migration target, or a source
+//     pod left behind after a migration that has not completed yet) is denied with 429
+//     "Eviction request for target Pod", once the mark has been checked.
 func (kv *kvPlane) admitEviction(ctx context.Context, req *admissionv1.AdmissionRequest) *admissionv1.AdmissionResponse {
 	pod, err := kv.kube.CoreV1().Pods(req.Namespace).Get(ctx, req.Name, metav1.GetOptions{})
 	if err != nil {
@@ -369,12 +520,12 @@ func (kv *kvPlane) admitEviction(ctx context.Context, req *admissionv1.Admission
 	if !markForEviction {
 		return allowedResponse()
 	}
-	if vmi.Status.NodeName != pod.Spec.NodeName {
-		return allowedResponse()
-	}
 	triggered := fmt.Sprintf("Eviction triggered evacuation of VMI \"%s/%s\"", vmi.Namespace, vmi.Name)
 	if vmi.IsMarkedForEviction() {
 		return deniedResponse("Evacuation in progress: " + triggered)
+	}
+	if vmi.Status.NodeName != pod.Spec.NodeName {
+		return deniedResponse("Eviction request for target Pod")
 	}
 	if err := kv.markVMIForEvacuation(ctx, vmi, pod.Spec.NodeName, isDryRunEviction(req)); err != nil {
 		return deniedResponse(fmt.Sprintf("kubevirt failed marking the vmi for eviction: %s", err.Error()))

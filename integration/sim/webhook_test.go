@@ -173,7 +173,8 @@ func TestAdmitEviction(t *testing.T) {
 			message: `Eviction triggered evacuation of VMI "%[1]s"`},
 		{name: "dry run in eviction", launcher: evLauncher{strategy: lm, migratable: true, vmiNode: "n1"}, dryRunObj: true,
 			message: `Eviction triggered evacuation of VMI "%[1]s"`},
-		{name: "launcher on another node than the VMI", launcher: evLauncher{strategy: lm, migratable: true, vmiNode: "n1", podNode: "n2"}, allowed: true},
+		{name: "launcher on another node than the VMI (a migration target)", launcher: evLauncher{strategy: lm, migratable: true, vmiNode: "n1", podNode: "n2"},
+			message: "Eviction request for target Pod"},
 		{name: "finished launcher", launcher: evLauncher{strategy: lm, migratable: true, vmiNode: "n1", podPhase: corev1.PodSucceeded}, allowed: true},
 		{name: "cluster default LiveMigrate", launcher: evLauncher{migratable: true, vmiNode: "n1"}, cluster: lm,
 			message: `Eviction triggered evacuation of VMI "%[1]s"`, wantMarked: true},
@@ -190,7 +191,11 @@ func TestAdmitEviction(t *testing.T) {
 			if !tt.allowed {
 				require.NotNil(t, resp.Result)
 				require.Equal(t, int32(http.StatusTooManyRequests), resp.Result.Code)
-				require.Equal(t, fmt.Sprintf(tt.message, ns+"/"+name, name), resp.Result.Message)
+				want := tt.message
+				if strings.Contains(want, "%") {
+					want = fmt.Sprintf(want, ns+"/"+name, name)
+				}
+				require.Equal(t, want, resp.Result.Message)
 			}
 			got := &virtv1.VirtualMachineInstance{}
 			require.NoError(t, kv.c.Get(ctx, ctrlclient.ObjectKeyFromObject(vmi), got))
@@ -237,7 +242,7 @@ func TestEvictionWebhookThroughAPIServer(t *testing.T) {
 	evNamespace(t, kv, ns)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	w := newEvictionWebhook(kv, "", kv.log)
+	w := newVirtAPIWebhooks(kv, "kubevirt", "", kv.log)
 	done := make(chan error, 1)
 	go func() { done <- w.run(ctx) }()
 	select {
@@ -249,18 +254,31 @@ func TestEvictionWebhookThroughAPIServer(t *testing.T) {
 	}
 
 	// The configuration KubeVirt's operator would install, pointed at the simulator.
-	cfg, err := kv.kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Get(ctx, EvictionWebhookConfigName, metav1.GetOptions{})
+	cfg, err := kv.kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Get(ctx, ValidatingWebhookConfigName, metav1.GetOptions{})
 	require.NoError(t, err)
-	require.Len(t, cfg.Webhooks, 1)
-	wh := cfg.Webhooks[0]
-	require.Equal(t, evictionWebhookName, wh.Name)
-	require.Equal(t, admissionregistrationv1.Ignore, *wh.FailurePolicy)
+	var wh *admissionregistrationv1.ValidatingWebhook
+	for i := range cfg.Webhooks {
+		if cfg.Webhooks[i].Name == evictionWebhookName {
+			wh = &cfg.Webhooks[i]
+		}
+	}
+	require.NotNil(t, wh, "eviction webhook in %+v", cfg.Webhooks)
+	require.Equal(t, admissionregistrationv1.Fail, *wh.FailurePolicy, "KubeVirt >= 1.5")
 	require.Equal(t, admissionregistrationv1.SideEffectClassNoneOnDryRun, *wh.SideEffects)
 	require.Equal(t, []string{"v1"}, wh.AdmissionReviewVersions)
 	require.Equal(t, []string{"pods/eviction"}, wh.Rules[0].Resources)
-	require.Equal(t, []admissionregistrationv1.OperationType{admissionregistrationv1.Create}, wh.Rules[0].Operations)
+	require.Equal(t, []admissionregistrationv1.OperationType{admissionregistrationv1.OperationAll}, wh.Rules[0].Operations)
+	require.Equal(t, `object.metadata.name.startsWith("virt-launcher")`, wh.MatchConditions[0].Expression)
 	require.True(t, strings.HasPrefix(*wh.ClientConfig.URL, "https://127.0.0.1:"), *wh.ClientConfig.URL)
+	require.True(t, strings.HasSuffix(*wh.ClientConfig.URL, evictionWebhookPath), *wh.ClientConfig.URL)
 	require.Contains(t, string(wh.ClientConfig.CABundle), "BEGIN CERTIFICATE")
+	for _, hook := range cfg.Webhooks {
+		require.Equal(t, admissionregistrationv1.Fail, *hook.FailurePolicy, hook.Name)
+	}
+	mut, err := kv.kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Get(ctx, MutatingWebhookConfigName, metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Len(t, mut.Webhooks, 1)
+	require.Equal(t, migrationMutateWebhookName, mut.Webhooks[0].Name)
 
 	lm := ptr.To(virtv1.EvictionStrategyLiveMigrate)
 	migrating, migratingPod := evLauncher{strategy: lm, migratable: true, vmiNode: "n1"}.create(t, kv, ns, "migrating")
@@ -307,8 +325,10 @@ func TestEvictionWebhookThroughAPIServer(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("webhook did not stop within 20s")
 	}
-	_, err = kv.kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Get(context.Background(), EvictionWebhookConfigName, metav1.GetOptions{})
-	require.True(t, apierrors.IsNotFound(err), "configuration after shutdown: %v", err)
+	_, err = kv.kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Get(context.Background(), ValidatingWebhookConfigName, metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "validating configuration after shutdown: %v", err)
+	_, err = kv.kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Get(context.Background(), MutatingWebhookConfigName, metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "mutating configuration after shutdown: %v", err)
 }
 
 // evEvict evicts a pod through the Eviction API.
@@ -356,7 +376,6 @@ func TestWebhookURLAndCertificate(t *testing.T) {
 			require.NoError(t, err)
 			url := webhookURL(host, ln.Addr())
 			require.True(t, strings.HasPrefix(url, tt.wantURLPrefix), url)
-			require.True(t, strings.HasSuffix(url, evictionWebhookPath), url)
 
 			caPEM, serving, err := generateWebhookCerts(time.Now(), host)
 			require.NoError(t, err)
@@ -364,7 +383,7 @@ func TestWebhookURLAndCertificate(t *testing.T) {
 			require.True(t, pool.AppendCertsFromPEM(caPEM))
 			leaf, err := x509.ParseCertificate(serving.Certificate[0])
 			require.NoError(t, err)
-			urlHost, _, err := net.SplitHostPort(strings.TrimPrefix(strings.TrimSuffix(url, evictionWebhookPath), "https://"))
+			urlHost, _, err := net.SplitHostPort(strings.TrimPrefix(url, "https://"))
 			require.NoError(t, err)
 			_, err = leaf.Verify(x509.VerifyOptions{Roots: pool, DNSName: urlHost, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
 			require.NoError(t, err, "the certificate is valid for %s", urlHost)
