@@ -299,7 +299,7 @@ func TestKubectlDrainEvacuatesVMs(t *testing.T) {
 		require.NotEmpty(t, migs.Items, "evacuation migration of %s", name)
 		m := migs.Items[0]
 		require.True(t, strings.HasPrefix(m.Name, "kubevirt-evacuation-"), m.Name)
-		require.Equal(t, virtv1.PrioritySystemCritical, ptr.Deref(m.Spec.Priority, ""))
+		require.Nil(t, m.Spec.Priority, "no priority without the MigrationPriorityQueue feature gate (GenerateNewMigration)")
 	}
 
 	// The None VM was evicted and restarted elsewhere by its run strategy.

@@ -122,6 +122,30 @@ func mustNode(t *testing.T, s *Simulator, name string, o NodeOptions) {
 	require.NoError(t, err)
 }
 
+// controlPlaneOn places both replicas of virt-api and virt-controller on node.
+func controlPlaneOn(node string) KubeVirtPods {
+	return KubeVirtPods{VirtAPI: []string{node, node}, VirtController: []string{node, node}}
+}
+
+// mustControlPlaneNode creates node name for KubeVirt's own pods (see controlPlaneOn), cordoned
+// so that no VM lands there, and waits until virt-api answers and virt-controller leads: the
+// tests that break other nodes keep KubeVirt's control plane out of harm's way.
+func mustControlPlaneNode(t *testing.T, s *Simulator, name string) {
+	t.Helper()
+	mustNode(t, s, name, NodeOptions{})
+	updateNode(t, s, name, func(n *corev1.Node) { n.Spec.Unschedulable = true })
+	waitControlPlane(t, s, 30*time.Second)
+}
+
+// waitControlPlane waits until virt-api answers and virt-controller's controllers act.
+func waitControlPlane(t *testing.T, s *Simulator, timeout time.Duration) {
+	t.Helper()
+	eventually(t, timeout, "KubeVirt's control plane up", func() (bool, string) {
+		ok, why := s.virtAPIAvailable()
+		return ok && s.virtControllerActive(), fmt.Sprintf("virt-api: %v %s; virt-controller acting: %v", ok, why, s.virtControllerActive())
+	})
+}
+
 func mustVM(t *testing.T, s *Simulator, name string, o VMOptions) {
 	t.Helper()
 	_, err := s.CreateKubeVirtVM(ctxT(t), NewKubeVirtVM(testNS, name, o))

@@ -55,7 +55,7 @@ type migrationState struct {
 	mu       sync.Mutex
 	inflight map[types.UID]inflightMigration
 	since    map[types.UID]time.Time
-	creating map[string]time.Time // namespace/name of target pods created, when
+	creating map[types.UID]podCreation // target pods created and not seen yet, by migration
 	aborts   map[types.UID]abortDecision
 	loaded   bool
 	// beforeHandover, when set (by tests, under mu), runs after the checks
@@ -70,6 +70,11 @@ type inflightMigration struct {
 	source string
 }
 
+type podCreation struct {
+	pod string // namespace/name
+	at  time.Time
+}
+
 // abortDecision is what the source virt-handler makes of an abort request: it takes effect
 // after a MigrationStepDuration, unless the transfer ends first (lost).
 type abortDecision struct {
@@ -80,7 +85,7 @@ type abortDecision struct {
 func newMigrationState() *migrationState {
 	return &migrationState{
 		inflight: map[types.UID]inflightMigration{}, since: map[types.UID]time.Time{},
-		creating: map[string]time.Time{}, aborts: map[types.UID]abortDecision{},
+		creating: map[types.UID]podCreation{}, aborts: map[types.UID]abortDecision{},
 	}
 }
 
@@ -190,6 +195,7 @@ func (s *Simulator) release(m *kvv1.VirtualMachineInstanceMigration) {
 	delete(s.migration.inflight, m.UID)
 	delete(s.migration.since, m.UID)
 	delete(s.migration.aborts, m.UID)
+	delete(s.migration.creating, m.UID)
 	s.migration.mu.Unlock()
 }
 
@@ -202,6 +208,7 @@ func (ms *migrationState) forget(key string) {
 			delete(ms.inflight, uid)
 			delete(ms.since, uid)
 			delete(ms.aborts, uid)
+			delete(ms.creating, uid)
 		}
 	}
 }
@@ -403,9 +410,9 @@ func (s *Simulator) admitMigration(ctx context.Context, m *kvv1.VirtualMachineIn
 	now := s.clock.Now()
 	ms := s.migration
 	ms.mu.Lock()
-	for pod, at := range ms.creating {
-		if s.getPod(pod) != nil || now.Sub(at) > creationExpectationTTL {
-			delete(ms.creating, pod)
+	for uid, c := range ms.creating {
+		if s.getPod(c.pod) != nil || now.Sub(c.at) > creationExpectationTTL {
+			delete(ms.creating, uid)
 		}
 	}
 	if len(ms.creating) > 0 || live > 1 {
@@ -439,7 +446,7 @@ func (s *Simulator) admitMigration(ctx context.Context, m *kvv1.VirtualMachineIn
 		return nil
 	}
 	ms.inflight[m.UID] = inflightMigration{key: key, vmi: keyOf(vmi), source: source}
-	ms.creating[m.Namespace+"/"+podName] = now
+	ms.creating[m.UID] = podCreation{pod: m.Namespace + "/" + podName, at: now}
 	ms.mu.Unlock()
 
 	if err := s.ensureServiceAccount(ctx, m.Namespace); err != nil {
@@ -450,9 +457,6 @@ func (s *Simulator) admitMigration(ctx context.Context, m *kvv1.VirtualMachineIn
 	pod.Name = podName
 	if _, err := s.Kube.CoreV1().Pods(m.Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		s.release(m)
-		ms.mu.Lock()
-		delete(ms.creating, m.Namespace+"/"+podName)
-		ms.mu.Unlock()
 		return fmt.Errorf("migration %s: create target pod: %w", key, err)
 	}
 	return s.setPhase(ctx, m, kvv1.MigrationPending, kvv1.MigrationScheduling, nil)
@@ -475,6 +479,9 @@ func (s *Simulator) migrationScheduling(ctx context.Context, m *kvv1.VirtualMach
 	if isTerminal(pod) || pod.DeletionTimestamp != nil {
 		return s.failMigration(ctx, m, vmi, "Migration failed: target pod ended")
 	}
+	s.migration.mu.Lock()
+	delete(s.migration.creating, m.UID) // seen
+	s.migration.mu.Unlock()
 	if pod.Status.Phase == corev1.PodRunning {
 		return s.setPhase(ctx, m, kvv1.MigrationScheduling, kvv1.MigrationScheduled, nil)
 	}

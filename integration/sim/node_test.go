@@ -58,8 +58,9 @@ func forceDeletePods(t *testing.T, s *Simulator, node string) int {
 // grace period while its pods still look Running; it comes back Ready
 // without them; a reboot fails its pods and clears the fault.
 func TestNodeLifecycle(t *testing.T) {
-	s := startSim(t, Options{})
+	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
 	ctx := ctxT(t)
+	mustControlPlaneNode(t, s, "cp")
 	mustNode(t, s, "n1", NodeOptions{})
 	waitNodeReady(t, s, "n1", corev1.ConditionTrue, 10*time.Second)
 	mustVM(t, s, "vm", VMOptions{})
@@ -103,8 +104,14 @@ func TestNodeLifecycle(t *testing.T) {
 		eventually(t, 30*time.Second, "virt-handler marks the node schedulable again", func() (bool, string) {
 			return s.getNode("n1").Labels[kvv1.NodeSchedulable] == "true", ""
 		})
-		vmi := vmiRunning(t, s, "vm", 30*time.Second)
-		require.Equal(t, []string{vmi.Status.NodeName}, s.Truth().GuestNodes(testNS+"/vm"))
+		eventually(t, 30*time.Second, "the VM runs again", func() (bool, string) {
+			vmi := s.getVMI(testNS + "/vm")
+			if vmi == nil || vmi.Status.Phase != kvv1.Running {
+				return false, "no running vmi"
+			}
+			guests := s.Truth().GuestNodes(testNS + "/vm")
+			return len(guests) == 1 && guests[0] == vmi.Status.NodeName, fmt.Sprint(guests)
+		})
 	})
 	t.Run("reboot", func(t *testing.T) {
 		before := vmiRunning(t, s, "vm", 10*time.Second)
@@ -124,7 +131,7 @@ func TestNodeLifecycle(t *testing.T) {
 		mustNode(t, s, "n2", NodeOptions{})
 		mustPVC(t, s, "oos-disk", corev1.ReadWriteOnce)
 		mustVM(t, s, "oos", VMOptions{Disk: "oos-disk", NodeSelector: map[string]string{labelHostname: "n2"}})
-		vmiRunning(t, s, "oos", 30*time.Second)
+		oos := vmiRunning(t, s, "oos", 30*time.Second)
 		require.NotEmpty(t, s.vasFor(byVANode, "n2"))
 		require.NoError(t, s.SetFault(ctx, "n2", FaultDown))
 		waitNodeReady(t, s, "n2", corev1.ConditionUnknown, 30*time.Second)
@@ -135,20 +142,24 @@ func TestNodeLifecycle(t *testing.T) {
 			return len(s.podsBy(byNode, "n2")) == 0 && len(s.vasFor(byVANode, "n2")) == 0,
 				fmt.Sprintf("%d pods, %d attachments", len(s.podsBy(byNode, "n2")), len(s.vasFor(byVANode, "n2")))
 		})
-		eventually(t, 10*time.Second, "vmi failed NodeUnresponsive", func() (bool, string) {
+		// lifecycle.go: a VMI whose pod is gone fails without a reason (NodeUnresponsive is the
+		// node controller's, 5 minutes after virt-handler's last heartbeat).
+		eventually(t, 10*time.Second, "vmi failed (or already replaced by its VM)", func() (bool, string) {
 			vmi := s.getVMI(testNS + "/oos")
-			return vmi == nil || vmi.Status.Reason == nodeUnresponsiveReason, ""
+			return vmi == nil || vmi.UID != oos.UID || (vmi.Status.Phase == kvv1.Failed && vmi.Status.Reason == ""),
+				fmt.Sprintf("%v", vmi)
 		})
 	})
 }
 
 // TestRunStrategiesAfterNodeFailure: when a dead node's launcher pods are
-// force-deleted, the VMIs fail (NodeUnresponsive) and only Always and
+// force-deleted, the VMIs fail (without a reason) and only Always and
 // RerunOnFailure VMs start again elsewhere; until then they stay as they
 // were; a VM switched to Halted while its node is dead does not come back.
 func TestRunStrategiesAfterNodeFailure(t *testing.T) {
-	s := startSim(t, Options{})
+	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
 	ctx := ctxT(t)
+	mustControlPlaneNode(t, s, "cp")
 	mustNode(t, s, "a", NodeOptions{})
 	tests := []struct {
 		strategy kvv1.VirtualMachineRunStrategy
@@ -200,13 +211,14 @@ func TestRunStrategiesAfterNodeFailure(t *testing.T) {
 				require.Equal(t, []string{"b"}, s.Truth().GuestNodes(testNS+"/"+vmName))
 				return
 			}
-			eventually(t, 20*time.Second, "vmi Failed NodeUnresponsive and VM stopped", func() (bool, string) {
+			// lifecycle.go: Failed without a reason, the pod being gone
+			eventually(t, 20*time.Second, "vmi Failed and VM stopped", func() (bool, string) {
 				vmi := s.getVMI(testNS + "/" + vmName)
 				vm := s.getVM(testNS + "/" + vmName)
 				if vmi == nil {
 					return false, "vmi gone"
 				}
-				return vmi.Status.Phase == kvv1.Failed && vmi.Status.Reason == nodeUnresponsiveReason && vm.Status.PrintableStatus == kvv1.VirtualMachineStatusStopped,
+				return vmi.Status.Phase == kvv1.Failed && vmi.Status.Reason == "" && vm.Status.PrintableStatus == kvv1.VirtualMachineStatusStopped,
 					fmt.Sprintf("vmi %s/%s vm %s", vmi.Status.Phase, vmi.Status.Reason, vm.Status.PrintableStatus)
 			})
 		})

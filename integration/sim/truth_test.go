@@ -51,8 +51,9 @@ func TestCheckerCatchesPlantedDoubleRun(t *testing.T) {
 // timeout. Without one, restarting its VM elsewhere is a real double run,
 // which the checker records; healing the partition kills the orphan.
 func TestPartitionAndWatchdog(t *testing.T) {
-	s := startSim(t, Options{})
+	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
 	ctx := ctxT(t)
+	mustControlPlaneNode(t, s, "cp")
 	pool := map[string]string{"pool": "b"}
 	mustNode(t, s, "w1", NodeOptions{WatchdogTimeout: 60 * time.Second, Labels: map[string]string{"pool": "a"}})
 	mustNode(t, s, "w2", NodeOptions{Labels: pool})
@@ -99,6 +100,16 @@ func TestPartitionAndWatchdog(t *testing.T) {
 		return s.Check() == nil, ""
 	})
 	require.Equal(t, []string{"w3"}, s.Truth().GuestNodes(testNS+"/unsafe"))
+	// Check says what is violated now: nothing. The history still has the double run the
+	// healed partition ended: a test asserts on Violations.
+	var double []Violation
+	for _, v := range s.Violations() {
+		if v.Kind == DoubleRun && v.Subject == testNS+"/unsafe" {
+			double = append(double, v)
+		}
+	}
+	require.Len(t, double, 1, "the double run is recorded once, for its whole episode")
+	require.Equal(t, []string{"w2", "w3"}, double[0].Nodes)
 }
 
 // TestInvariantRWOAttachedTwice: a second VolumeAttachment for an RWO
