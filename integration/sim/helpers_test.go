@@ -127,13 +127,15 @@ func controlPlaneOn(node string) KubeVirtPods {
 	return KubeVirtPods{VirtAPI: []string{node, node}, VirtController: []string{node, node}}
 }
 
-// mustControlPlaneNode creates node name for KubeVirt's own pods (see controlPlaneOn), cordoned
+// mustControlPlaneNodes creates nodes for KubeVirt's own pods (see controlPlaneOn), cordoned
 // so that no VM lands there, and waits until virt-api answers and virt-controller leads: the
 // tests that break other nodes keep KubeVirt's control plane out of harm's way.
-func mustControlPlaneNode(t *testing.T, s *Simulator, name string) {
+func mustControlPlaneNodes(t *testing.T, s *Simulator, names ...string) {
 	t.Helper()
-	mustNode(t, s, name, NodeOptions{})
-	updateNode(t, s, name, func(n *corev1.Node) { n.Spec.Unschedulable = true })
+	for _, name := range names {
+		mustNode(t, s, name, NodeOptions{})
+		updateNode(t, s, name, func(n *corev1.Node) { n.Spec.Unschedulable = true })
+	}
 	waitControlPlane(t, s, 30*time.Second)
 }
 

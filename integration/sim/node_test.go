@@ -60,7 +60,7 @@ func forceDeletePods(t *testing.T, s *Simulator, node string) int {
 func TestNodeLifecycle(t *testing.T) {
 	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
 	ctx := ctxT(t)
-	mustControlPlaneNode(t, s, "cp")
+	mustControlPlaneNodes(t, s, "cp")
 	mustNode(t, s, "n1", NodeOptions{})
 	waitNodeReady(t, s, "n1", corev1.ConditionTrue, 10*time.Second)
 	mustVM(t, s, "vm", VMOptions{})
@@ -159,7 +159,7 @@ func TestNodeLifecycle(t *testing.T) {
 func TestRunStrategiesAfterNodeFailure(t *testing.T) {
 	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
 	ctx := ctxT(t)
-	mustControlPlaneNode(t, s, "cp")
+	mustControlPlaneNodes(t, s, "cp")
 	mustNode(t, s, "a", NodeOptions{})
 	tests := []struct {
 		strategy kvv1.VirtualMachineRunStrategy

@@ -53,7 +53,7 @@ func TestCheckerCatchesPlantedDoubleRun(t *testing.T) {
 func TestPartitionAndWatchdog(t *testing.T) {
 	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
 	ctx := ctxT(t)
-	mustControlPlaneNode(t, s, "cp")
+	mustControlPlaneNodes(t, s, "cp")
 	pool := map[string]string{"pool": "b"}
 	mustNode(t, s, "w1", NodeOptions{WatchdogTimeout: 60 * time.Second, Labels: map[string]string{"pool": "a"}})
 	mustNode(t, s, "w2", NodeOptions{Labels: pool})

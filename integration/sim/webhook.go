@@ -432,7 +432,14 @@ func (w *virtAPIWebhooks) serveAdmission(path string, admit admitFunc) http.Hand
 		if w.available != nil {
 			if ok, why := w.available(); !ok {
 				w.log.Debug().Str("path", path).Str("why", why).Msg("virt-api unavailable: failing the webhook call")
-				http.Error(rw, why, http.StatusServiceUnavailable)
+				// A Status body, so that the API server's error names the cause ("failed calling
+				// webhook ...: failed to call webhook: <why>").
+				rw.Header().Set("Content-Type", "application/json")
+				rw.WriteHeader(http.StatusServiceUnavailable)
+				_ = json.NewEncoder(rw).Encode(metav1.Status{
+					TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Status"},
+					Status:   metav1.StatusFailure, Message: why, Reason: metav1.StatusReasonServiceUnavailable, Code: http.StatusServiceUnavailable,
+				})
 				return
 			}
 		}
