@@ -155,6 +155,6 @@ func TestVMIAdmission(t *testing.T) {
 		require.NoError(t, err, "a bare VMI without reserved labels")
 		vmiRunning(t, s, "bare", 30*time.Second)
 	})
-	require.Equal(t, "v1", s.getVMI(testNS+"/vm").Labels[kvv1.NodeNameLabel], "the refused label change left the VMI as it was")
-	require.Equal(t, kvv1.EvictionStrategyLiveMigrate, *s.getVMI(testNS+"/vm").Spec.EvictionStrategy)
+	require.Equal(t, "v1", s.getVMI(testNS + "/vm").Labels[kvv1.NodeNameLabel], "the refused label change left the VMI as it was")
+	require.Equal(t, kvv1.EvictionStrategyLiveMigrate, *s.getVMI(testNS + "/vm").Spec.EvictionStrategy)
 }
