@@ -3,6 +3,8 @@ package sim
 import (
 	"context"
 	"fmt"
+	"slices"
+	"sort"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -358,4 +360,215 @@ func TestMigrationHandoverSourceLost(t *testing.T) {
 		return true, ""
 	})
 	require.Empty(t, s.Violations())
+}
+
+// TestMigrationSourceNodeDies: a migration whose source node dies after hand-off hangs where it
+// is, holding its slot (KubeVirt has no timeout after hand-off); deleting it asks for an abort
+// that no virt-handler carries out. It ends when its VMI does: once the source pod is
+// force-deleted, the VMI fails, the migration fails and its slot goes to the next one.
+func TestMigrationSourceNodeDies(t *testing.T) {
+	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
+	ctx := ctxT(t)
+	mustControlPlaneNodes(t, s, "cp")
+	setMigrations(t, s, kvv1.MigrationConfiguration{
+		ParallelMigrationsPerCluster: ptr.To(uint32(1)),
+		BandwidthPerMigration:        ptr.To(resource.MustParse("16Mi")), // 4Gi: 256 s simulated
+	})
+	mustNode(t, s, "src", NodeOptions{})
+	mustVM(t, s, "hung", VMOptions{Memory: "4Gi"})
+	require.Equal(t, "src", vmiRunning(t, s, "hung", 30*time.Second).Status.NodeName)
+	pool := map[string]string{"pool": "b"}
+	mustNode(t, s, "b1", NodeOptions{Labels: pool})
+	mustNode(t, s, "b2", NodeOptions{Labels: pool})
+	mustVM(t, s, "next", VMOptions{Memory: "1Gi", NodeSelector: pool})
+	vmiRunning(t, s, "next", 30*time.Second)
+
+	hung := createMigration(t, s, newMigration("hung-1", "hung"))
+	m := waitMigrationPhase(t, s, "hung-1", kvv1.MigrationRunning, 30*time.Second)
+	t.Run("the migration object shows the source pod only; the VMI has the details", func(t *testing.T) {
+		st := m.Status.MigrationState
+		require.NotNil(t, st)
+		require.NotEmpty(t, st.SourcePod)
+		require.Equal(t, kvv1.VirtualMachineInstanceMigrationState{SourcePod: st.SourcePod}, *st)
+		vst := s.getVMI(testNS + "/hung").Status.MigrationState
+		require.NotNil(t, vst)
+		require.Equal(t, hung.UID, vst.MigrationUID)
+		require.Equal(t, "src", vst.SourceNode)
+		require.NotEmpty(t, vst.TargetNode)
+		require.NotNil(t, vst.StartTimestamp)
+	})
+
+	require.NoError(t, s.SetFault(ctx, "src", FaultDown))
+	createMigration(t, s, newMigration("next-1", "next"))
+	waitMigrationPhase(t, s, "next-1", kvv1.MigrationPending, 30*time.Second)
+	stuck := func() bool {
+		h, n := s.getVMIM(testNS+"/hung-1"), s.getVMIM(testNS+"/next-1")
+		return h != nil && h.Status.Phase == kvv1.MigrationRunning && n != nil && n.Status.Phase == kvv1.MigrationPending
+	}
+	require.Never(t, func() bool { return !stuck() }, s.scaled(2*time.Minute), 10*time.Millisecond,
+		"for two simulated minutes the migration hangs in Running and holds the only slot")
+	total, perNode := s.InFlightMigrations()
+	require.Equal(t, 1, total)
+	require.Equal(t, map[string]int{"src": 1}, perNode)
+
+	require.NoError(t, s.KubeVirt.VirtualMachineInstanceMigrations(testNS).Delete(ctx, "hung-1", metav1.DeleteOptions{}))
+	eventually(t, 10*time.Second, "abort requested on the VMI", func() (bool, string) {
+		st := s.getVMI(testNS + "/hung").Status.MigrationState
+		return st != nil && st.AbortRequested, fmt.Sprintf("%+v", st)
+	})
+	require.Never(t, func() bool { return !stuck() }, s.scaled(30*time.Second), 10*time.Millisecond,
+		"no virt-handler aborts it: the deleted migration still holds the slot")
+	require.NotNil(t, s.getVMIM(testNS+"/hung-1").DeletionTimestamp)
+	require.Empty(t, s.getVMI(testNS+"/hung").Status.MigrationState.AbortStatus)
+
+	// The source pod is force-deleted: the VMI fails, the migration with it, and the next one
+	// gets the slot.
+	require.Equal(t, 1, forceDeletePods(t, s, "src"))
+	eventually(t, 30*time.Second, "the hung migration gone", func() (bool, string) {
+		return s.getVMIM(testNS+"/hung-1") == nil, ""
+	})
+	waitMigrationPhase(t, s, "next-1", kvv1.MigrationSucceeded, 30*time.Second)
+	eventually(t, 30*time.Second, "the hung VM restarted", func() (bool, string) {
+		vmi := s.getVMI(testNS + "/hung")
+		return vmi != nil && vmi.Status.Phase == kvv1.Running && vmi.Status.NodeName != "src", fmt.Sprint(vmi.Status.Phase, vmi.Status.NodeName)
+	})
+	require.Empty(t, s.Violations())
+}
+
+// TestMigrationAbortRace: deleting a migration after hand-off asks the source virt-handler to
+// abort it. A migration far from its end is aborted (the VM stays); one whose transfer ends
+// before the abort takes effect succeeds anyway (abortStatus Failed, the VM moved).
+func TestMigrationAbortRace(t *testing.T) {
+	// Each phase and the abort take 70 s simulated; at 16Mi/s 1Gi moves in 64 s, 8Gi in 512 s.
+	s := startSim(t, Options{MigrationStepDuration: 70 * time.Second})
+	ctx := ctxT(t)
+	mustNode(t, s, "r1", NodeOptions{})
+	mustNode(t, s, "r2", NodeOptions{})
+	setMigrations(t, s, kvv1.MigrationConfiguration{BandwidthPerMigration: ptr.To(resource.MustParse("16Mi"))})
+	mustVM(t, s, "far", VMOptions{Memory: "8Gi"})
+	mustVM(t, s, "near", VMOptions{Memory: "1Gi"})
+	before := map[string]*kvv1.VirtualMachineInstance{"far": vmiRunning(t, s, "far", 30*time.Second), "near": vmiRunning(t, s, "near", 30*time.Second)}
+
+	for _, name := range []string{"far", "near"} {
+		createMigration(t, s, newMigration(name+"-1", name))
+	}
+	targets := map[string]string{}
+	for _, name := range []string{"far", "near"} {
+		waitMigrationPhase(t, s, name+"-1", kvv1.MigrationRunning, 60*time.Second)
+		require.NoError(t, s.KubeVirt.VirtualMachineInstanceMigrations(testNS).Delete(ctx, name+"-1", metav1.DeleteOptions{}))
+		targets[name] = s.getVMI(testNS + "/" + name).Status.MigrationState.TargetNode
+	}
+	tests := []struct {
+		name        string
+		abortStatus kvv1.MigrationAbortStatus
+		failed      bool
+		node        string
+	}{
+		{name: "far", abortStatus: kvv1.MigrationAbortSucceeded, failed: true, node: before["far"].Status.NodeName},
+		{name: "near", abortStatus: kvv1.MigrationAbortFailed, failed: false, node: targets["near"]},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var st *kvv1.VirtualMachineInstanceMigrationState
+			eventually(t, 30*time.Second, "the abort settled", func() (bool, string) {
+				st = s.getVMI(testNS + "/" + tt.name).Status.MigrationState
+				return st != nil && st.Completed && st.AbortStatus != kvv1.MigrationAbortInProgress, fmt.Sprintf("%+v", st)
+			})
+			require.True(t, st.AbortRequested)
+			require.Equal(t, tt.abortStatus, st.AbortStatus)
+			require.Equal(t, tt.failed, st.Failed)
+			eventually(t, 20*time.Second, "migration object gone", func() (bool, string) {
+				return s.getVMIM(testNS+"/"+tt.name+"-1") == nil, ""
+			})
+			vmi := s.getVMI(testNS + "/" + tt.name)
+			require.Equal(t, before[tt.name].UID, vmi.UID)
+			require.Equal(t, tt.node, vmi.Status.NodeName)
+			require.Equal(t, []string{tt.node}, s.Truth().GuestNodes(testNS+"/"+tt.name))
+		})
+	}
+	require.NotEqual(t, before["near"].Status.NodeName, targets["near"])
+	require.Empty(t, s.Violations())
+}
+
+// TestMigrationGarbageCollection: at most five finished migrations per VMI are kept, and the
+// migrations of a VMI that is gone are deleted.
+func TestMigrationGarbageCollection(t *testing.T) {
+	s := startSim(t, Options{})
+	ctx := ctxT(t)
+	mustNode(t, s, "g1", NodeOptions{})
+	mustNode(t, s, "g2", NodeOptions{})
+	mustVM(t, s, "gc", VMOptions{Memory: "1Gi"})
+	vmiRunning(t, s, "gc", 30*time.Second)
+	const runs = 7
+	for i := range runs {
+		createMigration(t, s, newMigration(fmt.Sprintf("gc-%d", i), "gc"))
+		waitMigrationPhase(t, s, fmt.Sprintf("gc-%d", i), kvv1.MigrationSucceeded, 30*time.Second)
+	}
+	eventually(t, 20*time.Second, "the five most recent kept", func() (bool, string) {
+		var names []string
+		for _, m := range s.migrationsForVMI(testNS, "gc") {
+			names = append(names, m.Name)
+		}
+		sort.Strings(names)
+		return slices.Equal(names, []string{"gc-2", "gc-3", "gc-4", "gc-5", "gc-6"}), fmt.Sprint(names)
+	})
+	require.NoError(t, s.KubeVirt.VirtualMachines(testNS).Delete(ctx, "gc", metav1.DeleteOptions{}))
+	eventually(t, 30*time.Second, "the migrations of the deleted VMI deleted", func() (bool, string) {
+		return s.getVMI(testNS+"/gc") == nil && len(s.migrationsForVMI(testNS, "gc")) == 0, fmt.Sprint(len(s.migrationsForVMI(testNS, "gc")))
+	})
+}
+
+// TestMigrationSlotRefillWaitsForRequeue: a Pending migration that found no free slot looks
+// again only after KubeVirt's requeue delay (5 s): a slot freed meanwhile waits for it.
+func TestMigrationSlotRefillWaitsForRequeue(t *testing.T) {
+	// Time scale 4, 2 s steps: the abort that frees the slot takes 0.5 s; the requeue 1.25 s.
+	s := startSim(t, Options{TimeScale: 4, MigrationStepDuration: 2 * time.Second})
+	ctx := ctxT(t)
+	mustNode(t, s, "f1", NodeOptions{})
+	mustNode(t, s, "f2", NodeOptions{})
+	setMigrations(t, s, kvv1.MigrationConfiguration{
+		ParallelMigrationsPerCluster: ptr.To(uint32(1)),
+		BandwidthPerMigration:        ptr.To(resource.MustParse("16Mi")),
+	})
+	mustVM(t, s, "a", VMOptions{Memory: "4Gi"})
+	mustVM(t, s, "b", VMOptions{Memory: "1Gi"})
+	vmiRunning(t, s, "a", 30*time.Second)
+	vmiRunning(t, s, "b", 30*time.Second)
+	createMigration(t, s, newMigration("a-1", "a"))
+	waitMigrationPhase(t, s, "a-1", kvv1.MigrationRunning, 60*time.Second)
+
+	w, err := s.KubeVirt.VirtualMachineInstanceMigrations(testNS).Watch(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	defer w.Stop()
+	createMigration(t, s, newMigration("b-1", "b"))
+	var pending, released, scheduling time.Time
+	for scheduling.IsZero() {
+		var ev watch.Event
+		select {
+		case ev = <-w.ResultChan():
+		case <-ctx.Done():
+			t.Fatal("no migration event")
+		}
+		m, ok := ev.Object.(*kvv1.VirtualMachineInstanceMigration)
+		if !ok {
+			t.Fatalf("watch: %v", apierrors.FromObject(ev.Object))
+		}
+		now := time.Now()
+		switch {
+		case m.Name == "b-1" && m.Status.Phase == kvv1.MigrationPending && pending.IsZero():
+			pending = now
+			// b-1 has looked for a slot and found none: free it.
+			require.NoError(t, s.KubeVirt.VirtualMachineInstanceMigrations(testNS).Delete(ctx, "a-1", metav1.DeleteOptions{}))
+		case m.Name == "a-1" && (ev.Type == watch.Deleted || isMigrationFinal(m)) && released.IsZero():
+			released = now
+		case m.Name == "b-1" && m.Status.Phase == kvv1.MigrationScheduling:
+			scheduling = now
+		}
+	}
+	t.Logf("b-1 Pending, a-1 released after %s, b-1 admitted after %s", released.Sub(pending).Round(time.Millisecond), scheduling.Sub(pending).Round(time.Millisecond))
+	require.False(t, released.IsZero(), "a-1 ended before b-1 was admitted")
+	require.True(t, scheduling.After(released))
+	require.GreaterOrEqual(t, scheduling.Sub(pending), s.scaled(migrationRequeueDelay)-100*time.Millisecond,
+		"the free slot waited for b-1's next look")
+	waitMigrationPhase(t, s, "b-1", kvv1.MigrationSucceeded, 60*time.Second)
 }
