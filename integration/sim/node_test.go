@@ -252,3 +252,60 @@ func TestRunStrategiesAfterNodeFailure(t *testing.T) {
 	require.Nil(t, s.getVMI(testNS+"/vm-halted"), "no new VMI for the Halted VM")
 	require.Empty(t, s.Violations())
 }
+
+// TestVMIFailureReasons: a VMI whose launcher pod is gone fails at once and without a reason
+// (vmi/lifecycle.go); NodeUnresponsive comes only from virt-controller's node controller, once
+// virt-handler's heartbeat is five minutes old, for a VMI with no live pod on that node
+// (node/node.go): here a pod the kubelet reported Failed just before its node died, which no
+// virt-handler is left to report on.
+func TestVMIFailureReasons(t *testing.T) {
+	s := startSim(t, Options{KubeVirtPods: controlPlaneOn("cp")})
+	require.Equal(t, 50*time.Second, s.Options().NodeMonitorGracePeriod, "the kube-controller-manager default since Kubernetes 1.32")
+	ctx := ctxT(t)
+	mustControlPlaneNodes(t, s, "cp")
+	for _, n := range []string{"u1", "u2"} {
+		mustNode(t, s, n, NodeOptions{})
+	}
+	// Manual: a failed VMI stays, to be looked at.
+	mustVM(t, s, "gone", VMOptions{RunStrategy: kvv1.RunStrategyManual, NodeSelector: map[string]string{labelHostname: "u1"}})
+	mustVM(t, s, "crashed", VMOptions{RunStrategy: kvv1.RunStrategyManual, NodeSelector: map[string]string{labelHostname: "u2"}})
+	for _, vm := range []string{"gone", "crashed"} {
+		require.NoError(t, s.StartKubeVirtVM(ctx, testNS, vm))
+		vmiRunning(t, s, vm, 30*time.Second)
+	}
+	crashedPod := activePod(s.getVMI(testNS+"/crashed"), vmiPods(s, "crashed"))
+	require.NotNil(t, crashedPod)
+	// The kubelet on u2 reports the pod Failed, then u2 dies before virt-handler reports the VMI.
+	// Unlike a reboot, the kubelet does not come back to fail it again.
+	require.NoError(t, s.SetFault(ctx, "u1", FaultDown))
+	require.NoError(t, s.SetFault(ctx, "u2", FaultDown))
+	down := time.Now()
+	eventually(t, 10*time.Second, "u2 down", func() (bool, string) { return s.NodeState("u2") == NodeDown, "" })
+	p, err := s.Kube.CoreV1().Pods(testNS).Get(ctx, crashedPod.Name, metav1.GetOptions{})
+	require.NoError(t, err)
+	p.Status = podFailedStatus(p, s.now())
+	_, err = s.Kube.CoreV1().Pods(testNS).UpdateStatus(ctx, p, metav1.UpdateOptions{})
+	require.NoError(t, err)
+
+	waitNodeReady(t, s, "u1", corev1.ConditionUnknown, 30*time.Second)
+	require.Equal(t, 1, forceDeletePods(t, s, "u1"))
+	eventually(t, 10*time.Second, "gone's VMI Failed", func() (bool, string) {
+		vmi := s.getVMI(testNS + "/gone")
+		return vmi.Status.Phase == kvv1.Failed, string(vmi.Status.Phase)
+	})
+	require.Empty(t, s.getVMI(testNS+"/gone").Status.Reason, "a VMI whose pod is gone fails without a reason")
+	require.Less(t, time.Since(down), s.scaled(4*time.Minute), "long before virt-handler's heartbeat is stale")
+	require.Equal(t, kvv1.Running, s.getVMI(testNS+"/crashed").Status.Phase, "its pod still exists: nobody reports it yet")
+
+	eventually(t, 30*time.Second, "crashed's VMI Failed NodeUnresponsive", func() (bool, string) {
+		vmi := s.getVMI(testNS + "/crashed")
+		return vmi.Status.Phase == kvv1.Failed, string(vmi.Status.Phase)
+	})
+	require.Equal(t, nodeUnresponsiveReason, s.getVMI(testNS+"/crashed").Status.Reason)
+	// virt-handler beats every minute: its last heartbeat was at most a minute before u2 died.
+	require.GreaterOrEqual(t, time.Since(down), s.scaled(4*time.Minute), "not before the heartbeat is five minutes old")
+	eventually(t, 10*time.Second, "u2 unschedulable for VMIs", func() (bool, string) {
+		return s.getNode("u2").Labels[kvv1.NodeSchedulable] == "false", ""
+	})
+	require.Empty(t, s.Violations())
+}
