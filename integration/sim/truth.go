@@ -331,7 +331,10 @@ func (s *Simulator) Truth() Snapshot {
 
 // Check evaluates the invariants now: the running guests and the
 // VolumeAttachments the simulator's cache holds. It returns an error
-// wrapping ErrInvariant that lists every current violation, or nil.
+// wrapping ErrInvariant that lists every current violation, or nil. A
+// violation that has ended (a double run a healed partition ended) is no
+// longer reported here: to know whether anything went wrong during a test,
+// use Violations.
 func (s *Simulator) Check() error {
 	t := s.truth
 	t.observeAttachments(s.rwoAttachments)
@@ -348,8 +351,11 @@ func (s *Simulator) Check() error {
 	return fmt.Errorf("%w: %s", ErrInvariant, strings.Join(msgs, "; "))
 }
 
-// Violations returns every violation recorded since the simulator was built,
-// including those that have since ended. Each is recorded when it begins.
+// Violations returns the history: every violation recorded since the
+// simulator was built, including those that have since ended. Each is
+// recorded once per episode, when it begins (every change of the ground
+// truth checks the invariants, so one that lasts a microsecond is there).
+// Tests assert on it: require.Empty(t, s.Violations()).
 func (s *Simulator) Violations() []Violation {
 	s.truth.mu.Lock()
 	defer s.truth.mu.Unlock()
