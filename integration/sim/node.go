@@ -274,12 +274,6 @@ func nodeCondition(n *corev1.Node, t corev1.NodeConditionType) *corev1.NodeCondi
 	return nil
 }
 
-// nodeReadyInAPI is what a controller that only sees the API believes.
-func nodeReadyInAPI(n *corev1.Node) bool {
-	c := nodeCondition(n, corev1.NodeReady)
-	return c != nil && c.Status == corev1.ConditionTrue
-}
-
 // runHeartbeats renews the Lease of every node whose kubelet is alive.
 func (s *Simulator) runHeartbeats(ctx context.Context) error {
 	t := s.clock.NewTicker(s.scaled(s.opts.HeartbeatInterval))
