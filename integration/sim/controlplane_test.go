@@ -119,8 +119,9 @@ func TestVirtControllerLeaderTakeover(t *testing.T) {
 	took := time.Since(down)
 	t.Logf("a migration created when the leader's node died became Pending after %s (%s simulated)", took.Round(time.Millisecond),
 		time.Duration(float64(took)*s.opts.TimeScale).Round(time.Second))
-	// The lease was renewed at most one retry period before the node died.
-	require.GreaterOrEqual(t, took, s.scaled(virtControllerLeaseDuration-virtControllerRetryPeriod), "not before the lease expired")
+	// The lease was renewed one retry period before the node died, or a little more on a
+	// loaded machine.
+	require.GreaterOrEqual(t, took, s.scaled(virtControllerLeaseDuration-2*virtControllerRetryPeriod), "not before the lease expired")
 	s.leader.mu.Lock()
 	newHolder := s.getPod(s.leader.holder)
 	s.leader.mu.Unlock()
