@@ -61,7 +61,13 @@ type runtime struct {
 
 func (e *env) start(cfg consumers.Config, wfs ...consumers.Workflow) *runtime {
 	e.t.Helper()
-	nc := natstest.Connect(e.t, e.srv.URL(), nats.MaxReconnects(0))
+	return e.startVia(e.srv.URL(), cfg, wfs...)
+}
+
+// startVia is start through another URL (a proxy in front of the server).
+func (e *env) startVia(url string, cfg consumers.Config, wfs ...consumers.Workflow) *runtime {
+	e.t.Helper()
+	nc := natstest.Connect(e.t, url, nats.MaxReconnects(0))
 	rt, err := consumers.NewRuntime(nc, cfg, zerolog.New(zerolog.NewTestWriter(e.t)).Level(zerolog.InfoLevel),
 		consumers.NewMetrics(prometheus.NewRegistry()), wfs...)
 	require.NoError(e.t, err)
