@@ -27,6 +27,7 @@ func TestClusterFailoverMidHandler(t *testing.T) {
 	// Leave room for an election (a few seconds) inside the ack wait.
 	cfg.AckWait = 6 * time.Second
 	cfg.LeaseTTL = 6 * time.Second
+	cfg.Reconfigure = true
 
 	nc := natstest.Connect(t, c.URLs(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
 	js, err := jetstream.New(nc)
@@ -85,8 +86,13 @@ func TestClusterFailoverMidHandler(t *testing.T) {
 			return false
 		}
 		rec, _, _, err := consumers.NewOpStore(kv).Get(ctx, key)
-		return err == nil && rec.State == consumers.StateSucceeded && rec.Progress["ns/vm-1"].Phase == "done"
+		return err == nil && rec.State == consumers.StateSucceeded
 	}, 60*time.Second, 100*time.Millisecond, "the operation completes after the stream leader died")
+	pkv, err := js.KeyValue(ctx, consumers.BucketProgress)
+	require.NoError(t, err)
+	progress, err := consumers.ReadProgress(ctx, pkv, key)
+	require.NoError(t, err)
+	require.Equal(t, "done", progress["ns/vm-1"].Phase)
 	require.Eventually(t, func() bool {
 		info, err := s.Info(ctx)
 		return err == nil && info.State.Msgs == 0 && info.Cluster.Leader != "" && info.Cluster.Leader != leader
@@ -95,41 +101,31 @@ func TestClusterFailoverMidHandler(t *testing.T) {
 	// is the at-least-once contract idempotent handlers are written for.
 	n := calls.get("failover-1")
 	require.GreaterOrEqual(t, n, 1)
-	require.LessOrEqual(t, n, cfg.MaxDeliver, "retries stay bounded")
+	require.LessOrEqual(t, n, 5, "retries stay bounded")
 	t.Logf("handler ran %d time(s) across the failover", n)
 }
 
-// Every worker that takes a message dies: JetStream stops after MaxDeliver,
-// and a surviving replica dead-letters the message from the advisory instead
-// of leaving it in the work queue forever.
-func TestExhaustedByDeadWorkersIsDeadLettered(t *testing.T) {
+// Every worker that takes a message dies (a crash loop): deliveries are
+// unlimited, but each run uses the operation's budget, so the next delivery
+// after the budget is spent dead-letters the message instead of running the
+// handler yet again, and nothing stays in the work queue forever.
+func TestCrashLoopEndsInTheDeadLetterQueue(t *testing.T) {
 	e := newEnv(t)
 	cfg := testConfig()
-	cfg.MaxDeliver = 2
-	// The consumer is shared: give it the lower MaxDeliver.
-	_, _, err := consumers.Setup(context.Background(), e.js, cfg, schemas.WorkflowMaintenance)
-	require.NoError(t, err)
+	cfg.MaxAttempts = 2
 
-	hung := make(chan *runtime, 2)
-	var mu sync.Mutex
-	var current *runtime
+	hung := make(chan struct{}, 2)
 	stuck := consumers.HandlerFunc(func(ctx context.Context, op *consumers.Operation, ev consumers.Event) error {
-		mu.Lock()
-		hung <- current
-		mu.Unlock()
+		hung <- struct{}{}
 		<-ctx.Done()
 		return ctx.Err()
 	})
 	e.publish("doomed", maintenance("node-1", "req-doomed"))
-	for i := 0; i < cfg.MaxDeliver; i++ {
-		mu.Lock()
-		current = e.start(cfg, consumers.Workflow{Name: schemas.WorkflowMaintenance, Handler: stuck})
-		mu.Unlock()
-		dead := <-hung
-		dead.nc.Close() // the worker dies mid-handler
+	for i := 0; i < cfg.MaxAttempts; i++ {
+		r := e.start(cfg, consumers.Workflow{Name: schemas.WorkflowMaintenance, Handler: stuck})
+		<-hung
+		r.nc.Close() // the worker dies mid-handler
 	}
-	// A surviving replica keeps pulling: JetStream finds the message out of
-	// deliveries and tells every replica through the advisory.
 	var survivorCalls recorder
 	e.start(cfg, consumers.Workflow{Name: schemas.WorkflowMaintenance, Handler: consumers.HandlerFunc(
 		func(ctx context.Context, op *consumers.Operation, ev consumers.Event) error {
@@ -139,11 +135,15 @@ func TestExhaustedByDeadWorkersIsDeadLettered(t *testing.T) {
 	e.eventually(func() bool {
 		dls, err := consumers.ListDeadLetters(context.Background(), e.js, 0)
 		return err == nil && len(dls) == 1
-	}, "the exhausted message is dead-lettered")
+	}, "the crash-looping message is dead-lettered")
 	dls, err := consumers.ListDeadLetters(context.Background(), e.js, 0)
 	require.NoError(t, err)
-	require.Contains(t, dls[0].Reason, "max deliveries (2) exhausted without an acknowledgement")
-	require.Equal(t, uint64(2), dls[0].Deliveries)
+	require.Contains(t, dls[0].Reason, "handler attempts exhausted (2 of 2)")
+	key := consumers.MaintenanceOperationKey("node-1", "req-doomed")
+	require.Equal(t, key, dls[0].Operation)
+	require.Equal(t, schemas.WorkflowMaintenance, dls[0].Workflow)
+	require.Equal(t, "node-1", dls[0].Target)
 	e.eventually(func() bool { return e.streamMsgs(consumers.StreamRequests) == 0 }, "and removed from the work queue")
-	require.Zero(t, survivorCalls.get("doomed"), "a message past its deliveries is not delivered again")
+	require.Zero(t, survivorCalls.get("doomed"), "an operation out of attempts is not run again")
+	require.Equal(t, consumers.StateFailed, e.op(key).State)
 }

@@ -2,14 +2,18 @@ package consumers
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/drover-io/drover/schemas"
 )
 
 // DeadLetter is one message of the DROVER_DLQ stream.
@@ -17,6 +21,8 @@ type DeadLetter struct {
 	Seq        uint64
 	Time       time.Time
 	Workflow   string
+	Target     string // node or namespace/name; "" when the message never decoded
+	Operation  string // operation key; "" when the message never decoded
 	Subject    string // the original request subject
 	Reason     string
 	Deliveries uint64
@@ -26,11 +32,10 @@ type DeadLetter struct {
 }
 
 // deadLetterMsg builds the dead letter of a message taken from the DROVER
-// stream at seq: the original data and headers, plus why and how often it was
-// delivered. Its Nats-Msg-Id is derived from seq, so replicas that
-// dead-letter the same message (a max-deliveries advisory reaches them all)
-// store it once.
-func deadLetterMsg(workflow, subject string, seq, deliveries uint64, hdr nats.Header, data []byte, reason string) *nats.Msg {
+// stream at seq: the original data and headers, plus why, whose and how
+// often it was delivered. Its Nats-Msg-Id is derived from seq, so replicas
+// that dead-letter the same message store it once.
+func deadLetterMsg(workflow, target, operation, subject string, seq, deliveries uint64, hdr nats.Header, data []byte, reason string) *nats.Msg {
 	h := nats.Header{}
 	for k, v := range hdr {
 		h[k] = append([]string(nil), v...)
@@ -47,6 +52,12 @@ func deadLetterMsg(workflow, subject string, seq, deliveries uint64, hdr nats.He
 	h.Set(HeaderDLQSubject, subject)
 	h.Set(HeaderDLQStreamSeq, strconv.FormatUint(seq, 10))
 	h.Set(HeaderDLQWorkflow, workflow)
+	if target != "" {
+		h.Set(HeaderDLQTarget, target)
+	}
+	if operation != "" {
+		h.Set(HeaderDLQOperation, operation)
+	}
 	h.Set(HeaderDLQTime, time.Now().UTC().Format(time.RFC3339Nano))
 	return &nats.Msg{Subject: DLQSubjectPrefix + workflow, Header: h, Data: data}
 }
@@ -93,27 +104,47 @@ func parseDeadLetter(raw *jetstream.RawStreamMsg) DeadLetter {
 	streamSeq, _ := strconv.ParseUint(h.Get(HeaderDLQStreamSeq), 10, 64)
 	return DeadLetter{
 		Seq: raw.Sequence, Time: raw.Time, Workflow: h.Get(HeaderDLQWorkflow),
+		Target: h.Get(HeaderDLQTarget), Operation: h.Get(HeaderDLQOperation),
 		Subject: h.Get(HeaderDLQSubject), Reason: h.Get(HeaderDLQReason),
 		Deliveries: deliveries, StreamSeq: streamSeq, Header: h, Data: raw.Data,
 	}
 }
 
-// ReplayDeadLetter republishes dead letter seq to its original subject with
-// its original headers and a fresh message id (the original id may still be in
-// the duplicate window), then removes it from the DLQ. It returns the new
-// publish acknowledgement.
-func ReplayDeadLetter(ctx context.Context, js jetstream.JetStream, seq uint64) (*jetstream.PubAck, DeadLetter, error) {
+// Replayed says what a replay or a retry did.
+type Replayed struct {
+	Ack *jetstream.PubAck
+	// Operation is the operation that runs again ("" when the message
+	// never decoded: it is sent back as it was).
+	Operation  string
+	Generation int
+	Subject    string
+}
+
+// ReplayDeadLetter sends dead letter seq back to its original subject with
+// its original headers and a fresh message id (the original id may still be
+// in the duplicate window), starts a new generation of its operation so that
+// it really runs again (budget, checkpoint and progress cleared), then
+// removes the dead letter.
+func ReplayDeadLetter(ctx context.Context, js jetstream.JetStream, seq uint64) (Replayed, DeadLetter, error) {
 	s, err := js.Stream(ctx, StreamDLQ)
 	if err != nil {
-		return nil, DeadLetter{}, fmt.Errorf("open stream %s: %w", StreamDLQ, err)
+		return Replayed{}, DeadLetter{}, fmt.Errorf("open stream %s: %w", StreamDLQ, err)
 	}
 	raw, err := s.GetMsg(ctx, seq)
 	if err != nil {
-		return nil, DeadLetter{}, fmt.Errorf("read dead letter %d: %w", seq, err)
+		return Replayed{}, DeadLetter{}, fmt.Errorf("read dead letter %d: %w", seq, err)
 	}
 	dl := parseDeadLetter(raw)
 	if dl.Subject == "" {
-		return nil, dl, fmt.Errorf("dead letter %d has no %s header", seq, HeaderDLQSubject)
+		return Replayed{}, dl, fmt.Errorf("dead letter %d has no %s header", seq, HeaderDLQSubject)
+	}
+	res := Replayed{Subject: dl.Subject, Operation: dl.Operation}
+	if res.Operation != "" {
+		rec, err := resetOperation(ctx, js, res.Operation, fmt.Sprintf("replayed from dead letter %d", seq))
+		if err != nil {
+			return res, dl, err
+		}
+		res.Generation = rec.Generation
 	}
 	h := nats.Header{}
 	for k, v := range raw.Header {
@@ -122,13 +153,99 @@ func ReplayDeadLetter(ctx context.Context, js jetstream.JetStream, seq uint64) (
 		}
 		h[k] = v
 	}
-	h.Set(jetstream.MsgIDHeader, fmt.Sprintf("replay-%d-%s", seq, raw.Header.Get(HeaderDLQMsgID)))
-	ack, err := js.PublishMsg(ctx, &nats.Msg{Subject: dl.Subject, Header: h, Data: raw.Data})
+	h.Set(jetstream.MsgIDHeader, fmt.Sprintf("replay-%d-g%d-%s", seq, res.Generation, raw.Header.Get(HeaderDLQMsgID)))
+	res.Ack, err = js.PublishMsg(ctx, &nats.Msg{Subject: dl.Subject, Header: h, Data: raw.Data})
 	if err != nil {
-		return nil, dl, fmt.Errorf("replay dead letter %d to %s: %w", seq, dl.Subject, err)
+		return res, dl, fmt.Errorf("replay dead letter %d to %s: %w", seq, dl.Subject, err)
 	}
 	if err := s.DeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
-		return ack, dl, fmt.Errorf("replayed dead letter %d but could not remove it: %w", seq, err)
+		return res, dl, fmt.Errorf("replayed dead letter %d but could not remove it: %w", seq, err)
 	}
-	return ack, dl, nil
+	return res, dl, nil
+}
+
+// RetryOperation starts a new generation of a finished or stuck operation
+// and publishes the request that created it again, so that it really runs
+// again (after a fix, say). A running operation is refused. Dead letters of
+// the operation are removed: the retry replaces them.
+func RetryOperation(ctx context.Context, js jetstream.JetStream, key string) (Replayed, error) {
+	kv, err := js.KeyValue(ctx, BucketOps)
+	if err != nil {
+		return Replayed{}, fmt.Errorf("open %s: %w", BucketOps, err)
+	}
+	cur, _, found, err := NewOpStore(kv).Get(ctx, key)
+	if err != nil {
+		return Replayed{}, err
+	}
+	if !found {
+		return Replayed{}, fmt.Errorf("operation %s does not exist", key)
+	}
+	if len(cur.Request) == 0 {
+		return Replayed{}, fmt.Errorf("operation %s has no stored request to send again", key)
+	}
+	var ce event.Event
+	if err := json.Unmarshal(cur.Request, &ce); err != nil {
+		return Replayed{}, fmt.Errorf("operation %s: stored request unreadable: %w", key, err)
+	}
+	rec, err := resetOperation(ctx, js, key, "retried by hand")
+	if err != nil {
+		return Replayed{}, err
+	}
+	p, err := schemas.Decode(ce)
+	if err != nil {
+		return Replayed{}, fmt.Errorf("operation %s: stored request no longer valid: %w", key, err)
+	}
+	subject, err := schemas.RequestSubject(p.Kind(), p.Target())
+	if err != nil {
+		return Replayed{}, err
+	}
+	m, err := schemas.ToMsg(subject, ce)
+	if err != nil {
+		return Replayed{}, err
+	}
+	m.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("retry-%s-g%d", key, rec.Generation))
+	ack, err := js.PublishMsg(ctx, m)
+	if err != nil {
+		return Replayed{}, fmt.Errorf("publish the request of %s again: %w", key, err)
+	}
+	if err := removeDeadLetters(ctx, js, key); err != nil {
+		return Replayed{Ack: ack, Operation: key, Generation: rec.Generation, Subject: subject}, err
+	}
+	return Replayed{Ack: ack, Operation: key, Generation: rec.Generation, Subject: subject}, nil
+}
+
+// resetOperation starts a new generation of key and clears its progress.
+func resetOperation(ctx context.Context, js jetstream.JetStream, key, why string) (Record, error) {
+	kv, err := js.KeyValue(ctx, BucketOps)
+	if err != nil {
+		return Record{}, fmt.Errorf("open %s: %w", BucketOps, err)
+	}
+	rec, err := NewOpStore(kv).Reset(ctx, key, why)
+	if err != nil {
+		return Record{}, err
+	}
+	pkv, err := js.KeyValue(ctx, BucketProgress)
+	if err != nil {
+		return rec, fmt.Errorf("open %s: %w", BucketProgress, err)
+	}
+	return rec, purgeProgress(ctx, pkv, key)
+}
+
+func removeDeadLetters(ctx context.Context, js jetstream.JetStream, op string) error {
+	dls, err := ListDeadLetters(ctx, js, 0)
+	if err != nil {
+		return err
+	}
+	s, err := js.Stream(ctx, StreamDLQ)
+	if err != nil {
+		return err
+	}
+	for _, d := range dls {
+		if d.Operation == op {
+			if err := s.DeleteMsg(ctx, d.Seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+				return fmt.Errorf("remove dead letter %d of %s: %w", d.Seq, op, err)
+			}
+		}
+	}
+	return nil
 }

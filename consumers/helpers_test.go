@@ -22,14 +22,20 @@ import (
 // deadlines fit in a test.
 func testConfig() consumers.Config {
 	return consumers.Config{
-		AckWait:       1200 * time.Millisecond,
-		LeaseTTL:      1200 * time.Millisecond,
-		MaxDeliver:    5,
-		BackoffBase:   50 * time.Millisecond,
-		BackoffMax:    400 * time.Millisecond,
-		FetchWait:     200 * time.Millisecond,
-		ShutdownGrace: 500 * time.Millisecond,
-		LeaseWait:     20 * time.Second,
+		AckWait:           1200 * time.Millisecond,
+		LeaseTTL:          1200 * time.Millisecond,
+		MaxAttempts:       5,
+		BackoffBase:       50 * time.Millisecond,
+		BackoffMax:        400 * time.Millisecond,
+		LeaseRetry:        50 * time.Millisecond,
+		LeaseRetryMax:     400 * time.Millisecond,
+		PreemptRetry:      50 * time.Millisecond,
+		YieldGrace:        2 * time.Second,
+		FetchWait:         200 * time.Millisecond,
+		ShutdownGrace:     500 * time.Millisecond,
+		ReconcileInterval: 500 * time.Millisecond,
+		OrphanAfter:       2 * time.Second,
+		StatusInterval:    50 * time.Millisecond,
 	}
 }
 
@@ -45,7 +51,7 @@ func newEnv(t *testing.T) *env {
 	nc := natstest.Connect(t, srv.URL())
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
-	_, _, err = consumers.Setup(context.Background(), js, testConfig(),
+	_, err = consumers.Setup(context.Background(), js, testConfig(),
 		schemas.WorkflowMaintenance, schemas.WorkflowRecovery, schemas.WorkflowMigration)
 	require.NoError(t, err)
 	return &env{t: t, srv: srv, js: js, pub: &producers.Publisher{JS: js}}
@@ -119,6 +125,16 @@ func (e *env) op(key string) consumers.Record {
 	require.NoError(e.t, err)
 	require.True(e.t, found, "operation %s has no record", key)
 	return rec
+}
+
+// progress is every target's progress of an operation.
+func (e *env) progress(key string) map[string]consumers.TargetProgress {
+	e.t.Helper()
+	kv, err := e.js.KeyValue(context.Background(), consumers.BucketProgress)
+	require.NoError(e.t, err)
+	p, err := consumers.ReadProgress(context.Background(), kv, key)
+	require.NoError(e.t, err)
+	return p
 }
 
 // state is the operation's state, "" while it has no record (safe inside Eventually).

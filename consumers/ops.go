@@ -6,7 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"sync"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -16,10 +16,13 @@ import (
 type State string
 
 // Operation states. Succeeded, Failed and Cancelled are terminal: a redelivered
-// or duplicate event for a terminal operation is acknowledged without acting.
+// or duplicate event for a terminal operation is acknowledged without acting
+// (until `drover op retry` or `drover dlq replay` starts a new generation).
 const (
-	StatePending   State = "pending"
-	StateRunning   State = "running"
+	StatePending   State = "pending"   // not started, or between attempts after a failure
+	StateRunning   State = "running"   // a handler runs it now, holding its leases
+	StateWaiting   State = "waiting"   // waits for something outside drover; checked again at Due
+	StateSuspended State = "suspended" // pre-empted by a higher-priority operation; resumes later
 	StateSucceeded State = "succeeded"
 	StateFailed    State = "failed"
 	StateCancelled State = "cancelled"
@@ -30,39 +33,87 @@ func (s State) Terminal() bool {
 	return s == StateSucceeded || s == StateFailed || s == StateCancelled
 }
 
-// TargetProgress is the per-target (usually per-VM) progress of an operation.
-type TargetProgress struct {
-	Phase   string    `json:"phase"`
-	Node    string    `json:"node,omitempty"`
-	Message string    `json:"message,omitempty"`
-	Updated time.Time `json:"updated"`
+// YieldRequest records that a higher-priority operation asked the holder of
+// a shared lease to yield.
+type YieldRequest struct {
+	By       string    `json:"by"`
+	Workflow string    `json:"workflow,omitempty"`
+	Priority int       `json:"priority"`
+	At       time.Time `json:"at"`
 }
 
 // Record is an operation record as stored in the drover-ops bucket under its
 // operation key. It survives the process: a replica that picks up a
-// redelivered message resumes from Progress instead of starting over.
+// redelivered message resumes from the checkpoint (Phase, Data) and the
+// per-target progress (drover-progress bucket) instead of starting over.
 type Record struct {
-	Key             string                    `json:"key"`
-	Workflow        string                    `json:"workflow"`
-	Target          string                    `json:"target"`
-	State           State                     `json:"state"`
-	EventID         string                    `json:"eventID,omitempty"`
-	EventType       string                    `json:"eventType,omitempty"`
-	Holder          string                    `json:"holder,omitempty"`
-	Attempts        int                       `json:"attempts"`
-	CancelRequested bool                      `json:"cancelRequested,omitempty"`
-	CancelReason    string                    `json:"cancelReason,omitempty"`
-	LastError       string                    `json:"lastError,omitempty"`
-	Message         string                    `json:"message,omitempty"`
-	Progress        map[string]TargetProgress `json:"progress,omitempty"`
-	Created         time.Time                 `json:"created"`
-	Updated         time.Time                 `json:"updated"`
-	Started         time.Time                 `json:"started,omitempty"`
-	Finished        time.Time                 `json:"finished,omitempty"`
+	Key      string `json:"key"`
+	Workflow string `json:"workflow"`
+	Target   string `json:"target"`
+	State    State  `json:"state"`
+	// Generation starts at 1 and grows each time the operation is retried
+	// by hand or its dead letter is replayed: a new generation runs again.
+	Generation int `json:"generation"`
+	// Attempts counts handler runs in this generation; with Generation and
+	// the key it is the fencing token of the current run.
+	Attempts int `json:"attempts"`
+	// Charged counts the runs that used the operation's budget (runs that
+	// ended waiting, pre-empted or by shutdown are refunded).
+	Charged   int    `json:"charged"`
+	Holder    string `json:"holder,omitempty"`
+	EventID   string `json:"eventID,omitempty"`
+	EventType string `json:"eventType,omitempty"`
+	// Request is the CloudEvent (structured JSON) that created the
+	// operation, so that a retry can re-publish it.
+	Request json.RawMessage `json:"request,omitempty"`
+	// Seq is the request-stream sequence of the message that drives the
+	// operation now; LastSeen is when a replica last took it and Due when
+	// the next delivery is expected. The reconciler finds orphans with them.
+	Seq uint64 `json:"seq,omitempty"`
+	// Leases are the lease keys the running attempt holds.
+	Leases   []string  `json:"leases,omitempty"`
+	LastSeen time.Time `json:"lastSeen,omitzero"`
+	Due      time.Time `json:"due,omitzero"`
+
+	CancelRequested bool   `json:"cancelRequested,omitempty"`
+	CancelReason    string `json:"cancelReason,omitempty"`
+	// Uncancellable says why a cancel request is refused now (a recovery
+	// past its fencing gate).
+	Uncancellable string        `json:"uncancellable,omitempty"`
+	Yield         *YieldRequest `json:"yield,omitempty"`
+
+	// Phase, Message and Data are the handler's checkpoint.
+	Phase   string          `json:"phase,omitempty"`
+	Message string          `json:"message,omitempty"`
+	Data    json.RawMessage `json:"data,omitempty"`
+	// Summary counts the operation's targets by phase.
+	Summary   map[string]int `json:"summary,omitempty"`
+	LastError string         `json:"lastError,omitempty"`
+	// WaitReason says what a waiting or suspended operation waits for.
+	WaitReason string `json:"waitReason,omitempty"`
+
+	Created  time.Time `json:"created"`
+	Updated  time.Time `json:"updated"`
+	Started  time.Time `json:"started,omitzero"`
+	Finished time.Time `json:"finished,omitzero"`
+}
+
+// Token is the fencing token of the record's current attempt.
+func (r Record) Token() string {
+	return fmt.Sprintf("%s/g%d/a%d", r.Key, max(r.Generation, 1), r.Attempts)
+}
+
+// Total is the number of targets the summary counts.
+func (r Record) Total() int {
+	n := 0
+	for _, c := range r.Summary {
+		n += c
+	}
+	return n
 }
 
 // OpStore reads and writes operation records with compare-and-set, so that a
-// cancel request and the running handler's progress never overwrite each other.
+// cancel request and the running handler's checkpoint never overwrite each other.
 type OpStore struct {
 	kv  jetstream.KeyValue
 	now func() time.Time
@@ -90,57 +141,77 @@ func (s *OpStore) Get(ctx context.Context, key string) (rec Record, rev uint64, 
 // errNoChange lets a mutate function decline to write.
 var errNoChange = errors.New("no change")
 
+// put writes next at rev (0: create) and returns the new revision.
+func (s *OpStore) put(ctx context.Context, next *Record, rev uint64) (uint64, error) {
+	next.Updated = s.now().UTC()
+	b, err := json.Marshal(next)
+	if err != nil {
+		return 0, fmt.Errorf("encode operation %s: %w", next.Key, err)
+	}
+	if rev == 0 {
+		return s.kv.Create(ctx, next.Key, b)
+	}
+	return s.kv.Update(ctx, next.Key, b, rev)
+}
+
 // Mutate applies fn to the current record (a zero Record with Key set when
 // none exists) and writes it back with compare-and-set, retrying on conflict.
 // If fn returns errNoChange nothing is written and the current record is
-// returned.
+// returned; any other error from fn is returned as is.
 func (s *OpStore) Mutate(ctx context.Context, key string, fn func(r *Record) error) (Record, error) {
+	rec, _, err := s.mutateFrom(ctx, key, Record{}, 0, false, fn)
+	return rec, err
+}
+
+// mutateFrom is Mutate starting from a record the caller already read at
+// rev (known), which saves the first read when nobody wrote in between. It
+// returns the written record and its revision.
+func (s *OpStore) mutateFrom(ctx context.Context, key string, cur Record, rev uint64, known bool, fn func(r *Record) error) (Record, uint64, error) {
 	for attempt := 0; ; attempt++ {
-		cur, rev, found, err := s.Get(ctx, key)
-		if err != nil {
-			return Record{}, err
+		found := rev > 0
+		if !known {
+			var err error
+			cur, rev, found, err = s.Get(ctx, key)
+			if err != nil {
+				return Record{}, 0, err
+			}
 		}
+		known = false
 		next := cur
 		if !found {
-			next = Record{Key: key, State: StatePending, Created: s.now().UTC()}
+			next = Record{Key: key, State: StatePending, Generation: 1, Created: s.now().UTC()}
 		}
-		next.Progress = cloneProgress(cur.Progress)
+		next.Summary = cloneCounts(cur.Summary)
 		if err := fn(&next); err != nil {
 			if errors.Is(err, errNoChange) {
-				return cur, nil
+				return cur, rev, nil
 			}
-			return cur, err
+			return cur, rev, err
 		}
-		next.Updated = s.now().UTC()
-		b, err := json.Marshal(next)
-		if err != nil {
-			return cur, fmt.Errorf("encode operation %s: %w", key, err)
-		}
-		if found {
-			_, err = s.kv.Update(ctx, key, b, rev)
-		} else {
-			_, err = s.kv.Create(ctx, key, b)
-		}
+		nrev, err := s.put(ctx, &next, rev)
 		if err == nil {
-			return next, nil
+			return next, nrev, nil
 		}
 		if !isRevisionConflict(err) || attempt >= 20 {
-			return cur, fmt.Errorf("write operation %s: %w", key, err)
+			return cur, rev, fmt.Errorf("write operation %s: %w", key, err)
 		}
 	}
 }
 
 // List returns the records whose keys match the KV filter (wildcards allowed),
-// sorted by creation time.
+// sorted by creation time. Node state records are not operations and are left out.
 func (s *OpStore) List(ctx context.Context, filter string) ([]Record, error) {
 	lister, err := s.kv.ListKeysFiltered(ctx, filter)
 	if err != nil {
+		if errors.Is(err, jetstream.ErrNoKeysFound) {
+			return nil, nil
+		}
 		return nil, fmt.Errorf("list operations %s: %w", filter, err)
 	}
 	var out []Record
 	seen := map[string]bool{}
 	for key := range lister.Keys() {
-		if seen[key] {
+		if seen[key] || strings.HasPrefix(key, nodeStatePrefix) {
 			continue
 		}
 		seen[key] = true
@@ -156,20 +227,28 @@ func (s *OpStore) List(ctx context.Context, filter string) ([]Record, error) {
 	return out, nil
 }
 
-// RequestCancel marks every pending or running operation matching filter as
-// cancel-requested; the handler running it sees Operation.Cancelled close and
-// finishes cleanly. When filter names one key (no wildcard) and no record
-// exists yet, it records the operation as cancelled so that its request, if it
-// arrives later, is skipped; workflow and target label that record. It
-// returns the keys it marked.
-func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, target string) ([]string, error) {
+// CancelResult says what RequestCancel did.
+type CancelResult struct {
+	Marked  []string          // operations marked cancel-requested (or cancelled outright)
+	Refused map[string]string // operation -> why it can no longer be cancelled
+}
+
+// RequestCancel marks every pending, waiting, suspended or running operation
+// matching filter as cancel-requested; the handler running it sees
+// Operation.Cancelled close and finishes cleanly. An operation that marked
+// itself uncancellable (a recovery past its fencing gate) is left alone and
+// reported in Refused. When filter names one key (no wildcard) and no record
+// exists yet, it records the operation as cancelled so that its request, if
+// it arrives later, is skipped; workflow and target label that record.
+func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, target string) (CancelResult, error) {
+	res := CancelResult{Refused: map[string]string{}}
 	var keys []string
 	if !hasWildcard(filter) {
 		keys = []string{filter}
 	} else {
 		recs, err := s.List(ctx, filter)
 		if err != nil {
-			return nil, err
+			return res, err
 		}
 		for _, r := range recs {
 			if !r.State.Terminal() {
@@ -177,11 +256,14 @@ func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, t
 			}
 		}
 	}
-	var marked []string
 	for _, key := range keys {
+		var refused string
 		_, err := s.Mutate(ctx, key, func(r *Record) error {
 			switch {
 			case r.State.Terminal(), r.CancelRequested:
+				return errNoChange
+			case r.Uncancellable != "":
+				refused = r.Uncancellable
 				return errNoChange
 			case r.Attempts == 0 && r.State == StatePending:
 				// Never started: nothing to abort, so it is cancelled outright.
@@ -196,82 +278,63 @@ func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, t
 			return nil
 		})
 		if err != nil {
-			return marked, err
+			return res, err
 		}
-		marked = append(marked, key)
+		if refused != "" {
+			res.Refused[key] = refused
+			continue
+		}
+		res.Marked = append(res.Marked, key)
 	}
-	return marked, nil
+	return res, nil
 }
 
-func hasWildcard(s string) bool {
-	for _, c := range s {
-		if c == '*' || c == '>' {
-			return true
+// requestYield asks the operation holding a lease to yield to by. It returns
+// false when the record does not exist, is not running, or already has a
+// request from an operation of the same or higher priority.
+func (s *OpStore) requestYield(ctx context.Context, key string, by YieldRequest) (bool, error) {
+	asked := false
+	_, err := s.Mutate(ctx, key, func(r *Record) error {
+		if r.State != StateRunning || (r.Yield != nil && r.Yield.Priority >= by.Priority) {
+			return errNoChange
 		}
-	}
-	return false
+		r.Yield = &by
+		asked = true
+		return nil
+	})
+	return asked, err
 }
 
-func cloneProgress(p map[string]TargetProgress) map[string]TargetProgress {
-	if p == nil {
+// Reset starts a new generation of the operation: pending, budget and
+// checkpoint cleared, so that its next delivery really runs it again. It
+// returns the new record.
+func (s *OpStore) Reset(ctx context.Context, key, why string) (Record, error) {
+	if _, _, found, err := s.Get(ctx, key); err != nil || !found {
+		return Record{}, err // nothing to reset: the replayed message creates it
+	}
+	return s.Mutate(ctx, key, func(r *Record) error {
+		if r.State == StateRunning {
+			return fmt.Errorf("operation %s is running (holder %s); it cannot be reset now", key, r.Holder)
+		}
+		r.Generation = max(r.Generation, 1) + 1
+		r.State, r.Attempts, r.Charged, r.Holder = StatePending, 0, 0, ""
+		r.CancelRequested, r.CancelReason, r.Uncancellable, r.Yield = false, "", "", nil
+		r.Phase, r.Message, r.Data, r.Summary = "", why, nil, nil
+		r.LastError, r.WaitReason = "", ""
+		r.Started, r.Finished, r.Due = time.Time{}, time.Time{}, time.Time{}
+		return nil
+	})
+}
+
+func hasWildcard(s string) bool { return strings.ContainsAny(s, "*>") }
+
+func cloneCounts(m map[string]int) map[string]int {
+	if m == nil {
 		return nil
 	}
-	out := make(map[string]TargetProgress, len(p))
-	for k, v := range p {
+	out := make(map[string]int, len(m))
+	for k, v := range m {
 		out[k] = v
 	}
 	return out
 }
-
-// Operation is a handler's view of its operation record: the state it resumes
-// from, a way to record per-target progress, and a signal when a cancel
-// request arrives. It hides the KV bucket from handlers.
-type Operation struct {
-	store     *OpStore
-	start     Record
-	onUpdate  func(context.Context, Record)
-	cancelled chan struct{}
-	once      sync.Once
-}
-
-// Key is the operation key.
-func (o *Operation) Key() string { return o.start.Key }
-
-// Resumed is the record as it stood when this attempt started: Attempts > 1
-// and a non-empty Progress mean an earlier attempt did part of the work.
-func (o *Operation) Resumed() Record { return o.start }
-
-// Done reports whether an earlier attempt recorded target as finished with phase.
-func (o *Operation) Done(target, phase string) bool {
-	p, ok := o.start.Progress[target]
-	return ok && p.Phase == phase
-}
-
-// Progress records the progress of one target and publishes a status event.
-func (o *Operation) Progress(ctx context.Context, target string, p TargetProgress) error {
-	if p.Updated.IsZero() {
-		p.Updated = o.store.now().UTC()
-	}
-	rec, err := o.store.Mutate(ctx, o.start.Key, func(r *Record) error {
-		if r.Progress == nil {
-			r.Progress = map[string]TargetProgress{}
-		}
-		r.Progress[target] = p
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	o.start.Progress = cloneProgress(rec.Progress)
-	if o.onUpdate != nil {
-		o.onUpdate(ctx, rec)
-	}
-	return nil
-}
-
-// Cancelled is closed when a cancel request for this operation arrives
-// (maintenance.ended, vm.migrate.cancelled). The handler should abort what is
-// still in flight and return nil; the runtime then records it cancelled.
-func (o *Operation) Cancelled() <-chan struct{} { return o.cancelled }
-
-func (o *Operation) markCancelled() { o.once.Do(func() { close(o.cancelled) }) }

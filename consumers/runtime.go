@@ -2,13 +2,15 @@ package consumers
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"os"
 	"runtime/debug"
-	"strconv"
-	"strings"
+	"sort"
 	"sync"
 	"time"
 
@@ -27,16 +29,19 @@ type Event struct {
 	Payload    schemas.Payload
 	Keys       Keys
 	Subject    string
-	// Delivery counts deliveries of this message, starting at 1.
+	// Delivery counts JetStream deliveries of this message, starting at 1
+	// (waiting for a lease is a delivery too); Operation.Attempt counts runs.
 	Delivery  uint64
 	StreamSeq uint64
 }
 
-// Handler runs one workflow step for an event. It must be idempotent: it may
-// run again for the same operation after a crash, and op.Resumed() says how
-// far an earlier attempt got. It returns nil when the work is complete (or
-// cleanly cancelled), an error wrapped by Terminal when no retry can help, or
-// any other error to be retried with backoff.
+// Handler runs one workflow for an event. It must be idempotent: it may run
+// again for the same operation after a crash, a pre-emption or a wait, and
+// Operation says how far earlier attempts got. It returns nil when the work
+// is complete (or cleanly cancelled), Terminal(err) when no retry can help,
+// Wait(d, why) to be run again after d without using its budget,
+// Yield(why) after Operation.Preempted, or any other error to be retried
+// with backoff. See the package documentation for the whole contract.
 type Handler interface {
 	Handle(ctx context.Context, op *Operation, e Event) error
 }
@@ -51,9 +56,26 @@ func (f HandlerFunc) Handle(ctx context.Context, op *Operation, e Event) error {
 type Workflow struct {
 	Name string
 	// Concurrency is the number of worker slots in this process (default 1);
-	// each slot holds at most one message.
+	// each slot holds at most one message, and only while a handler runs.
 	Concurrency int
 	Handler     Handler
+	// Resolver, if set, refines the keys of each event from the live cluster.
+	Resolver Resolver
+	// AckWait of this workflow's consumer (default Config.AckWait). An
+	// existing consumer keeps the server's value unless Config.Reconfigure.
+	AckWait time.Duration
+	// MaxAttempts and MaxAge bound an operation of this workflow (defaults
+	// Config.MaxAttempts and Config.MaxAge); past them it is dead-lettered.
+	MaxAttempts int
+	MaxAge      time.Duration
+}
+
+// workflow is a Workflow as the runtime runs it, with the server's values.
+type workflow struct {
+	Workflow
+	ackWait   time.Duration
+	heartbeat time.Duration
+	cons      jetstream.Consumer
 }
 
 // Runtime runs the workflows' consumers. Several processes may run one each
@@ -64,29 +86,32 @@ type Runtime struct {
 	js        jetstream.JetStream
 	log       zerolog.Logger
 	metrics   *Metrics
-	workflows []Workflow
+	workflows []*workflow
 	id        string
 
-	ops   *OpStore
-	locks jetstream.KeyValue
+	ops    *OpStore
+	opsKV  jetstream.KeyValue
+	progKV jetstream.KeyValue
+	leases *leaseStore
+	status *statusPublisher
 
 	mu       sync.Mutex
 	inflight map[string]*Operation // by operation key
+	trailing sync.WaitGroup        // acks, releases and final status still in flight
 }
 
 // NewRuntime checks the configuration and the workflows. Nothing touches the
 // server until Start.
 func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics, workflows ...Workflow) (*Runtime, error) {
 	cfg = cfg.withDefaults()
-	if err := cfg.validate(); err != nil {
-		return nil, fmt.Errorf("runtime config: %w", err)
-	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("jetstream context: %w", err)
 	}
 	seen := map[string]bool{}
-	for i, wf := range workflows {
+	var wfs []*workflow
+	var ackWaits []time.Duration
+	for _, wf := range workflows {
 		if _, ok := WorkflowKinds[wf.Name]; !ok {
 			return nil, fmt.Errorf("workflow %q: unknown (want one of maintenance, recovery, migration)", wf.Name)
 		}
@@ -97,17 +122,30 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 			return nil, fmt.Errorf("workflow %q has no handler", wf.Name)
 		}
 		seen[wf.Name] = true
-		if wf.Concurrency <= 0 {
-			workflows[i].Concurrency = 1
+		wf.Concurrency = max(wf.Concurrency, 1)
+		if wf.AckWait <= 0 {
+			wf.AckWait = cfg.AckWait
 		}
+		if wf.MaxAttempts <= 0 {
+			wf.MaxAttempts = cfg.MaxAttempts
+		}
+		if wf.MaxAge <= 0 {
+			wf.MaxAge = cfg.MaxAge
+		}
+		ackWaits = append(ackWaits, wf.AckWait)
+		wfs = append(wfs, &workflow{Workflow: wf, ackWait: wf.AckWait, heartbeat: cfg.heartbeat(wf.AckWait)})
+	}
+	if err := cfg.validate(ackWaits...); err != nil {
+		return nil, fmt.Errorf("runtime config: %w", err)
 	}
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
 	host, _ := os.Hostname()
-	id := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), schemas.DeterministicID(host, strconv.FormatInt(time.Now().UnixNano(), 10))[:8])
-	return &Runtime{cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: workflows, id: id,
-		inflight: map[string]*Operation{}}, nil
+	return &Runtime{cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: wfs,
+		id:       fmt.Sprintf("%s-%d-%s", host, os.Getpid(), nonce()[:8]),
+		inflight: map[string]*Operation{},
+		status:   &statusPublisher{js: js, source: cfg.Source, log: log}}, nil
 }
 
 // ID identifies this runtime as a lease holder.
@@ -115,64 +153,55 @@ func (r *Runtime) ID() string { return r.id }
 
 // Start declares streams, buckets and consumers, runs the workers and blocks
 // until ctx ends. Then it stops fetching, gives in-flight handlers
-// Config.ShutdownGrace to finish, cancels the rest (their messages stay
-// unacknowledged, so another replica takes them over) and returns.
+// Config.ShutdownGrace to finish, cancels the rest (their messages are handed
+// back, so another replica takes them over) and returns.
 func (r *Runtime) Start(ctx context.Context) error {
-	names := make([]string, 0, len(r.workflows))
-	for _, wf := range r.workflows {
-		names = append(names, wf.Name)
-	}
-	opsKV, locks, err := Setup(ctx, r.js, r.cfg, names...)
+	res, err := setup(ctx, r.js, r.cfg, r.workflows, r.log)
 	if err != nil {
 		return err
 	}
-	r.ops, r.locks = NewOpStore(opsKV), locks
-
-	adv, err := r.nc.Subscribe(maxDeliveriesAdvisories+StreamRequests+".*", r.onMaxDeliveries)
-	if err != nil {
-		return fmt.Errorf("subscribe to max-deliveries advisories: %w", err)
+	if err := r.adopt(res); err != nil {
+		return err
 	}
-	defer func() { _ = adv.Unsubscribe() }()
 
-	// One watcher for the whole bucket signals cancel requests to the
-	// handlers running here (a watcher per handler would cost a consumer
+	// One watcher for the whole bucket signals cancel and yield requests to
+	// the handlers running here (a watcher per handler would cost a consumer
 	// per event).
-	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopWatch()
-	go r.watchCancels(watchCtx)
+	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
+	var bgWG sync.WaitGroup
+	defer func() { stopBG(); bgWG.Wait() }()
+	bgWG.Add(2)
+	go func() { defer bgWG.Done(); r.watchRequests(bg) }()
+	go func() { defer bgWG.Done(); r.reconcileLoop(bg) }()
 
 	// Handlers run on base, not ctx: a shutdown request must not interrupt
 	// them before the grace period is over.
 	base, cancelBase := context.WithCancelCause(context.WithoutCancel(ctx))
 	defer cancelBase(nil)
 	var wg sync.WaitGroup
+	names := make([]string, 0, len(r.workflows))
 	for _, wf := range r.workflows {
-		cons, err := r.js.Consumer(ctx, StreamRequests, wf.Name)
-		if err != nil {
-			cancelBase(err)
-			wg.Wait()
-			return fmt.Errorf("open consumer %s: %w", wf.Name, err)
-		}
+		names = append(names, wf.Name)
 		for slot := 0; slot < wf.Concurrency; slot++ {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				r.worker(ctx, base, wf, cons, slot)
+				r.worker(ctx, base, wf, slot)
 			}()
 		}
 	}
-	r.log.Info().Str("runtime", r.id).Strs("workflows", names).Dur("ackWait", r.cfg.AckWait).Msg("consumers started")
+	r.log.Info().Str("runtime", r.id).Strs("workflows", names).Dur("leaseTTL", r.cfg.LeaseTTL).Msg("consumers started")
 	<-ctx.Done()
 	r.log.Info().Dur("grace", r.cfg.ShutdownGrace).Msg("shutting down: no new messages; waiting for in-flight handlers")
 
 	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
+	go func() { wg.Wait(); r.trailing.Wait(); close(done) }()
 	select {
 	case <-done:
 		return nil
 	case <-time.After(r.cfg.ShutdownGrace):
 	}
-	r.log.Warn().Dur("grace", r.cfg.ShutdownGrace).Msg("handlers still running after the shutdown grace; cancelling them, their messages stay unacknowledged for another replica")
+	r.log.Warn().Dur("grace", r.cfg.ShutdownGrace).Msg("handlers still running after the shutdown grace; cancelling them and handing their messages back")
 	cancelBase(ErrShuttingDown)
 	select {
 	case <-done:
@@ -182,14 +211,43 @@ func (r *Runtime) Start(ctx context.Context) error {
 	}
 }
 
+// adopt takes the values the server holds (another replica may have set
+// them) and checks that leases stay safe with them.
+func (r *Runtime) adopt(res *Resources) error {
+	r.opsKV, r.progKV = res.Ops, res.Progress
+	r.ops = NewOpStore(res.Ops)
+	if res.LeaseTTL != r.cfg.LeaseTTL {
+		r.log.Warn().Dur("server", res.LeaseTTL).Dur("local", r.cfg.LeaseTTL).
+			Msg("lease TTL differs from this replica's configuration; using the server's (set Reconfigure to change it)")
+		r.cfg.LeaseTTL = res.LeaseTTL
+		r.cfg.LeaseMargin = max(res.LeaseTTL/10, 100*time.Millisecond)
+	}
+	var ackWaits []time.Duration
+	for _, wf := range r.workflows {
+		aw := res.AckWait[wf.Name]
+		if aw != wf.ackWait {
+			r.log.Warn().Str("workflow", wf.Name).Dur("server", aw).Dur("local", wf.ackWait).
+				Msg("ack wait differs from this replica's configuration; using the server's")
+		}
+		wf.ackWait, wf.heartbeat, wf.cons = aw, r.cfg.heartbeat(aw), res.Consumers[wf.Name]
+		ackWaits = append(ackWaits, aw)
+		r.cfg.CallTimeout = min(r.cfg.CallTimeout, wf.heartbeat/4)
+	}
+	if err := r.cfg.validate(ackWaits...); err != nil {
+		return fmt.Errorf("the server's configuration is unsafe for this replica: %w", err)
+	}
+	r.leases = newLeaseStore(res.Locks, r.cfg.LeaseTTL, r.cfg.LeaseMargin, r.cfg.CallTimeout)
+	return nil
+}
+
 // worker pulls one message at a time: a slot never holds a message it is not
 // working on, so an idle replica can take the next one.
-func (r *Runtime) worker(ctx, base context.Context, wf Workflow, cons jetstream.Consumer, slot int) {
+func (r *Runtime) worker(ctx, base context.Context, wf *workflow, slot int) {
 	holder := fmt.Sprintf("%s/%s/%d", r.id, wf.Name, slot)
 	log := r.log.With().Str("workflow", wf.Name).Int("slot", slot).Logger()
 	var lastErr string
 	for ctx.Err() == nil {
-		batch, err := cons.Fetch(1, jetstream.FetchMaxWait(r.cfg.FetchWait))
+		batch, err := wf.cons.Fetch(1, jetstream.FetchMaxWait(r.cfg.FetchWait))
 		if err != nil {
 			if msg := err.Error(); msg != lastErr {
 				log.Error().Err(err).Msg("fetch failed; retrying")
@@ -220,8 +278,59 @@ func (r *Runtime) worker(ctx, base context.Context, wf Workflow, cons jetstream.
 	}
 }
 
-// decode turns a message into an Event, or says why it cannot be one.
-func decode(workflow string, msg jetstream.Msg) (Event, error) {
+// delivery is one message on its way through the steps of process.
+type delivery struct {
+	wf     *workflow
+	msg    jetstream.Msg
+	meta   *jetstream.MsgMetadata
+	ev     Event
+	holder string
+	log    zerolog.Logger
+	ctx    context.Context // base, carrying log
+
+	leases []*Lease
+	rec    Record
+	rev    uint64
+	op     *Operation
+}
+
+// process takes one message through decode, route, lease, start (or skip),
+// run and settle. Each step settles the message itself when the path ends
+// there.
+func (r *Runtime) process(stop, base context.Context, wf *workflow, holder string, msg jetstream.Msg) {
+	d, ok := r.decode(base, wf, holder, msg)
+	if !ok || !r.route(d) || !r.lease(stop, d) || !r.start(d) {
+		return
+	}
+	herr, cause := r.run(d)
+	r.settle(d, herr, cause)
+}
+
+// decode turns the message into an Event, validating it once; a message
+// that is not a valid event for this workflow is dead-lettered.
+func (r *Runtime) decode(base context.Context, wf *workflow, holder string, msg jetstream.Msg) (*delivery, bool) {
+	d := &delivery{wf: wf, msg: msg, holder: holder}
+	meta, err := msg.Metadata()
+	if err != nil {
+		r.log.Error().Err(err).Str("subject", msg.Subject()).Msg("message without JetStream metadata; terminating it")
+		_ = msg.Term()
+		return nil, false
+	}
+	d.meta = meta
+	d.log = r.log.With().Str("workflow", wf.Name).Uint64("seq", meta.Sequence.Stream).Uint64("delivery", meta.NumDelivered).Logger()
+	d.ctx = d.log.WithContext(base)
+	d.ev, err = decodeEvent(msg)
+	if err != nil {
+		r.deadLetter(d, "rejected: "+err.Error(), "invalid")
+		return nil, false
+	}
+	d.ev.Delivery, d.ev.StreamSeq = meta.NumDelivered, meta.Sequence.Stream
+	return d, true
+}
+
+// decodeEvent parses and validates the message as a request event. The
+// subject is parsed once here; its kind and target must match the event.
+func decodeEvent(msg jetstream.Msg) (Event, error) {
 	ce, err := schemas.FromHeaders(msg.Headers(), msg.Data())
 	if err != nil {
 		return Event{}, fmt.Errorf("not a valid CloudEvent: %w", err)
@@ -240,127 +349,244 @@ func decode(workflow string, msg jetstream.Msg) (Event, error) {
 	if target != p.Target() {
 		return Event{}, fmt.Errorf("subject target %q does not match event target %q", target, p.Target())
 	}
-	keys, err := Route(p, ce.ID())
-	if err != nil {
-		return Event{}, err
-	}
-	if keys.Workflow != workflow {
-		return Event{}, fmt.Errorf("event type %s belongs to workflow %s, not %s", ce.Type(), keys.Workflow, workflow)
-	}
-	return Event{CloudEvent: ce, Payload: p, Keys: keys, Subject: msg.Subject()}, nil
+	return Event{CloudEvent: ce, Payload: p, Subject: msg.Subject()}, nil
 }
 
-var errAlreadyFinished = errors.New("operation already finished")
-
-func (r *Runtime) process(stop, base context.Context, wf Workflow, holder string, msg jetstream.Msg) {
-	meta, err := msg.Metadata()
+// route finds the operation, its leases and what it cancels, and records
+// the cancel requests.
+func (r *Runtime) route(d *delivery) bool {
+	keys, err := Route(d.ev.Payload, d.ev.CloudEvent.ID())
+	if err == nil && keys.Workflow != d.wf.Name {
+		err = fmt.Errorf("event type %s belongs to workflow %s, not %s", d.ev.CloudEvent.Type(), keys.Workflow, d.wf.Name)
+	}
 	if err != nil {
-		r.log.Error().Err(err).Str("subject", msg.Subject()).Msg("message without JetStream metadata; terminating it")
-		_ = msg.Term()
-		return
+		r.deadLetter(d, "rejected: "+err.Error(), "invalid")
+		return false
 	}
-	log := r.log.With().Str("workflow", wf.Name).Uint64("seq", meta.Sequence.Stream).
-		Uint64("delivery", meta.NumDelivered).Logger()
-	ctx := log.WithContext(base)
-
-	ev, err := decode(wf.Name, msg)
-	if err != nil {
-		r.deadLetter(ctx, log, wf.Name, msg, meta, "rejected: "+err.Error(), "invalid", "")
-		return
-	}
-	ev.Delivery, ev.StreamSeq = meta.NumDelivered, meta.Sequence.Stream
-	keys := ev.Keys
-	log = log.With().Str("op", keys.Operation).Str("target", keys.Target).Str("event", ev.CloudEvent.ID()).
-		Str("type", ev.CloudEvent.Type()).Logger()
-	ctx = log.WithContext(base)
-
-	if keys.Cancels != "" {
-		marked, err := r.ops.RequestCancel(ctx, keys.Cancels, "cancelled by "+ev.CloudEvent.Type()+" "+ev.CloudEvent.ID(), keys.Workflow, keys.Target)
-		if err != nil {
-			r.retry(ctx, log, wf.Name, msg, meta, nil, fmt.Errorf("request cancel of %s: %w", keys.Cancels, err))
-			return
-		}
-		if len(marked) > 0 {
-			log.Info().Strs("cancelled", marked).Msg("cancel requested")
-		}
-	}
-
-	if rec, _, found, err := r.ops.Get(ctx, keys.Operation); err != nil {
-		r.retry(ctx, log, wf.Name, msg, meta, nil, err)
-		return
-	} else if found && rec.State.Terminal() {
-		r.skip(log, wf.Name, msg, rec)
-		return
-	}
-
-	var lease *Lease
-	if keys.Lock != "" {
-		poll := min(250*time.Millisecond, r.cfg.LeaseTTL/4)
-		var held leaseValue
-		lease, held, err = acquireLease(stop, r.locks, keys.Lock,
-			leaseValue{Holder: holder, Operation: keys.Operation, Acquired: time.Now().UTC()},
-			r.cfg.LeaseWait, poll, r.cfg.heartbeat(), func() { _ = msg.InProgress() })
+	d.ev.Keys = keys
+	if d.wf.Resolver != nil {
+		rctx, cancel := context.WithTimeout(d.ctx, 4*r.cfg.CallTimeout+5*time.Second)
+		resolved, err := d.wf.Resolver.Resolve(rctx, d.ev, keys)
+		cancel()
 		switch {
-		case errors.Is(err, errLeaseHeld):
-			r.metrics.LeaseWaits.WithLabelValues(wf.Name).Inc()
-			r.retry(ctx, log, wf.Name, msg, meta, nil,
-				fmt.Errorf("lease %s still held by %s for operation %s after %s", keys.Lock, held.Holder, held.Operation, r.cfg.LeaseWait))
-			return
-		case err != nil && stop.Err() != nil:
-			_ = msg.Nak()
-			r.metrics.Messages.WithLabelValues(wf.Name, ResultAbandoned).Inc()
-			return
+		case IsTerminal(err):
+			r.deadLetter(d, "rejected: "+err.Error(), "invalid")
+			return false
 		case err != nil:
-			r.retry(ctx, log, wf.Name, msg, meta, nil, err)
-			return
+			r.later(d, r.jitter(r.cfg.backoff(int(min(d.meta.NumDelivered, 20)))), fmt.Errorf("resolve keys: %w", err), ResultRetried)
+			return false
+		}
+		resolved.Workflow, resolved.Target = keys.Workflow, keys.Target
+		d.ev.Keys = resolved
+	}
+	k := d.ev.Keys
+	d.log = d.log.With().Str("op", k.Operation).Str("target", k.Target).Str("event", d.ev.CloudEvent.ID()).Logger()
+	d.ctx = d.log.WithContext(d.ctx)
+	if k.Cancels != "" {
+		res, err := r.ops.RequestCancel(d.ctx, k.Cancels, "cancelled by "+d.ev.CloudEvent.Type()+" "+d.ev.CloudEvent.ID(), k.Workflow, k.Target)
+		if err != nil {
+			r.later(d, r.jitter(r.cfg.BackoffBase), fmt.Errorf("request cancel of %s: %w", k.Cancels, err), ResultRetried)
+			return false
+		}
+		if len(res.Marked) > 0 {
+			d.log.Info().Strs("cancelled", res.Marked).Msg("cancel requested")
+		}
+		for key, why := range res.Refused {
+			d.log.Info().Str("refused", key).Str("why", why).Msg("cancel refused: the operation is past its point of no return")
 		}
 	}
-	release := func() {
-		if lease == nil {
-			return
-		}
-		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := lease.Release(rctx); err != nil {
-			log.Warn().Err(err).Msg("could not release lease; it expires with its TTL")
-		}
-		lease = nil
-	}
+	return true
+}
 
-	rec, err := r.ops.Mutate(ctx, keys.Operation, func(rec *Record) error {
+// lease takes every lease of the operation, or none. When one is busy the
+// message goes back with a short delay (and, if the holder has a lower
+// priority, the holder is asked to yield): waiting holds no worker slot and
+// uses none of the operation's budget.
+func (r *Runtime) lease(stop context.Context, d *delivery) bool {
+	locks := append([]Lock(nil), d.ev.Keys.Locks...)
+	sort.Slice(locks, func(i, j int) bool { return locks[i].Key < locks[j].Key })
+	for _, lk := range locks {
+		want := leaseValue{Holder: d.holder, Operation: d.ev.Keys.Operation, Workflow: d.wf.Name, Priority: lk.Priority,
+			Nonce: nonce(), Acquired: time.Now().UTC()}
+		cctx, cancel := context.WithTimeout(stop, 2*r.cfg.CallTimeout+time.Second)
+		l, cur, err := r.leases.acquire(cctx, lk.Key, want)
+		cancel()
+		if err == nil {
+			d.leases = append(d.leases, l)
+			continue
+		}
+		r.releaseAll(d, "", 0)
+		if stop.Err() != nil {
+			_ = d.msg.Nak()
+			r.settled(d, ResultAbandoned)
+			return false
+		}
+		if errors.Is(err, errLeaseHeld) {
+			r.waitForLease(d, lk, cur)
+			return false
+		}
+		r.later(d, r.jitter(r.cfg.LeaseRetry), err, ResultRetried)
+		return false
+	}
+	return true
+}
+
+// waitForLease sends the message back to wait for a busy lease: a finished
+// operation is skipped at once instead; a lower-priority holder is asked to
+// yield.
+func (r *Runtime) waitForLease(d *delivery, lk Lock, cur leaseValue) {
+	k := d.ev.Keys
+	rec, _, found, err := r.ops.Get(d.ctx, k.Operation)
+	if err == nil && found && rec.State.Terminal() {
+		r.skip(d, rec)
+		return
+	}
+	delay := r.leaseRetry(d.meta.NumDelivered)
+	why := fmt.Sprintf("waiting for lease %s held by operation %s (%s)", lk.Key, cur.Operation, cur.Workflow)
+	if !cur.held() {
+		why = fmt.Sprintf("waiting for lease %s reserved for operation %s", lk.Key, cur.ReservedFor)
+	}
+	if cur.held() && cur.Operation != k.Operation && cur.Priority < lk.Priority {
+		asked, err := r.ops.requestYield(d.ctx, cur.Operation, YieldRequest{By: k.Operation, Workflow: d.wf.Name, Priority: lk.Priority, At: time.Now().UTC()})
+		if err != nil {
+			d.log.Warn().Err(err).Str("holder", cur.Operation).Msg("could not ask the lease holder to yield")
+		} else if asked {
+			r.metrics.Preemptions.WithLabelValues(cur.Workflow, d.wf.Name).Inc()
+			d.log.Info().Str("holder", cur.Operation).Str("lease", lk.Key).Msg("asked the lower-priority holder to yield")
+		}
+		delay = r.jitter(r.cfg.PreemptRetry)
+		why = fmt.Sprintf("pre-empting operation %s (%s) on lease %s", cur.Operation, cur.Workflow, lk.Key)
+	}
+	r.metrics.LeaseWaits.WithLabelValues(d.wf.Name).Inc()
+	// Note the wait on the record (at most every few seconds), so that the
+	// reconciler knows the message is alive and people see why it waits.
+	if err == nil && (!found || rec.Seq != d.ev.StreamSeq || time.Since(rec.LastSeen) > r.cfg.OrphanAfter/4 || rec.WaitReason != why) {
+		_, werr := r.ops.Mutate(d.ctx, k.Operation, func(rec *Record) error {
+			if rec.State.Terminal() || rec.State == StateRunning {
+				return errNoChange
+			}
+			rec.Workflow, rec.Target = d.wf.Name, k.Target
+			if rec.State != StateSuspended {
+				rec.State = StateWaiting
+			}
+			rec.Seq, rec.LastSeen, rec.Due, rec.WaitReason = d.ev.StreamSeq, time.Now().UTC(), time.Now().Add(delay).UTC(), why
+			return nil
+		})
+		if werr != nil {
+			d.log.Debug().Err(werr).Msg("could not note the wait on the record")
+		}
+	}
+	d.log.Debug().Str("lease", lk.Key).Str("holder", cur.Holder).Dur("retryIn", delay).Msg(why)
+	if err := d.msg.NakWithDelay(delay); err != nil {
+		d.log.Warn().Err(err).Msg("nak failed; the message is redelivered after the ack wait")
+	}
+	r.settled(d, ResultWaiting)
+}
+
+var (
+	errAlreadyFinished = errors.New("operation already finished")
+	errBusy            = errors.New("operation running elsewhere")
+)
+
+// budgetError says an operation ran out of attempts or age.
+type budgetError struct{ reason string }
+
+func (e *budgetError) Error() string { return e.reason }
+
+// start records the operation running under this attempt (creating it on
+// its first event), or skips a finished one, or dead-letters one whose
+// budget is spent.
+func (r *Runtime) start(d *delivery) bool {
+	k := d.ev.Keys
+	now := time.Now().UTC()
+	ce := d.ev.CloudEvent
+	request, _ := json.Marshal(ce)
+	leases := make([]string, 0, len(k.Locks))
+	for _, l := range k.Locks {
+		leases = append(leases, l.Key)
+	}
+	d.rec = Record{Leases: leases, Key: k.Operation, Workflow: d.wf.Name, Target: k.Target, State: StateRunning, Generation: 1,
+		Attempts: 1, Charged: 1, Holder: d.holder, EventID: ce.ID(), EventType: ce.Type(), Request: request,
+		Seq: d.ev.StreamSeq, LastSeen: now, Due: now.Add(d.wf.ackWait), Created: now, Started: now}
+	rev, err := r.ops.put(d.ctx, &d.rec, 0)
+	if err == nil {
+		d.rev = rev
+		return true
+	}
+	if !errors.Is(err, jetstream.ErrKeyExists) {
+		r.releaseAll(d, "", 0)
+		r.later(d, r.jitter(r.cfg.BackoffBase), fmt.Errorf("create operation record: %w", err), ResultRetried)
+		return false
+	}
+	d.rec, d.rev, err = r.ops.mutateFrom(d.ctx, k.Operation, Record{}, 0, false, func(rec *Record) error {
 		if rec.State.Terminal() {
 			return errAlreadyFinished
 		}
-		rec.Workflow, rec.Target = wf.Name, keys.Target
-		rec.EventID, rec.EventType = ev.CloudEvent.ID(), ev.CloudEvent.Type()
-		rec.State, rec.Holder = StateRunning, holder
+		if rec.State == StateRunning && len(k.Locks) == 0 && rec.Holder != d.holder && now.Sub(rec.Updated) < d.wf.ackWait {
+			return errBusy // an operation without leases, running elsewhere: its record is its lock
+		}
+		if rec.Charged >= d.wf.MaxAttempts {
+			return &budgetError{fmt.Sprintf("handler attempts exhausted (%d of %d); last error: %s", rec.Charged, d.wf.MaxAttempts, orNone(rec.LastError))}
+		}
+		if age := now.Sub(rec.Created); age > d.wf.MaxAge {
+			return &budgetError{fmt.Sprintf("operation older than its maximum age %s (created %s); last error: %s", d.wf.MaxAge, rec.Created.Format(time.RFC3339), orNone(rec.LastError))}
+		}
+		rec.Workflow, rec.Target = d.wf.Name, k.Target
+		rec.Generation = max(rec.Generation, 1)
 		rec.Attempts++
+		rec.Charged++
+		rec.State, rec.Holder, rec.Leases = StateRunning, d.holder, leases
+		rec.EventID, rec.EventType = ce.ID(), ce.Type()
+		if len(rec.Request) == 0 {
+			rec.Request = request
+		}
+		rec.Seq, rec.LastSeen, rec.Due = d.ev.StreamSeq, now, now.Add(d.wf.ackWait)
+		rec.Yield, rec.WaitReason = nil, ""
 		if rec.Started.IsZero() {
-			rec.Started = time.Now().UTC()
+			rec.Started = now
 		}
 		return nil
 	})
-	if errors.Is(err, errAlreadyFinished) {
-		release()
-		r.skip(log, wf.Name, msg, rec)
-		return
+	var be *budgetError
+	switch {
+	case errors.Is(err, errAlreadyFinished):
+		r.releaseAll(d, "", 0)
+		r.skip(d, d.rec)
+		return false
+	case errors.As(err, &be):
+		r.releaseAll(d, "", 0)
+		r.deadLetter(d, be.reason, "budget")
+		return false
+	case errors.Is(err, errBusy):
+		r.later(d, r.leaseRetry(d.meta.NumDelivered), fmt.Errorf("operation %s is running elsewhere", k.Operation), ResultWaiting)
+		return false
+	case err != nil:
+		r.releaseAll(d, "", 0)
+		r.later(d, r.jitter(r.cfg.BackoffBase), err, ResultRetried)
+		return false
 	}
-	if err != nil {
-		release()
-		r.retry(ctx, log, wf.Name, msg, meta, nil, err)
-		return
-	}
-	if rec.Attempts == 1 {
-		r.publishStatus(ctx, wf.Name, rec, "started")
-	} else {
-		r.publishStatus(ctx, wf.Name, rec, fmt.Sprintf("resumed (attempt %d)", rec.Attempts))
-	}
-	op := &Operation{store: r.ops, start: rec, cancelled: make(chan struct{}),
-		onUpdate: func(ctx context.Context, rec Record) { r.publishStatus(ctx, wf.Name, rec, "progress") }}
-	if rec.CancelRequested {
-		op.markCancelled()
-	}
+	return true
+}
 
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}
+
+// run runs the handler with the operation, keeping the message and the
+// leases alive, and returns its error and, if its context was cancelled,
+// why.
+func (r *Runtime) run(d *delivery) (herr, cause error) {
+	op := newOperation(r, d.wf, d.rec, d.rev, d.holder, d.ev.Keys.Locks, d.leases)
+	d.op = op
+	if d.rec.CancelRequested {
+		op.markCancelled(d.rec.CancelReason)
+	}
+	hctx, cancel := context.WithCancelCause(d.ctx)
+	defer cancel(nil)
+	op.cancelRun = cancel
 	r.mu.Lock()
 	r.inflight[op.Key()] = op
 	r.mu.Unlock()
@@ -370,62 +596,48 @@ func (r *Runtime) process(stop, base context.Context, wf Workflow, holder string
 		r.mu.Unlock()
 	}()
 
-	hctx, cancel := context.WithCancelCause(ctx)
-	hbDone := make(chan struct{})
-	go func() {
-		defer close(hbDone)
-		r.heartbeat(hctx, cancel, log, msg, lease, op)
-	}()
-	r.metrics.InFlight.WithLabelValues(wf.Name).Inc()
+	if d.rec.Attempts > 1 || d.rec.Generation > 1 || len(d.rec.Summary) > 0 {
+		lctx, lcancel := context.WithTimeout(hctx, 4*r.cfg.CallTimeout+5*time.Second)
+		err := op.progress.load(lctx, r.progKV)
+		lcancel()
+		if err != nil {
+			return err, nil
+		}
+	}
+	note := "started"
+	if d.rec.Attempts > 1 {
+		note = fmt.Sprintf("resumed (attempt %d)", d.rec.Attempts)
+	}
+	r.status.publish(d.rec, schemas.PhaseRunning, note, &op.statusSeq, nil)
+
+	var wg sync.WaitGroup
+	loopCtx, stopLoops := context.WithCancel(hctx)
+	wg.Add(2)
+	go func() { defer wg.Done(); r.heartbeat(loopCtx, cancel, d, op) }()
+	go func() { defer wg.Done(); r.watchdog(loopCtx, cancel, op) }()
+	progressDone := make(chan struct{})
+	go func() { defer close(progressDone); r.publishProgress(loopCtx, op) }()
+
+	r.metrics.InFlight.WithLabelValues(d.wf.Name).Inc()
 	started := time.Now()
-	log.Info().Int("attempt", rec.Attempts).Msg("handler started")
-	herr := call(hctx, wf.Handler, op, ev)
-	r.metrics.Duration.WithLabelValues(wf.Name).Observe(time.Since(started).Seconds())
-	r.metrics.InFlight.WithLabelValues(wf.Name).Dec()
-	var cause error
+	d.log.Debug().Int("attempt", d.rec.Attempts).Msg("handler started")
+	herr = call(hctx, d.wf.Handler, op, d.ev)
+	r.metrics.Duration.WithLabelValues(d.wf.Name).Observe(time.Since(started).Seconds())
+	r.metrics.InFlight.WithLabelValues(d.wf.Name).Dec()
 	if hctx.Err() != nil {
 		cause = context.Cause(hctx)
 	}
-	cancel(nil)
-	<-hbDone
-
-	switch {
-	case errors.Is(cause, ErrLeaseLost):
-		// Someone else may own the node now: touch neither the record nor the message.
-		lease = nil
-		log.Warn().AnErr("handler", herr).Err(cause).Msg("lease lost; handler stopped, message left for redelivery")
-		r.metrics.Messages.WithLabelValues(wf.Name, ResultAbandoned).Inc()
-	case errors.Is(cause, ErrShuttingDown):
-		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_, _ = r.ops.Mutate(sctx, keys.Operation, func(rec *Record) error {
-			rec.State, rec.Holder, rec.LastError = StatePending, "", "interrupted by shutdown"
-			return nil
-		})
-		scancel()
-		release()
-		log.Warn().Msg("shutdown interrupted the handler; message left for another replica")
-		r.metrics.Messages.WithLabelValues(wf.Name, ResultAbandoned).Inc()
-	case herr == nil:
-		r.succeed(ctx, log, wf.Name, msg, meta, keys.Operation, op, release)
-	case IsTerminal(herr):
-		r.deadLetter(ctx, log, wf.Name, msg, meta, "handler failed: "+herr.Error(), "terminal", keys.Operation)
-		release()
-	default:
-		r.retry(ctx, log, wf.Name, msg, meta, release, herr)
-		r.recordRetry(ctx, log, keys.Operation, herr)
-	}
-}
-
-func (r *Runtime) recordRetry(ctx context.Context, log zerolog.Logger, key string, herr error) {
-	if _, err := r.ops.Mutate(ctx, key, func(rec *Record) error {
-		if rec.State.Terminal() {
-			return errNoChange
+	stopLoops()
+	wg.Wait()
+	<-progressDone
+	op.stopYieldTimer()
+	if herr != nil {
+		var p *panicError
+		if errors.As(herr, &p) {
+			d.log.Error().Interface("panic", p.value).Str("stack", string(p.stack)).Msg("handler panicked")
 		}
-		rec.State, rec.Holder, rec.LastError = StatePending, "", herr.Error()
-		return nil
-	}); err != nil {
-		log.Warn().Err(err).Msg("could not record the retry")
 	}
+	return herr, cause
 }
 
 // call runs the handler, turning a panic into an error so one bad event
@@ -433,64 +645,447 @@ func (r *Runtime) recordRetry(ctx context.Context, log zerolog.Logger, key strin
 func call(ctx context.Context, h Handler, op *Operation, ev Event) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			err = fmt.Errorf("handler panicked: %v\n%s", p, debug.Stack())
+			err = &panicError{value: p, stack: debug.Stack()}
 		}
 	}()
 	return h.Handle(ctx, op, ev)
 }
 
-// heartbeat keeps the message and the lease alive while the handler runs and
-// closes op.Cancelled when a cancel request is recorded. If the lease cannot
-// be renewed before it could have expired, it cancels the handler with
-// ErrLeaseLost.
-func (r *Runtime) heartbeat(ctx context.Context, cancel context.CancelCauseFunc, log zerolog.Logger, msg jetstream.Msg, lease *Lease, op *Operation) {
-	hb := r.cfg.heartbeat()
-	t := time.NewTicker(hb)
+// heartbeat keeps the message and the leases alive while the handler runs,
+// and re-reads the record for cancel and yield requests the watcher may
+// have missed. A lease found taken cancels the handler with ErrLeaseLost.
+func (r *Runtime) heartbeat(ctx context.Context, cancel context.CancelCauseFunc, d *delivery, op *Operation) {
+	t := time.NewTicker(d.wf.heartbeat)
 	defer t.Stop()
-	lastRenew := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		if err := msg.InProgress(); err != nil {
-			log.Warn().Err(err).Msg("could not extend the ack deadline")
+		if err := d.msg.InProgress(); err != nil {
+			d.log.Warn().Err(err).Msg("could not extend the ack deadline")
 		}
-		if rec, _, found, err := r.ops.Get(ctx, op.Key()); err == nil && found && rec.CancelRequested {
-			op.markCancelled()
+		for _, l := range d.leases {
+			err := l.Renew(ctx)
+			if ctx.Err() != nil {
+				return
+			}
+			if errors.Is(err, ErrLeaseLost) {
+				r.loseLease(d, cancel, op, err)
+				return
+			}
+			if err != nil {
+				d.log.Warn().Err(err).Time("validUntil", l.ValidUntil()).Msg("lease renewal failed; will retry")
+			}
 		}
-		if lease == nil {
-			continue
+		cctx, ccancel := context.WithTimeout(ctx, r.cfg.CallTimeout)
+		rec, _, found, err := r.ops.Get(cctx, op.Key())
+		ccancel()
+		if err == nil && found {
+			r.signal(op, rec)
 		}
-		err := lease.Renew(ctx)
-		if err == nil {
-			lastRenew = time.Now()
-			continue
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		if errors.Is(err, ErrLeaseLost) || time.Since(lastRenew) >= r.cfg.LeaseTTL-hb {
-			log.Error().Err(err).Dur("sinceRenew", time.Since(lastRenew)).Msg("lease lost; cancelling the handler")
-			cancel(fmt.Errorf("%w: %v", ErrLeaseLost, err))
-			return
-		}
-		log.Warn().Err(err).Msg("lease renewal failed; will retry")
 	}
 }
 
-// watchCancels follows the operations bucket and closes Cancelled of the
-// in-flight operations that a cancel request marks. If the watch fails, the
-// heartbeat's read of the record still finds the request.
-func (r *Runtime) watchCancels(ctx context.Context) {
-	for ctx.Err() == nil {
-		w, err := r.ops.kv.WatchAll(ctx, jetstream.UpdatesOnly())
+// watchdog cancels the handler when its leases are about to expire on the
+// server without a renewal: before, not after, another replica can take them.
+func (r *Runtime) watchdog(ctx context.Context, cancel context.CancelCauseFunc, op *Operation) {
+	if len(op.leases) == 0 {
+		return
+	}
+	for {
+		var until time.Time
+		for i, l := range op.leases {
+			if u := l.ValidUntil(); i == 0 || u.Before(until) {
+				until = u
+			}
+		}
+		wait := time.Until(until)
+		if wait <= 0 {
+			r.loseLease(nil, cancel, op, fmt.Errorf("no renewal succeeded before %s", until.Format(time.StampMilli)))
+			return
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (r *Runtime) loseLease(d *delivery, cancel context.CancelCauseFunc, op *Operation, err error) {
+	op.kill(err)
+	r.metrics.LeasesLost.WithLabelValues(op.wf.Name).Inc()
+	log := r.log
+	if d != nil {
+		log = d.log
+	}
+	log.Error().Err(err).Str("op", op.Key()).Msg("lease lost; stopping the handler before another replica can take over")
+	cancel(fmt.Errorf("%w: %v", ErrLeaseLost, err))
+}
+
+// publishProgress writes and publishes per-target progress in batches while
+// the handler runs: at most one batch per StatusInterval.
+func (r *Runtime) publishProgress(ctx context.Context, op *Operation) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-op.dirty:
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(r.cfg.StatusInterval):
+		}
+		if err := r.flushProgress(ctx, op, false); err != nil {
+			if errors.Is(err, ErrFenced) || ctx.Err() != nil {
+				return
+			}
+			r.log.Warn().Err(err).Str("op", op.Key()).Msg("could not write progress; will retry")
+			select {
+			case op.dirty <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// flushProgress writes unwritten progress, keeps the record's summary up to
+// date and, unless final, publishes the changed targets as a status delta.
+func (r *Runtime) flushProgress(ctx context.Context, op *Operation, final bool) error {
+	cctx, cancel := context.WithTimeout(ctx, 4*r.cfg.CallTimeout+5*time.Second)
+	defer cancel()
+	if err := op.progress.write(cctx, op.Generation(), op.Attempt(), op.Fence); err != nil {
+		return err
+	}
+	counts := op.progress.counts()
+	op.mu.Lock()
+	same := equalCounts(counts, op.rec.Summary)
+	op.mu.Unlock()
+	if !same {
+		if err := op.write(cctx, func(rec *Record) { rec.Summary = counts }); err != nil {
+			return err
+		}
+	}
+	if final {
+		return nil
+	}
+	op.mu.Lock()
+	rec := op.rec
+	op.mu.Unlock()
+	if deltas := vmDeltas(op, op.progress.takeUnsent()); len(deltas) > 0 {
+		r.status.publish(rec, schemas.PhaseRunning, rec.Message, &op.statusSeq, deltas)
+	}
+	return nil
+}
+
+func equalCounts(a, b map[string]int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// settle maps the handler's result onto the record, the leases and the
+// message: the one place that decides ack, nak, wait, suspend or dead letter.
+func (r *Runtime) settle(d *delivery, herr, cause error) {
+	op := d.op
+	var wait *WaitError
+	var yield *YieldError
+	preempted := errors.Is(cause, ErrPreempted) || (errors.As(herr, &yield) && yield != nil)
+	switch {
+	case errors.Is(cause, ErrLeaseLost):
+		// Someone else may own the node now: touch neither the record nor the message.
+		d.log.Warn().AnErr("handler", herr).Err(cause).Msg("lease lost; handler stopped, message left for redelivery")
+		r.settled(d, ResultAbandoned)
+		return
+	case errors.Is(cause, ErrShuttingDown):
+		r.handBack(d, "interrupted by shutdown")
+		return
+	}
+	// Whatever the outcome, what the handler reported must be stored first.
+	if err := r.flushProgress(context.WithoutCancel(d.ctx), op, true); err != nil {
+		if errors.Is(err, ErrFenced) {
+			d.log.Warn().Err(err).Msg("attempt fenced while settling; message left for redelivery")
+			r.settled(d, ResultAbandoned)
+			return
+		}
+		if herr == nil || IsTerminal(herr) {
+			herr = fmt.Errorf("store progress: %w", err)
+		}
+	}
+	switch {
+	case herr == nil:
+		r.succeed(d)
+	case IsTerminal(herr):
+		r.deadLetter(d, "handler failed: "+errorText(herr), "terminal")
+	case errors.As(herr, &wait):
+		r.suspend(d, StateWaiting, wait.Reason, wait.After, op.Key(), 0)
+	case preempted:
+		y := op.PreemptedBy()
+		reason := "pre-empted by " + y.By
+		if yield != nil && yield.Reason != "" {
+			reason += ": " + yield.Reason
+		}
+		r.suspend(d, StateSuspended, reason, r.jitter(r.cfg.LeaseRetry), y.By, y.Priority)
+	default:
+		r.retry(d, herr)
+	}
+}
+
+// finish writes the attempt's last record change if this attempt still
+// holds the operation.
+func (r *Runtime) finish(d *delivery, fn func(rec *Record)) (Record, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+	defer cancel()
+	op := d.op
+	op.mu.Lock()
+	cur, rev := op.rec, op.rev
+	op.mu.Unlock()
+	rec, _, err := r.ops.mutateFrom(ctx, op.Key(), cur, rev, true, func(rec *Record) error {
+		if err := op.owns(*rec); err != nil {
+			return err
+		}
+		fn(rec)
+		rec.Holder = ""
+		return nil
+	})
+	return rec, err
+}
+
+func (r *Runtime) succeed(d *delivery) {
+	rec, err := r.finish(d, func(rec *Record) {
+		rec.State = StateSucceeded
+		if rec.CancelRequested || isClosed(d.op.Cancelled()) {
+			rec.State = StateCancelled
+		}
+		rec.LastError, rec.WaitReason, rec.Finished, rec.Due = "", "", time.Now().UTC(), time.Time{}
+	})
+	if err != nil {
+		if errors.Is(err, ErrFenced) {
+			d.log.Warn().Err(err).Msg("attempt fenced before it could record success; message left for redelivery")
+			r.settled(d, ResultAbandoned)
+			return
+		}
+		// Without the record a redelivery would not know the work is done;
+		// retry rather than ack (handlers are idempotent).
+		r.retry(d, fmt.Errorf("record success: %w", err))
+		return
+	}
+	r.trail(d, rec, "", 0, func(ctx context.Context) error { return d.msg.DoubleAck(ctx) }, ResultAcked)
+	d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; message acknowledged")
+}
+
+// trail releases the leases, settles the message and publishes the final
+// status in parallel; the worker goes on with its next message meanwhile.
+func (r *Runtime) trail(d *delivery, rec Record, reserveFor string, priority int, settle func(ctx context.Context) error, result string) {
+	deltas := vmDeltas(d.op, d.op.progress.takeUnsent())
+	seq := &d.op.statusSeq
+	r.trailing.Add(1)
+	go func() {
+		defer r.trailing.Done()
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+		defer cancel()
+		futs := r.status.publish(rec, phaseOf[rec.State], statusNote(rec, ""), seq, deltas)
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); r.releaseAll(d, reserveFor, priority) }()
+		if err := settle(ctx); err != nil {
+			d.log.Warn().Err(err).Str("result", result).Msg("settling the message not confirmed; a redelivery finds the record and acts on it")
+		}
+		wg.Wait()
+		r.status.wait(ctx, rec.Key, futs)
+		r.settled(d, result)
+	}()
+}
+
+// suspend records a waiting or pre-empted operation, keeps its leases
+// reserved (for itself, or for the operation that pre-empted it) and sends
+// the message back to be delivered after delay. Neither uses budget.
+func (r *Runtime) suspend(d *delivery, state State, reason string, delay time.Duration, reserveFor string, priority int) {
+	if priority == 0 {
+		for _, l := range d.ev.Keys.Locks {
+			priority = max(priority, l.Priority)
+		}
+	}
+	rec, err := r.finish(d, func(rec *Record) {
+		rec.State, rec.WaitReason = state, reason
+		rec.Charged = max(rec.Charged-1, 0)
+		rec.Due, rec.LastSeen = time.Now().Add(delay).UTC(), time.Now().UTC()
+		rec.Yield = nil
+	})
+	if err != nil {
+		if errors.Is(err, ErrFenced) {
+			r.settled(d, ResultAbandoned)
+			return
+		}
+		r.retry(d, fmt.Errorf("record %s: %w", state, err))
+		return
+	}
+	result := ResultWaiting
+	if state == StateSuspended {
+		result = ResultSuspended
+		d.log.Info().Str("by", reserveFor).Msg("operation suspended; its lease goes to the pre-empting operation")
+	} else {
+		d.log.Info().Str("reason", reason).Dur("checkAgainIn", delay).Msg("operation waits")
+	}
+	r.trail(d, rec, reserveFor, priority, func(context.Context) error { return d.msg.NakWithDelay(delay) }, result)
+}
+
+// retry records a failed attempt and sends the message back with backoff,
+// or dead-letters it when the operation's attempts are spent.
+func (r *Runtime) retry(d *delivery, herr error) {
+	text := errorText(herr)
+	delay := r.jitter(r.cfg.backoff(max(d.rec.Charged, 1)))
+	rec, err := r.finish(d, func(rec *Record) {
+		rec.State, rec.LastError = StatePending, text
+		rec.Due, rec.LastSeen = time.Now().Add(delay).UTC(), time.Now().UTC()
+	})
+	if errors.Is(err, ErrFenced) {
+		r.settled(d, ResultAbandoned)
+		return
+	}
+	if err == nil && rec.Charged >= d.wf.MaxAttempts {
+		r.deadLetter(d, fmt.Sprintf("handler attempts exhausted (%d of %d); last error: %s", rec.Charged, d.wf.MaxAttempts, text), "budget")
+		return
+	}
+	d.log.Warn().Str("error", text).Dur("retryIn", delay).Msg("handler failed; will retry")
+	if err != nil {
+		d.log.Warn().Err(err).Msg("could not record the failed attempt")
+		rec = d.rec
+	}
+	r.trail(d, rec, "", 0, func(context.Context) error { return d.msg.NakWithDelay(delay) }, ResultRetried)
+}
+
+// handBack returns an interrupted operation to pending and the message to
+// the stream at once, for another replica.
+func (r *Runtime) handBack(d *delivery, why string) {
+	rec, err := r.finish(d, func(rec *Record) {
+		rec.State, rec.LastError = StatePending, why
+		rec.Charged = max(rec.Charged-1, 0)
+	})
+	if err != nil {
+		d.log.Warn().Err(err).Msg("could not record the interruption")
+		rec = d.rec
+	}
+	d.log.Warn().Msg(why + "; message handed back for another replica")
+	r.trail(d, rec, "", 0, func(context.Context) error { return d.msg.Nak() }, ResultAbandoned)
+}
+
+// later sends a message back without touching its operation (it did not start).
+func (r *Runtime) later(d *delivery, delay time.Duration, err error, result string) {
+	d.log.Warn().Err(err).Dur("retryIn", delay).Msg("cannot start the operation now; will retry")
+	if nerr := d.msg.NakWithDelay(delay); nerr != nil {
+		d.log.Warn().Err(nerr).Msg("nak failed; the message is redelivered after the ack wait")
+	}
+	r.settled(d, result)
+}
+
+// skip acknowledges a message whose operation already finished.
+func (r *Runtime) skip(d *delivery, rec Record) {
+	ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
+	defer cancel()
+	if err := d.msg.DoubleAck(ctx); err != nil {
+		d.log.Warn().Err(err).Msg("ack of a finished operation's message not confirmed")
+	}
+	d.log.Info().Str("state", string(rec.State)).Msg("operation already finished; acknowledged without acting")
+	r.settled(d, ResultSkipped)
+}
+
+// deadLetter stores the message in DROVER_DLQ, waits for the store's ack,
+// marks the operation failed (labelled with its workflow and target, so its
+// status is valid) and terminates the message. If the DLQ cannot take it,
+// the message is sent back instead: nothing is dropped.
+func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
+	k := d.ev.Keys
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+	defer cancel()
+	dl := deadLetterMsg(d.wf.Name, k.Target, k.Operation, d.msg.Subject(), d.meta.Sequence.Stream, d.meta.NumDelivered, d.msg.Headers(), d.msg.Data(), reason)
+	if err := publishDeadLetter(ctx, r.js, dl); err != nil {
+		d.log.Error().Err(err).Msg("could not dead-letter; will retry the message")
+		_ = d.msg.NakWithDelay(r.jitter(r.cfg.BackoffBase))
+		r.settled(d, ResultRetried)
+		return
+	}
+	var rec Record
+	if k.Operation != "" {
+		var err error
+		rec, err = r.ops.Mutate(ctx, k.Operation, func(rec *Record) error {
+			if rec.State.Terminal() {
+				return errNoChange
+			}
+			rec.Workflow, rec.Target = d.wf.Name, k.Target
+			rec.State, rec.Holder, rec.LastError, rec.Finished = StateFailed, "", reason, time.Now().UTC()
+			rec.Due = time.Time{}
+			if d.op != nil {
+				rec.Summary = d.op.progress.counts()
+			}
+			return nil
+		})
 		if err != nil {
-			r.log.Warn().Err(err).Msg("cannot watch operation records; cancel requests are seen at the next heartbeat")
+			d.log.Warn().Err(err).Msg("could not mark the operation failed")
+		}
+	}
+	settle := func(context.Context) error { return d.msg.TermWithReason(truncate(reason, 256)) }
+	r.metrics.DeadLetters.WithLabelValues(d.wf.Name, cause).Inc()
+	d.log.Error().Str("reason", reason).Msg("message dead-lettered")
+	if rec.State == StateFailed {
+		if d.op == nil {
+			d.op = &Operation{progress: newProgressBook(r.js, rec.Key)}
+		}
+		r.trail(d, rec, "", 0, settle, ResultDeadLettered)
+		return
+	}
+	r.releaseAll(d, "", 0)
+	if err := settle(ctx); err != nil {
+		d.log.Warn().Err(err).Msg("term failed; a redelivery will be dead-lettered again under the same id")
+	}
+	r.settled(d, ResultDeadLettered)
+}
+
+// releaseAll gives back every lease the delivery holds.
+func (r *Runtime) releaseAll(d *delivery, reserveFor string, priority int) {
+	if len(d.leases) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+time.Second)
+	defer cancel()
+	for _, l := range d.leases {
+		if err := l.Release(ctx, reserveFor, priority); err != nil {
+			d.log.Warn().Err(err).Msg("could not release lease; it expires with its TTL")
+		}
+	}
+	d.leases = nil
+}
+
+// settled counts the result and tells Config.Settled.
+func (r *Runtime) settled(d *delivery, result string) {
+	r.metrics.Messages.WithLabelValues(d.wf.Name, result).Inc()
+	if r.cfg.Settled != nil {
+		r.cfg.Settled(Settlement{Workflow: d.wf.Name, EventID: d.ev.CloudEvent.ID(), Operation: d.ev.Keys.Operation, Result: result})
+	}
+}
+
+// watchRequests follows the operations bucket and signals cancel and yield
+// requests to the handlers running here. If the watch fails, the
+// heartbeat's read of the record still finds them.
+func (r *Runtime) watchRequests(ctx context.Context) {
+	for ctx.Err() == nil {
+		w, err := r.opsKV.WatchAll(ctx, jetstream.UpdatesOnly())
+		if err != nil {
+			r.log.Warn().Err(err).Msg("cannot watch operation records; cancel and yield requests are seen at the next heartbeat")
 			select {
 			case <-ctx.Done():
-			case <-time.After(r.cfg.heartbeat()):
+			case <-time.After(time.Second):
 			}
 			continue
 		}
@@ -502,215 +1097,58 @@ func (r *Runtime) watchCancels(ctx context.Context) {
 			op := r.inflight[e.Key()]
 			r.mu.Unlock()
 			var rec Record
-			if op != nil && json.Unmarshal(e.Value(), &rec) == nil && rec.CancelRequested {
-				r.log.Info().Str("op", e.Key()).Str("reason", rec.CancelReason).Msg("cancel requested; signalling the handler")
-				op.markCancelled()
+			if op != nil && json.Unmarshal(e.Value(), &rec) == nil {
+				r.signal(op, rec)
 			}
 		}
 		_ = w.Stop()
 	}
 }
 
-func (r *Runtime) succeed(ctx context.Context, log zerolog.Logger, wf string, msg jetstream.Msg, meta *jetstream.MsgMetadata, key string, op *Operation, release func()) {
-	cancelled := false
+// signal passes cancel and yield requests found on rec to its running handler.
+func (r *Runtime) signal(op *Operation, rec Record) {
+	if rec.Holder != op.holder || rec.Attempts != op.Attempt() {
+		return
+	}
+	if rec.CancelRequested && !isClosed(op.Cancelled()) {
+		r.log.Info().Str("op", rec.Key).Str("reason", rec.CancelReason).Msg("cancel requested; signalling the handler")
+		op.markCancelled(rec.CancelReason)
+	}
+	if rec.Yield != nil && op.markPreempted(*rec.Yield) {
+		r.log.Info().Str("op", rec.Key).Str("by", rec.Yield.By).Dur("grace", r.cfg.YieldGrace).Msg("pre-empted; asking the handler to yield")
+		op.armYieldTimer(r.cfg.YieldGrace)
+	}
+}
+
+func isClosed(c <-chan struct{}) bool {
 	select {
-	case <-op.Cancelled():
-		cancelled = true
+	case <-c:
+		return true
 	default:
+		return false
 	}
-	rec, err := r.ops.Mutate(ctx, key, func(rec *Record) error {
-		rec.State = StateSucceeded
-		if cancelled || rec.CancelRequested {
-			rec.State = StateCancelled
-		}
-		rec.Holder, rec.LastError, rec.Finished = "", "", time.Now().UTC()
-		return nil
-	})
-	if err != nil {
-		// Without the record a redelivery would not know the work is done;
-		// retry rather than ack (handlers are idempotent).
-		r.retry(ctx, log, wf, msg, meta, release, fmt.Errorf("record success: %w", err))
-		return
-	}
-	release()
-	r.publishStatus(ctx, wf, rec, "")
-	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	if err := msg.DoubleAck(actx); err != nil {
-		log.Warn().Err(err).Msg("ack not confirmed; a redelivery will find the operation finished and skip it")
-	}
-	r.metrics.Messages.WithLabelValues(wf, ResultAcked).Inc()
-	log.Info().Str("state", string(rec.State)).Msg("operation finished; message acknowledged")
 }
 
-func (r *Runtime) skip(log zerolog.Logger, wf string, msg jetstream.Msg, rec Record) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := msg.DoubleAck(ctx); err != nil {
-		log.Warn().Err(err).Msg("ack of a finished operation's message not confirmed")
+// leaseRetry is how soon a message that found its lease busy comes back:
+// jittered, growing with its deliveries, capped.
+func (r *Runtime) leaseRetry(delivery uint64) time.Duration {
+	d := r.cfg.LeaseRetry
+	for i := uint64(1); i < delivery && d < r.cfg.LeaseRetryMax; i++ {
+		d *= 2
 	}
-	r.metrics.Messages.WithLabelValues(wf, ResultSkipped).Inc()
-	log.Info().Str("state", string(rec.State)).Msg("operation already finished; acknowledged without acting")
+	return r.jitter(min(d, r.cfg.LeaseRetryMax))
 }
 
-// retry naks with backoff, or dead-letters when this was the last delivery.
-func (r *Runtime) retry(ctx context.Context, log zerolog.Logger, wf string, msg jetstream.Msg, meta *jetstream.MsgMetadata, release func(), err error) {
-	if release != nil {
-		release()
+// jitter adds up to a quarter to d, so that replicas do not retry in step.
+func (r *Runtime) jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
 	}
-	if meta.NumDelivered >= uint64(r.cfg.MaxDeliver) {
-		r.deadLetter(ctx, log, wf, msg, meta,
-			fmt.Sprintf("max deliveries (%d) exhausted; last error: %v", meta.NumDelivered, err), "max_deliveries", operationOf(msg))
-		return
-	}
-	delay := r.cfg.backoff(meta.NumDelivered)
-	log.Warn().Err(err).Dur("retryIn", delay).Msg("handler failed; will retry")
-	if nerr := msg.NakWithDelay(delay); nerr != nil {
-		log.Warn().Err(nerr).Msg("nak failed; the message is redelivered after the ack wait")
-	}
-	r.metrics.Messages.WithLabelValues(wf, ResultRetried).Inc()
+	return d + time.Duration(mrand.Int64N(int64(d)/4+1))
 }
 
-// operationOf recovers the operation key of a message that decoded once.
-func operationOf(msg jetstream.Msg) string {
-	ev, err := decode(workflowFromSubject(msg.Subject()), msg)
-	if err != nil {
-		return ""
-	}
-	return ev.Keys.Operation
-}
-
-func workflowFromSubject(subject string) string {
-	_, kind, _, err := schemas.ParseSubject(subject)
-	if err != nil {
-		return ""
-	}
-	wf, _ := WorkflowOf(kind)
-	return wf
-}
-
-// deadLetter stores the message in DROVER_DLQ, waits for the store's ack,
-// marks the operation failed and terminates the message. If the DLQ cannot
-// take it, the message is naked instead: nothing is dropped.
-func (r *Runtime) deadLetter(ctx context.Context, log zerolog.Logger, wf string, msg jetstream.Msg, meta *jetstream.MsgMetadata, reason, cause, opKey string) {
-	dl := deadLetterMsg(wf, msg.Subject(), meta.Sequence.Stream, meta.NumDelivered, msg.Headers(), msg.Data(), reason)
-	if err := publishDeadLetter(ctx, r.js, dl); err != nil {
-		log.Error().Err(err).Msg("could not dead-letter; will retry the message")
-		_ = msg.NakWithDelay(r.cfg.backoff(meta.NumDelivered))
-		return
-	}
-	if opKey != "" {
-		rec, err := r.ops.Mutate(ctx, opKey, func(rec *Record) error {
-			if rec.State.Terminal() {
-				return errNoChange
-			}
-			rec.State, rec.Holder, rec.LastError, rec.Finished = StateFailed, "", reason, time.Now().UTC()
-			return nil
-		})
-		if err != nil {
-			log.Warn().Err(err).Msg("could not mark the operation failed")
-		} else if rec.State == StateFailed {
-			r.publishStatus(ctx, wf, rec, reason)
-		}
-	}
-	if err := msg.TermWithReason(truncate(reason, 256)); err != nil {
-		log.Warn().Err(err).Msg("term failed; a redelivery will be dead-lettered again under the same id")
-	}
-	r.metrics.Messages.WithLabelValues(wf, ResultDeadLettered).Inc()
-	r.metrics.DeadLetters.WithLabelValues(wf, cause).Inc()
-	log.Error().Str("reason", reason).Msg("message dead-lettered")
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
-}
-
-// maxDeliveriesAdvisories prefixes JetStream's advisories of messages that
-// ran out of deliveries: $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>.
-const maxDeliveriesAdvisories = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
-
-type maxDeliveriesAdvisory struct {
-	Stream     string `json:"stream"`
-	Consumer   string `json:"consumer"`
-	StreamSeq  uint64 `json:"stream_seq"`
-	Deliveries uint64 `json:"deliveries"`
-}
-
-// onMaxDeliveries dead-letters a message whose deliveries ran out without any
-// worker settling it (every worker that took it died or stalled): JetStream
-// then stops delivering it and, in a work queue, it would sit there forever.
-func (r *Runtime) onMaxDeliveries(m *nats.Msg) {
-	var a maxDeliveriesAdvisory
-	if err := json.Unmarshal(m.Data, &a); err != nil || a.Stream != StreamRequests {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := r.js.Stream(ctx, StreamRequests)
-	if err != nil {
-		return
-	}
-	raw, err := s.GetMsg(ctx, a.StreamSeq)
-	if err != nil {
-		return // already settled or removed by another replica
-	}
-	reason := fmt.Sprintf("max deliveries (%d) exhausted without an acknowledgement: every worker that took it died or stalled", a.Deliveries)
-	if err := publishDeadLetter(ctx, r.js, deadLetterMsg(a.Consumer, raw.Subject, a.StreamSeq, a.Deliveries, raw.Header, raw.Data, reason)); err != nil {
-		r.log.Error().Err(err).Uint64("seq", a.StreamSeq).Msg("could not dead-letter an exhausted message")
-		return
-	}
-	if err := s.DeleteMsg(ctx, a.StreamSeq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
-		r.log.Warn().Err(err).Uint64("seq", a.StreamSeq).Msg("dead-lettered but could not delete the original")
-	}
-	r.metrics.DeadLetters.WithLabelValues(a.Consumer, "max_deliveries").Inc()
-	r.log.Error().Uint64("seq", a.StreamSeq).Str("workflow", a.Consumer).Str("reason", reason).Msg("message dead-lettered")
-}
-
-var phaseOf = map[State]string{
-	StatePending: "Pending", StateRunning: "Running", StateSucceeded: "Succeeded",
-	StateFailed: "Failed", StateCancelled: "Cancelled",
-}
-
-// publishStatus publishes a status event for rec. Status is information for
-// people and bots: a failure to publish is logged, never fails the operation.
-func (r *Runtime) publishStatus(ctx context.Context, wf string, rec Record, note string) {
-	st := &schemas.Status{Operation: rec.Key, Workflow: wf, Phase: phaseOf[rec.State], Message: note}
-	if st.Message == "" {
-		st.Message = rec.LastError
-	}
-	if ns, name, ok := strings.Cut(rec.Target, "/"); ok {
-		st.VM = ns + "/" + name
-	} else {
-		st.Node = rec.Target
-	}
-	for target, p := range rec.Progress {
-		ns, name, ok := strings.Cut(target, "/")
-		if !ok {
-			continue
-		}
-		phase := p.Phase
-		if phase == "" {
-			phase = "Unknown"
-		}
-		st.VMs = append(st.VMs, schemas.VMProgress{Namespace: ns, Name: name, Phase: phase, Node: p.Node, Message: p.Message})
-	}
-	id := schemas.DeterministicID(rec.Key, st.Phase, strconv.Itoa(rec.Attempts), rec.Updated.Format(time.RFC3339Nano))
-	e, err := schemas.New(r.cfg.Source, id, st)
-	if err == nil {
-		var subject string
-		if subject, err = schemas.StatusSubject(wf, rec.Target); err == nil {
-			var m *nats.Msg
-			if m, err = schemas.ToMsg(subject, e); err == nil {
-				pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-				_, err = r.js.PublishMsg(pctx, m)
-				cancel()
-			}
-		}
-	}
-	if err != nil {
-		zerolog.Ctx(ctx).Warn().Err(err).Str("op", rec.Key).Msg("could not publish status")
-	}
+func nonce() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }

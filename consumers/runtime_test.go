@@ -73,6 +73,9 @@ func resumable(targets []string, done *recorder, block func(target string, attem
 			if err := op.Progress(ctx, target, consumers.TargetProgress{Phase: "done"}); err != nil {
 				return err
 			}
+			if err := op.Flush(ctx); err != nil {
+				return err
+			}
 		}
 		return nil
 	})
@@ -311,11 +314,11 @@ func TestShutdownLeavesWorkForRestart(t *testing.T) {
 	e.eventually(func() bool { return e.streamMsgs(consumers.StreamRequests) == 0 }, "message acked")
 }
 
-// 7. Transient errors are retried with backoff, then succeed; an error past
-// max deliveries, or a terminal one, is dead-lettered.
+// 7. Transient errors are retried with backoff, then succeed; an operation
+// whose attempts are spent, or that failed terminally, is dead-lettered.
 func TestRetriesBackoffAndDeadLetters(t *testing.T) {
 	cfg := testConfig()
-	cfg.MaxDeliver = 3
+	cfg.MaxAttempts = 3
 	tests := []struct {
 		name       string
 		failures   int  // deliveries that fail before success
@@ -325,7 +328,7 @@ func TestRetriesBackoffAndDeadLetters(t *testing.T) {
 		deliveries int
 	}{
 		{name: "transient then success", failures: 2, wantState: consumers.StateSucceeded, deliveries: 3},
-		{name: "past max deliveries", failures: 100, wantState: consumers.StateFailed, wantDLQ: "max deliveries (3) exhausted", deliveries: 3},
+		{name: "attempts exhausted", failures: 100, wantState: consumers.StateFailed, wantDLQ: "handler attempts exhausted (3 of 3)", deliveries: 3},
 		{name: "terminal", failures: 100, terminal: true, wantState: consumers.StateFailed, wantDLQ: "target gone", deliveries: 1},
 	}
 	for _, tt := range tests {

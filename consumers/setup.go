@@ -2,10 +2,13 @@ package consumers
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 
 	"github.com/drover-io/drover/schemas"
 )
@@ -33,11 +36,14 @@ func StreamConfigs(cfg Config) []jetstream.StreamConfig {
 		Storage:     jetstream.FileStorage,
 		Retention:   jetstream.WorkQueuePolicy,
 		Discard:     jetstream.DiscardNew,
-		MaxMsgs:     cfg.MaxPending,
-		MaxBytes:    cfg.MaxPendingBytes,
-		MaxMsgSize:  int32(schemas.MaxEventBytes + 8*1024),
-		Duplicates:  cfg.DuplicateWindow,
-		Replicas:    cfg.Replicas,
+		// A flapping node or a looping bot fills its own subject, not the stream.
+		DiscardNewPerSubject: true,
+		MaxMsgsPerSubject:    cfg.MaxPerSubject,
+		MaxMsgs:              cfg.MaxPending,
+		MaxBytes:             cfg.MaxPendingBytes,
+		MaxMsgSize:           int32(schemas.MaxEventBytes + 8*1024),
+		Duplicates:           cfg.DuplicateWindow,
+		Replicas:             cfg.Replicas,
 	}, {
 		Name:        StreamStatus,
 		Description: "drover status history",
@@ -63,9 +69,15 @@ func StreamConfigs(cfg Config) []jetstream.StreamConfig {
 	}}
 }
 
-// ConsumerConfig is the durable pull consumer of one workflow, shared by every replica.
+// ConsumerConfig is the durable pull consumer of one workflow, shared by
+// every replica. Deliveries are unlimited: waiting for a lease is a delivery
+// too, so the runtime keeps each operation's budget itself.
 func ConsumerConfig(cfg Config, workflow string) jetstream.ConsumerConfig {
 	cfg = cfg.withDefaults()
+	return consumerConfig(cfg, workflow, cfg.AckWait)
+}
+
+func consumerConfig(cfg Config, workflow string, ackWait time.Duration) jetstream.ConsumerConfig {
 	var filters []string
 	for _, k := range WorkflowKinds[workflow] {
 		filters = append(filters, schemas.RequestFilter(k))
@@ -75,52 +87,147 @@ func ConsumerConfig(cfg Config, workflow string) jetstream.ConsumerConfig {
 		Description:    "drover " + workflow + " workflow",
 		FilterSubjects: filters,
 		AckPolicy:      jetstream.AckExplicitPolicy,
-		AckWait:        cfg.AckWait,
-		MaxDeliver:     cfg.MaxDeliver,
-		MaxAckPending:  1000,
+		AckWait:        ackWait,
+		MaxDeliver:     -1,
+		MaxAckPending:  10000,
 		DeliverPolicy:  jetstream.DeliverAllPolicy,
 		Replicas:       cfg.Replicas,
 	}
 }
 
-// Setup creates or updates the streams, KV buckets and, for each workflow
-// named, its durable consumer. Every replica calls it at start; it is idempotent.
-func Setup(ctx context.Context, js jetstream.JetStream, cfg Config, workflows ...string) (ops, locks jetstream.KeyValue, err error) {
+// Resources are the buckets and consumers every replica shares, and the
+// timing the server holds for them.
+type Resources struct {
+	Ops, Progress, Locks jetstream.KeyValue
+	// LeaseTTL is the locks bucket's TTL as the server has it.
+	LeaseTTL time.Duration
+	// AckWait of each workflow's consumer as the server has it.
+	AckWait   map[string]time.Duration
+	Consumers map[string]jetstream.Consumer
+}
+
+// Setup creates the streams, KV buckets and, for each workflow named, its
+// durable consumer, and returns them with the timing the server holds. Every
+// replica calls it at start; it is idempotent. Existing consumers and the
+// locks bucket keep the server's ack wait and TTL (a replica started with
+// other flags must not change the deadlines the running ones heartbeat
+// against) unless Config.Reconfigure is set.
+func Setup(ctx context.Context, js jetstream.JetStream, cfg Config, workflows ...string) (*Resources, error) {
 	cfg = cfg.withDefaults()
+	var wfs []*workflow
+	for _, name := range workflows {
+		wfs = append(wfs, &workflow{Workflow: Workflow{Name: name, AckWait: cfg.AckWait}})
+	}
+	return setup(ctx, js, cfg, wfs, zerolog.Nop())
+}
+
+func setup(ctx context.Context, js jetstream.JetStream, cfg Config, wfs []*workflow, log zerolog.Logger) (*Resources, error) {
 	for _, sc := range StreamConfigs(cfg) {
 		if _, err := js.CreateOrUpdateStream(ctx, sc); err != nil {
-			return nil, nil, fmt.Errorf("create stream %s: %w", sc.Name, err)
+			return nil, fmt.Errorf("create stream %s: %w", sc.Name, err)
 		}
 	}
-	ops, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	res := &Resources{AckWait: map[string]time.Duration{}, Consumers: map[string]jetstream.Consumer{}}
+	var err error
+	res.Ops, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 		Bucket:      BucketOps,
-		Description: "drover operation records, keyed by operation",
+		Description: "drover operation records (keyed by operation) and node state records (node.<name>)",
 		History:     5,
 		TTL:         cfg.DLQMaxAge,
 		Storage:     jetstream.FileStorage,
 		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("create bucket %s: %w", BucketOps, err)
+		return nil, fmt.Errorf("create bucket %s: %w", BucketOps, err)
 	}
-	locks, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      BucketLocks,
-		Description: "drover per-node leases; an entry not renewed within the TTL expires",
+	res.Progress, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      BucketProgress,
+		Description: "drover per-target progress of operations: <operation>.<target>",
 		History:     1,
-		TTL:         cfg.LeaseTTL,
+		TTL:         cfg.DLQMaxAge,
 		Storage:     jetstream.FileStorage,
 		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("create bucket %s: %w", BucketLocks, err)
+		return nil, fmt.Errorf("create bucket %s: %w", BucketProgress, err)
 	}
-	for _, wf := range workflows {
-		if _, ok := WorkflowKinds[wf]; !ok {
-			return nil, nil, fmt.Errorf("unknown workflow %q", wf)
-		}
-		if _, err := js.CreateOrUpdateConsumer(ctx, StreamRequests, ConsumerConfig(cfg, wf)); err != nil {
-			return nil, nil, fmt.Errorf("create consumer %s: %w", wf, err)
-		}
+	if res.Locks, res.LeaseTTL, err = setupLocks(ctx, js, cfg); err != nil {
+		return nil, err
 	}
-	return ops, locks, nil
+	for _, wf := range wfs {
+		if _, ok := WorkflowKinds[wf.Name]; !ok {
+			return nil, fmt.Errorf("unknown workflow %q", wf.Name)
+		}
+		cons, err := setupConsumer(ctx, js, cfg, wf.Name, wf.AckWait, log)
+		if err != nil {
+			return nil, err
+		}
+		res.Consumers[wf.Name] = cons
+		res.AckWait[wf.Name] = cons.CachedInfo().Config.AckWait
+	}
+	return res, nil
+}
+
+func setupLocks(ctx context.Context, js jetstream.JetStream, cfg Config) (jetstream.KeyValue, time.Duration, error) {
+	want := jetstream.KeyValueConfig{
+		Bucket:      BucketLocks,
+		Description: "drover leases of nodes and VMs; an entry not renewed within the TTL expires",
+		History:     1,
+		TTL:         cfg.LeaseTTL,
+		Storage:     jetstream.FileStorage,
+		Replicas:    cfg.Replicas,
+	}
+	kv, err := js.KeyValue(ctx, BucketLocks)
+	switch {
+	case errors.Is(err, jetstream.ErrBucketNotFound):
+		kv, err = js.CreateKeyValue(ctx, want)
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			kv, err = js.KeyValue(ctx, BucketLocks)
+		}
+	case err == nil && cfg.Reconfigure:
+		kv, err = js.UpdateKeyValue(ctx, want)
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("create bucket %s: %w", BucketLocks, err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		return nil, 0, fmt.Errorf("read bucket %s: %w", BucketLocks, err)
+	}
+	return kv, st.TTL(), nil
+}
+
+// setupConsumer creates the workflow's consumer, or brings an existing one
+// to the current shape (unlimited deliveries, filters) while keeping the
+// server's ack wait unless cfg.Reconfigure.
+func setupConsumer(ctx context.Context, js jetstream.JetStream, cfg Config, name string, ackWait time.Duration, log zerolog.Logger) (jetstream.Consumer, error) {
+	want := consumerConfig(cfg, name, ackWait)
+	cons, err := js.Consumer(ctx, StreamRequests, name)
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		cons, err = js.CreateConsumer(ctx, StreamRequests, want)
+		if err == nil {
+			return cons, nil
+		}
+		// Another replica created it first: fall through to the existing one.
+		cons, err = js.Consumer(ctx, StreamRequests, name)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open consumer %s: %w", name, err)
+	}
+	cur := cons.CachedInfo().Config
+	if !cfg.Reconfigure {
+		want.AckWait = cur.AckWait
+	}
+	if cur.AckWait == want.AckWait && cur.MaxDeliver == want.MaxDeliver && cur.MaxAckPending == want.MaxAckPending &&
+		slices.Equal(cur.FilterSubjects, want.FilterSubjects) {
+		return cons, nil
+	}
+	if cur.MaxDeliver != want.MaxDeliver {
+		log.Info().Str("consumer", name).Int("was", cur.MaxDeliver).Msg("consumer now delivers without limit; the runtime keeps each operation's budget")
+	}
+	cons, err = js.UpdateConsumer(ctx, StreamRequests, want)
+	if err != nil {
+		return nil, fmt.Errorf("update consumer %s: %w", name, err)
+	}
+	return cons, nil
 }

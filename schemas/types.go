@@ -53,6 +53,12 @@ const (
 	PhaseSucceeded = "Succeeded"
 	PhaseFailed    = "Failed"
 	PhaseCancelled = "Cancelled"
+	// PhaseWaiting: the operation waits for something outside drover (fencing, a disruption
+	// budget) and is checked again later; it holds no worker.
+	PhaseWaiting = "Waiting"
+	// PhaseSuspended: a higher-priority operation on the same node pre-empted it; it resumes,
+	// re-planned from the live cluster, once that one is done.
+	PhaseSuspended = "Suspended"
 )
 
 // Payload is implemented by every event data struct in this package, by value and by pointer.
@@ -332,11 +338,13 @@ func (p MaintenanceEnded) Validate() error {
 }
 
 // VMMigrateRequested (TypeVMMigrateRequested) asks for one VM to be live-migrated, optionally to
-// nodes matching TargetNodeSelector.
+// nodes matching TargetNodeSelector. RequestID names the request: a bot that retries with the same
+// id under a new event id asks for the same migration.
 type VMMigrateRequested struct {
 	Namespace          string            `json:"namespace"`
 	Name               string            `json:"name"`
 	TargetNodeSelector map[string]string `json:"targetNodeSelector,omitempty"`
+	RequestID          string            `json:"requestID,omitempty"`
 }
 
 // EventType returns TypeVMMigrateRequested.
@@ -394,16 +402,27 @@ type VMProgress struct {
 	Message   string `json:"message,omitempty"`
 }
 
+// Summary counts an operation's targets (VMs) by their phase.
+type Summary struct {
+	Total  int            `json:"total"`
+	Phases map[string]int `json:"phases,omitempty"`
+}
+
 // Status (TypeStatus) is published by consumers on drover.status.<workflow>.<target> as an
-// operation progresses. Node or VM ("namespace/name") must be set, or both.
+// operation progresses. Node or VM ("namespace/name") must be set, or both. VMs holds only the
+// VMs whose progress changed since the operation's previous status event; Summary counts all of
+// them, so a reader that joins late still knows where the operation stands.
 type Status struct {
-	Operation string       `json:"operation"`
-	Workflow  string       `json:"workflow"`
-	Node      string       `json:"node,omitempty"`
-	VM        string       `json:"vm,omitempty"`
-	Phase     string       `json:"phase"`
-	VMs       []VMProgress `json:"vms,omitempty"`
-	Message   string       `json:"message,omitempty"`
+	Operation  string       `json:"operation"`
+	Workflow   string       `json:"workflow"`
+	Node       string       `json:"node,omitempty"`
+	VM         string       `json:"vm,omitempty"`
+	Phase      string       `json:"phase"`
+	VMs        []VMProgress `json:"vms,omitempty"`
+	Summary    *Summary     `json:"summary,omitempty"`
+	Message    string       `json:"message,omitempty"`
+	Generation int          `json:"generation,omitempty"`
+	Attempt    int          `json:"attempt,omitempty"`
 }
 
 // EventType returns TypeStatus.
@@ -434,7 +453,7 @@ func (p Status) Validate() error {
 		return &ValidationError{Field: "workflow", Reason: fmt.Sprintf("unknown workflow %q", p.Workflow)}
 	}
 	switch p.Phase {
-	case PhasePending, PhaseRunning, PhaseSucceeded, PhaseFailed, PhaseCancelled:
+	case PhasePending, PhaseRunning, PhaseSucceeded, PhaseFailed, PhaseCancelled, PhaseWaiting, PhaseSuspended:
 	default:
 		return &ValidationError{Field: "phase", Reason: fmt.Sprintf("unknown phase %q", p.Phase)}
 	}
