@@ -29,6 +29,7 @@ usage:
   drover status [--watch] [-o table|json]
   drover dlq list [-o table|json]
   drover dlq replay SEQ
+  drover op retry OPERATION
   drover version
 
 Client commands take --nats-url (default nats://127.0.0.1:4222, env DROVER_NATS_URL),
@@ -61,6 +62,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		err = c.status(args[1:])
 	case "dlq":
 		err = c.dlq(args[1:])
+	case "op":
+		err = c.op(args[1:])
 	case "version", "--version":
 		fmt.Fprintln(stdout, "drover", Version)
 	case "help", "-h", "--help":

@@ -37,10 +37,14 @@ type Options struct {
 	MaintenanceConcurrency int `json:"maintenanceConcurrency"`
 	RecoveryConcurrency    int `json:"recoveryConcurrency"`
 	MigrationConcurrency   int `json:"migrationConcurrency"`
-	// AckWait, MaxDeliver and DuplicateWindow tune the runtime.
+	// AckWait, LeaseTTL, MaxAttempts and DuplicateWindow tune the runtime.
 	AckWait         time.Duration `json:"ackWait"`
-	MaxDeliver      int           `json:"maxDeliver"`
+	LeaseTTL        time.Duration `json:"leaseTTL"`
+	MaxAttempts     int           `json:"maxAttempts"`
 	DuplicateWindow time.Duration `json:"duplicateWindow"`
+	// Reconfigure writes this replica's ack wait and lease TTL over the
+	// values the server holds (otherwise a replica adopts the server's).
+	Reconfigure bool `json:"reconfigure"`
 	// ShutdownGrace bounds how long in-flight handlers may finish on SIGTERM.
 	ShutdownGrace time.Duration `json:"shutdownGrace"`
 	// LogLevel is debug, info, warn or error; LogFormat json or console.
@@ -59,7 +63,7 @@ func DefaultOptions() Options {
 		Replicas:        1,
 		Concurrency:     4,
 		AckWait:         30 * time.Second,
-		MaxDeliver:      10,
+		MaxAttempts:     10,
 		DuplicateWindow: 30 * time.Minute,
 		ShutdownGrace:   20 * time.Second,
 		LogLevel:        "info",
@@ -79,7 +83,8 @@ func (o Options) WorkflowConcurrency(workflow string) int {
 // RuntimeConfig maps the options onto the consumers runtime.
 func (o Options) RuntimeConfig() consumers.Config {
 	return consumers.Config{
-		Replicas: o.Replicas, AckWait: o.AckWait, MaxDeliver: o.MaxDeliver,
+		Replicas: o.Replicas, AckWait: o.AckWait, LeaseTTL: o.LeaseTTL, MaxAttempts: o.MaxAttempts,
+		Reconfigure: o.Reconfigure,
 		DuplicateWindow: o.DuplicateWindow, ShutdownGrace: o.ShutdownGrace,
 		Source: "drover/serve",
 	}
@@ -120,6 +125,18 @@ func (o *Options) fields() []field {
 				return p.String()
 			}
 	}
+	boolean := func(p *bool) (func(string) error, func() string) {
+		return func(v string) error {
+				b, err := strconv.ParseBool(v)
+				if err != nil {
+					return fmt.Errorf("not true or false: %q", v)
+				}
+				*p = b
+				return nil
+			}, func() string {
+				return strconv.FormatBool(*p)
+			}
+	}
 	mk := func(name, usage string, s func(string) error, g func() string) field {
 		return field{flag: name, env: "DROVER_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")), usage: usage, set: s, value: g}
 	}
@@ -139,7 +156,10 @@ func (o *Options) fields() []field {
 	add("recovery-concurrency", "worker slots of the recovery workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.RecoveryConcurrency) })
 	add("migration-concurrency", "worker slots of the migration workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.MigrationConcurrency) })
 	add("ack-wait", "JetStream ack wait; heartbeats run at a third of it", func() (func(string) error, func() string) { return dur(&o.AckWait) })
-	add("max-deliver", "deliveries of one message before it is dead-lettered", func() (func(string) error, func() string) { return num(&o.MaxDeliver) })
+	add("lease-ttl", "how long a node lease outlives its last renewal (default: --ack-wait)", func() (func(string) error, func() string) { return dur(&o.LeaseTTL) })
+	add("max-attempts", "handler runs of one operation before it is dead-lettered (waiting for a lease or a pre-emption does not count)", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
+	add("max-deliver", "deprecated: the former name of --max-attempts", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
+	add("reconfigure", "write this replica's --ack-wait and --lease-ttl over the values the NATS server holds (true/false); without it a replica adopts the server's", func() (func(string) error, func() string) { return boolean(&o.Reconfigure) })
 	add("duplicate-window", "JetStream de-duplication window of requests", func() (func(string) error, func() string) { return dur(&o.DuplicateWindow) })
 	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", func() (func(string) error, func() string) { return dur(&o.ShutdownGrace) })
 	add("log-level", "debug, info, warn or error", func() (func(string) error, func() string) { return str(&o.LogLevel) })
@@ -261,8 +281,11 @@ func (o Options) validate() error {
 	if o.AckWait < time.Second {
 		errs = append(errs, fmt.Errorf("ack-wait must be at least 1s, got %s", o.AckWait))
 	}
-	if o.MaxDeliver < 1 {
-		errs = append(errs, fmt.Errorf("max-deliver must be at least 1, got %d", o.MaxDeliver))
+	if o.MaxAttempts < 1 {
+		errs = append(errs, fmt.Errorf("max-attempts must be at least 1, got %d", o.MaxAttempts))
+	}
+	if o.LeaseTTL != 0 && o.LeaseTTL < time.Second {
+		errs = append(errs, fmt.Errorf("lease-ttl must be at least 1s, got %s", o.LeaseTTL))
 	}
 	switch o.LogFormat {
 	case "json", "console":

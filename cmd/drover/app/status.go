@@ -67,32 +67,49 @@ func writeJSON(w io.Writer, v any) error {
 
 func printRecords(w io.Writer, recs []consumers.Record) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "OPERATION\tWORKFLOW\tTARGET\tSTATE\tATTEMPTS\tUPDATED\tMESSAGE")
+	fmt.Fprintln(tw, "OPERATION\tWORKFLOW\tTARGET\tSTATE\tVMS\tATTEMPTS\tUPDATED\tMESSAGE")
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Key, r.Workflow, r.Target, r.State, r.Attempts,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Key, r.Workflow, r.Target, r.State, vmCounts(r), r.Attempts,
 			r.Updated.Local().Format("15:04:05"), summary(r))
 	}
 	_ = tw.Flush()
 }
 
-// summary is one line about a record: its error, else its progress.
+// vmCounts is "done/total" of a record's targets, "-" when it has none.
+func vmCounts(r consumers.Record) string {
+	if r.Total() == 0 {
+		return "-"
+	}
+	done := 0
+	for phase, n := range r.Summary {
+		switch phase {
+		case "Running", "Succeeded", "Done", "Completed", "Stopped", "Skipped":
+			done += n
+		}
+	}
+	return fmt.Sprintf("%d/%d", done, r.Total())
+}
+
+// summary is one line about a record: what it waits for, its error, else
+// its message and phase counts.
 func summary(r consumers.Record) string {
-	if r.LastError != "" {
+	switch {
+	case r.WaitReason != "" && (r.State == consumers.StateWaiting || r.State == consumers.StateSuspended):
+		return oneLine(r.WaitReason)
+	case r.LastError != "":
 		return oneLine(r.LastError)
 	}
-	keys := make([]string, 0, len(r.Progress))
-	for k := range r.Progress {
-		keys = append(keys, k)
+	phases := make([]string, 0, len(r.Summary))
+	for p := range r.Summary {
+		phases = append(phases, p)
 	}
-	sort.Strings(keys)
-	var parts []string
-	for _, k := range keys {
-		p := r.Progress[k]
-		s := k + ": " + p.Phase
-		if p.Message != "" {
-			s += " (" + p.Message + ")"
-		}
-		parts = append(parts, s)
+	sort.Strings(phases)
+	parts := []string{}
+	if r.Message != "" {
+		parts = append(parts, r.Message)
+	}
+	for _, p := range phases {
+		parts = append(parts, fmt.Sprintf("%s %d", p, r.Summary[p]))
 	}
 	return oneLine(strings.Join(parts, "; "))
 }
@@ -142,8 +159,23 @@ func (c *cli) watchStatus(js jetstream.JetStream, out string) error {
 			fmt.Fprintln(c.out, string(b))
 			continue
 		}
-		fmt.Fprintf(c.out, "%s  %-11s %-9s %-10s %s %s\n", e.Time().Local().Format("15:04:05"), st.Workflow, st.Phase,
-			st.Target(), st.Operation, oneLine(st.Message))
+		at := e.Time().Local().Format("15:04:05")
+		counts := ""
+		if st.Summary != nil {
+			counts = fmt.Sprintf(" [%d VMs]", st.Summary.Total)
+		}
+		fmt.Fprintf(c.out, "%s  %-11s %-9s %-10s %s%s %s\n", at, st.Workflow, st.Phase,
+			st.Target(), st.Operation, counts, oneLine(st.Message))
+		for _, vm := range st.VMs {
+			line := fmt.Sprintf("%s    %s/%s %s", at, vm.Namespace, vm.Name, vm.Phase)
+			if vm.Node != "" {
+				line += " on " + vm.Node
+			}
+			if vm.Message != "" {
+				line += ": " + oneLine(vm.Message)
+			}
+			fmt.Fprintln(c.out, line)
+		}
 	}
 }
 
@@ -208,14 +240,41 @@ func (c *cli) dlq(args []string) error {
 			return err
 		}
 		defer nc.Close()
-		ack, dl, err := consumers.ReplayDeadLetter(c.ctx, js, seq)
+		res, _, err := consumers.ReplayDeadLetter(c.ctx, js, seq)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(c.out, "replayed dead letter %d to %s (stream %s seq %d); removed it from %s\n",
-			seq, dl.Subject, ack.Stream, ack.Sequence, consumers.StreamDLQ)
+			seq, res.Subject, res.Ack.Stream, res.Ack.Sequence, consumers.StreamDLQ)
+		if res.Operation != "" {
+			fmt.Fprintf(c.out, "operation %s runs again as generation %d\n", res.Operation, res.Generation)
+		}
 		return nil
 	default:
 		return usagef("unknown dlq command %q (want list or replay)", args[0])
 	}
+}
+
+// op reads and repairs operations.
+func (c *cli) op(args []string) error {
+	if len(args) == 0 || args[0] != "retry" {
+		return usagef("usage: drover op retry OPERATION")
+	}
+	cmd := c.command("drover op retry OPERATION")
+	pos, err := cmd.parse(args[1:], 1)
+	if err != nil {
+		return err
+	}
+	nc, js, err := cmd.client.connect(c.ctx)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	res, err := consumers.RetryOperation(c.ctx, js, pos[0])
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(c.out, "operation %s runs again as generation %d: its request was published to %s (stream %s seq %d)\n",
+		res.Operation, res.Generation, res.Subject, res.Ack.Stream, res.Ack.Sequence)
+	return nil
 }
