@@ -84,7 +84,7 @@ func (o Options) WorkflowConcurrency(workflow string) int {
 func (o Options) RuntimeConfig() consumers.Config {
 	return consumers.Config{
 		Replicas: o.Replicas, AckWait: o.AckWait, LeaseTTL: o.LeaseTTL, MaxAttempts: o.MaxAttempts,
-		Reconfigure: o.Reconfigure,
+		Reconfigure:     o.Reconfigure,
 		DuplicateWindow: o.DuplicateWindow, ShutdownGrace: o.ShutdownGrace,
 		Source: "drover/serve",
 	}
