@@ -69,7 +69,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		Operations: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "drover", Name: "operations",
-			Help: "Operation records by workflow and state, as the reconciler last counted them.",
+			Help: "Unfinished operations by workflow and state (pending, running, waiting, suspended), as the reconciler last counted them.",
 		}, []string{"workflow", "state"}),
 	}
 	if reg != nil {

@@ -79,7 +79,7 @@ func (r *Runtime) Reconcile(ctx context.Context) error {
 		}
 		delivered[wf] = info.Delivered.Stream
 	}
-	recs, err := r.allRecords(ctx)
+	recs, err := r.unfinishedRecords(ctx)
 	if err != nil {
 		return err
 	}
@@ -175,6 +175,32 @@ func (r *Runtime) alive(ctx context.Context, rec Record, now time.Time) bool {
 		due = rec.Updated
 	}
 	return now.Sub(due) < r.cfg.OrphanAfter && now.Sub(rec.LastSeen) < 2*r.cfg.OrphanAfter
+}
+
+// unfinishedRecords returns the operations not finished yet: from the
+// watcher's index, or, until it is complete, from one pass over the bucket.
+func (r *Runtime) unfinishedRecords(ctx context.Context) ([]Record, error) {
+	r.mu.Lock()
+	if r.indexed {
+		out := make([]Record, 0, len(r.unfinished))
+		for _, rec := range r.unfinished {
+			out = append(out, rec)
+		}
+		r.mu.Unlock()
+		return out, nil
+	}
+	r.mu.Unlock()
+	all, err := r.allRecords(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := all[:0]
+	for _, rec := range all {
+		if !rec.State.Terminal() {
+			out = append(out, rec)
+		}
+	}
+	return out, nil
 }
 
 // allRecords reads every operation record in one pass.

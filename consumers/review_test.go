@@ -215,7 +215,10 @@ func TestStatusOfManyVMsIsBoundedAndFinalArrives(t *testing.T) {
 		}
 		return final != nil
 	}, "the final Succeeded status arrives")
-	require.Len(t, last, vms, "every VM's progress was published")
+	require.Len(t, last, vms, "every VM's progress was published before the final phase")
+	require.NotNil(t, final.Summary, "the final status summarises the VMs")
+	require.Equal(t, vms, final.Summary.Total)
+	require.Equal(t, vms, final.Summary.Phases["Running"])
 	for vm, phase := range last {
 		require.Equal(t, "Running", phase, "%s: last published phase", vm)
 	}

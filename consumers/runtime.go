@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,8 +96,10 @@ type Runtime struct {
 	leases *leaseStore
 	status *statusPublisher
 
-	mu       sync.Mutex
-	inflight map[string]*Operation // by operation key
+	mu         sync.Mutex
+	inflight   map[string]*Operation // by operation key
+	unfinished map[string]Record     // operations not finished, kept by watchRequests
+	indexed    bool                  // unfinished is complete
 	trailing sync.WaitGroup        // acks, releases and final status still in flight
 }
 
@@ -604,12 +607,6 @@ func (r *Runtime) run(d *delivery) (herr, cause error) {
 			return err, nil
 		}
 	}
-	note := "started"
-	if d.rec.Attempts > 1 {
-		note = fmt.Sprintf("resumed (attempt %d)", d.rec.Attempts)
-	}
-	r.status.publish(d.rec, schemas.PhaseRunning, note, &op.statusSeq, nil)
-
 	var wg sync.WaitGroup
 	loopCtx, stopLoops := context.WithCancel(hctx)
 	wg.Add(2)
@@ -727,9 +724,24 @@ func (r *Runtime) loseLease(d *delivery, cancel context.CancelCauseFunc, op *Ope
 	cancel(fmt.Errorf("%w: %v", ErrLeaseLost, err))
 }
 
-// publishProgress writes and publishes per-target progress in batches while
-// the handler runs: at most one batch per StatusInterval.
+// publishProgress says an operation runs once it has run for one
+// StatusInterval (an operation that ends sooner only publishes its final
+// phase), then writes and publishes per-target progress in batches: at most
+// one batch per StatusInterval.
 func (r *Runtime) publishProgress(ctx context.Context, op *Operation) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(r.cfg.StatusInterval):
+	}
+	note := "started"
+	if op.Attempt() > 1 {
+		note = fmt.Sprintf("resumed (attempt %d)", op.Attempt())
+	}
+	op.mu.Lock()
+	rec := op.rec
+	op.mu.Unlock()
+	r.status.publish(rec, schemas.PhaseRunning, note, &op.statusSeq, nil)
 	for {
 		select {
 		case <-ctx.Done():
@@ -863,6 +875,10 @@ func (r *Runtime) finish(d *delivery, fn func(rec *Record)) (Record, error) {
 }
 
 func (r *Runtime) succeed(d *delivery) {
+	// The leases go back while the record is written: a crash in between
+	// makes a redelivery run the (idempotent) handler once more, nothing worse.
+	released := make(chan struct{})
+	go func() { defer close(released); r.releaseAll(d, "", 0) }()
 	rec, err := r.finish(d, func(rec *Record) {
 		rec.State = StateSucceeded
 		if rec.CancelRequested || isClosed(d.op.Cancelled()) {
@@ -870,6 +886,7 @@ func (r *Runtime) succeed(d *delivery) {
 		}
 		rec.LastError, rec.WaitReason, rec.Finished, rec.Due = "", "", time.Now().UTC(), time.Time{}
 	})
+	<-released
 	if err != nil {
 		if errors.Is(err, ErrFenced) {
 			d.log.Warn().Err(err).Msg("attempt fenced before it could record success; message left for redelivery")
@@ -1075,12 +1092,13 @@ func (r *Runtime) settled(d *delivery, result string) {
 	}
 }
 
-// watchRequests follows the operations bucket and signals cancel and yield
-// requests to the handlers running here. If the watch fails, the
-// heartbeat's read of the record still finds them.
+// watchRequests follows the operations bucket: it signals cancel and yield
+// requests to the handlers running here, and keeps the index of unfinished
+// operations the reconciler works from. If the watch fails, the heartbeat's
+// read of the record still finds the requests.
 func (r *Runtime) watchRequests(ctx context.Context) {
 	for ctx.Err() == nil {
-		w, err := r.opsKV.WatchAll(ctx, jetstream.UpdatesOnly())
+		w, err := r.opsKV.WatchAll(ctx)
 		if err != nil {
 			r.log.Warn().Err(err).Msg("cannot watch operation records; cancel and yield requests are seen at the next heartbeat")
 			select {
@@ -1089,19 +1107,46 @@ func (r *Runtime) watchRequests(ctx context.Context) {
 			}
 			continue
 		}
+		fresh := map[string]Record{}
+		loading := true
 		for e := range w.Updates() {
-			if e == nil || e.Operation() != jetstream.KeyValuePut {
+			if e == nil {
+				r.mu.Lock()
+				r.unfinished, r.indexed = fresh, true
+				r.mu.Unlock()
+				loading = false
+				continue
+			}
+			key := e.Key()
+			if strings.HasPrefix(key, nodeStatePrefix) {
+				continue
+			}
+			var rec Record
+			if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), &rec) != nil {
+				rec = Record{State: StateSucceeded} // gone or unreadable: not ours to resume
+			}
+			if loading {
+				if !rec.State.Terminal() {
+					fresh[key] = rec
+				}
 				continue
 			}
 			r.mu.Lock()
-			op := r.inflight[e.Key()]
+			if rec.State.Terminal() {
+				delete(r.unfinished, key)
+			} else {
+				r.unfinished[key] = rec
+			}
+			op := r.inflight[key]
 			r.mu.Unlock()
-			var rec Record
-			if op != nil && json.Unmarshal(e.Value(), &rec) == nil {
+			if op != nil {
 				r.signal(op, rec)
 			}
 		}
 		_ = w.Stop()
+		r.mu.Lock()
+		r.indexed = false
+		r.mu.Unlock()
 	}
 }
 

@@ -174,7 +174,9 @@ func setupLocks(ctx context.Context, js jetstream.JetStream, cfg Config) (jetstr
 		Description: "drover leases of nodes and VMs; an entry not renewed within the TTL expires",
 		History:     1,
 		TTL:         cfg.LeaseTTL,
-		Storage:     jetstream.FileStorage,
+		// In memory: a lease lives for seconds, and one lost with the whole
+		// server is safe, since its holder cannot renew it and stops.
+		Storage: jetstream.MemoryStorage,
 		Replicas:    cfg.Replicas,
 	}
 	kv, err := js.KeyValue(ctx, BucketLocks)
@@ -185,6 +187,12 @@ func setupLocks(ctx context.Context, js jetstream.JetStream, cfg Config) (jetstr
 			kv, err = js.KeyValue(ctx, BucketLocks)
 		}
 	case err == nil && cfg.Reconfigure:
+		// The storage type of a bucket cannot change; keep what it has.
+		if st, serr := kv.Status(ctx); serr == nil {
+			if info, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+				want.Storage = info.StreamInfo().Config.Storage
+			}
+		}
 		kv, err = js.UpdateKeyValue(ctx, want)
 	}
 	if err != nil {

@@ -56,11 +56,15 @@ func (p *statusPublisher) publish(rec Record, phase, note string, seq *int, delt
 	if len(chunks) == 0 {
 		chunks = [][]schemas.VMProgress{nil}
 	}
-	for _, c := range chunks {
+	for i, c := range chunks {
 		st := base
 		st.VMs = c
+		if i < len(chunks)-1 && phase != schemas.PhaseRunning {
+			// Readers stop at an operation's final phase: it goes last.
+			st.Phase = schemas.PhaseRunning
+		}
 		*seq++
-		id := schemas.DeterministicID(rec.Key, strconv.Itoa(st.Generation), strconv.Itoa(st.Attempt), phase, strconv.Itoa(*seq))
+		id := schemas.DeterministicID(rec.Key, strconv.Itoa(st.Generation), strconv.Itoa(st.Attempt), st.Phase, strconv.Itoa(*seq))
 		e, err := schemas.New(p.source, id, &st)
 		if err == nil {
 			e.SetTime(time.Now().UTC())
