@@ -100,7 +100,7 @@ type Runtime struct {
 	inflight   map[string]*Operation // by operation key
 	unfinished map[string]Record     // operations not finished, kept by watchRequests
 	indexed    bool                  // unfinished is complete
-	trailing sync.WaitGroup        // acks, releases and final status still in flight
+	trailing   sync.WaitGroup        // acks, releases and final status still in flight
 }
 
 // NewRuntime checks the configuration and the workflows. Nothing touches the

@@ -176,8 +176,8 @@ func setupLocks(ctx context.Context, js jetstream.JetStream, cfg Config) (jetstr
 		TTL:         cfg.LeaseTTL,
 		// In memory: a lease lives for seconds, and one lost with the whole
 		// server is safe, since its holder cannot renew it and stops.
-		Storage: jetstream.MemoryStorage,
-		Replicas:    cfg.Replicas,
+		Storage:  jetstream.MemoryStorage,
+		Replicas: cfg.Replicas,
 	}
 	kv, err := js.KeyValue(ctx, BucketLocks)
 	switch {
