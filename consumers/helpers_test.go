@@ -46,12 +46,15 @@ type env struct {
 	pub *producers.Publisher
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvWith(t, testConfig()) }
+
+// newEnvWith declares the streams, buckets and consumers with cfg.
+func newEnvWith(t *testing.T, cfg consumers.Config) *env {
 	srv := natstest.Start(t)
 	nc := natstest.Connect(t, srv.URL())
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
-	_, err = consumers.Setup(context.Background(), js, testConfig(),
+	_, err = consumers.Setup(context.Background(), js, cfg,
 		schemas.WorkflowMaintenance, schemas.WorkflowRecovery, schemas.WorkflowMigration)
 	require.NoError(t, err)
 	return &env{t: t, srv: srv, js: js, pub: &producers.Publisher{JS: js}}
@@ -73,9 +76,14 @@ func (e *env) start(cfg consumers.Config, wfs ...consumers.Workflow) *runtime {
 // startVia is start through another URL (a proxy in front of the server).
 func (e *env) startVia(url string, cfg consumers.Config, wfs ...consumers.Workflow) *runtime {
 	e.t.Helper()
+	return e.startWith(url, zerolog.New(zerolog.NewTestWriter(e.t)).Level(zerolog.InfoLevel), cfg, wfs...)
+}
+
+// startWith is start with its own logger.
+func (e *env) startWith(url string, log zerolog.Logger, cfg consumers.Config, wfs ...consumers.Workflow) *runtime {
+	e.t.Helper()
 	nc := natstest.Connect(e.t, url, nats.MaxReconnects(0))
-	rt, err := consumers.NewRuntime(nc, cfg, zerolog.New(zerolog.NewTestWriter(e.t)).Level(zerolog.InfoLevel),
-		consumers.NewMetrics(prometheus.NewRegistry()), wfs...)
+	rt, err := consumers.NewRuntime(nc, cfg, log, consumers.NewMetrics(prometheus.NewRegistry()), wfs...)
 	require.NoError(e.t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &runtime{nc: nc, rt: rt, cancel: cancel, done: make(chan error, 1)}

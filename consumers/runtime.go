@@ -107,6 +107,9 @@ type Runtime struct {
 // server until Start.
 func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics, workflows ...Workflow) (*Runtime, error) {
 	cfg = cfg.withDefaults()
+	if nc == nil {
+		return nil, errors.New("runtime needs a NATS connection")
+	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("jetstream context: %w", err)
