@@ -23,7 +23,9 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
+	"github.com/drover-io/drover/handlers/recovery"
 	"github.com/drover-io/drover/schemas"
 )
 
@@ -107,7 +109,18 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	h := &observe.Handler{Kube: kube, Dynamic: dyn}
 	var wfs []consumers.Workflow
 	for _, name := range schemas.Workflows() {
-		wfs = append(wfs, consumers.Workflow{Name: name, Concurrency: o.WorkflowConcurrency(name), Handler: h})
+		wf := consumers.Workflow{Name: name, Concurrency: o.WorkflowConcurrency(name), Handler: h}
+		if kube != nil {
+			// Operations named from the live cluster: one incident of a node
+			// is one recovery whoever reports it; a migration holds its VM's node.
+			switch name {
+			case schemas.WorkflowRecovery:
+				wf.Resolver = &recovery.Incident{Kube: kube}
+			case schemas.WorkflowMigration:
+				wf.Resolver = &migration.NodeLock{Dynamic: dyn}
+			}
+		}
+		wfs = append(wfs, wf)
 	}
 	rt, err := consumers.NewRuntime(nc, o.RuntimeConfig(), log, metrics, wfs...)
 	if err != nil {

@@ -1,0 +1,90 @@
+// Package recovery holds the recovery workflow's cluster logic. This file
+// names incidents: every producer's node.notready event of one failure of a
+// node (the node watcher's, Alertmanager's, a person's) is one operation.
+package recovery
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/schemas"
+)
+
+// DefaultLeaseTimeout is how long a kubelet Lease may go unrenewed before
+// the node counts as gone (the node watcher's --node-lease-timeout).
+const DefaultLeaseTimeout = 40 * time.Second
+
+// Incident resolves the operation key of a node.notready event from the
+// Node as the API shows it, not from the producer's "since" (the node
+// watcher sees a failure at the lease timeout, Alertmanager fifteen minutes
+// later): the node's UID and the start of its current spell. For a node
+// whose kubelet Lease has stopped (a dead or cut-off node) the spell starts
+// at the last renewal, which stays put while the node is gone; for a node
+// that still renews its Lease but is not Ready, at the Ready condition's last
+// transition. A node that no longer exists keeps the event's own key.
+type Incident struct {
+	Kube kubernetes.Interface
+	// LeaseTimeout: see DefaultLeaseTimeout.
+	LeaseTimeout time.Duration
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+var _ consumers.Resolver = (*Incident)(nil)
+
+// Resolve implements consumers.Resolver. Errors reading the API are
+// returned for a retry.
+func (i *Incident) Resolve(ctx context.Context, e consumers.Event, keys consumers.Keys) (consumers.Keys, error) {
+	p, ok := e.Payload.(*schemas.NodeNotReady)
+	if !ok {
+		return keys, nil
+	}
+	node, err := i.Kube.CoreV1().Nodes().Get(ctx, p.Node, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return keys, nil
+	}
+	if err != nil {
+		return keys, fmt.Errorf("read node %s to name its incident: %w", p.Node, err)
+	}
+	lease, err := i.Kube.CoordinationV1().Leases(corev1.NamespaceNodeLease).Get(ctx, p.Node, metav1.GetOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return keys, fmt.Errorf("read lease of node %s to name its incident: %w", p.Node, err)
+	}
+	if err != nil {
+		lease = nil
+	}
+	keys.Operation = consumers.RecoveryOperationKey(p.Node, i.name(node, lease, p.Since))
+	return keys, nil
+}
+
+// name is <uid>-<unix seconds of the spell's start>.
+func (i *Incident) name(node *corev1.Node, lease *coordinationv1.Lease, since time.Time) string {
+	timeout, now := i.LeaseTimeout, time.Now
+	if timeout <= 0 {
+		timeout = DefaultLeaseTimeout
+	}
+	if i.Now != nil {
+		now = i.Now
+	}
+	start := since
+	switch {
+	case lease != nil && lease.Spec.RenewTime != nil && now().Sub(lease.Spec.RenewTime.Time) >= timeout:
+		start = lease.Spec.RenewTime.Time
+	default:
+		for _, c := range node.Status.Conditions {
+			if c.Type == corev1.NodeReady && !c.LastTransitionTime.IsZero() {
+				start = c.LastTransitionTime.Time
+			}
+		}
+	}
+	return string(node.UID) + "-" + strconv.FormatInt(start.UTC().Unix(), 10)
+}
