@@ -66,12 +66,16 @@ func (l *latencies) percentile(p float64) time.Duration {
 // worker, no-op, double ack. No CloudEvents, records, leases or status.
 // With sequential, each event is published only after the previous one was
 // handled: latency without queueing.
-func rawLoop(b *testing.B, js jetstream.JetStream, n int, sequential bool) (time.Duration, *latencies) {
+func rawLoop(b *testing.B, js jetstream.JetStream, url string, n int, sequential bool) (time.Duration, *latencies, float64) {
 	ctx := context.Background()
 	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{Name: "RAW", Subjects: []string{"raw.>"}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage})
 	require.NoError(b, err)
-	cons, err := js.CreateOrUpdateConsumer(ctx, "RAW", jetstream.ConsumerConfig{Durable: "raw", AckPolicy: jetstream.AckExplicitPolicy})
+	wnc := natstest.Connect(b, url) // the workers' own connection, to count what they send
+	wjs, err := jetstream.New(wnc)
 	require.NoError(b, err)
+	cons, err := wjs.CreateOrUpdateConsumer(ctx, "RAW", jetstream.ConsumerConfig{Durable: "raw", AckPolicy: jetstream.AckExplicitPolicy})
+	require.NoError(b, err)
+	sent := wnc.Stats().OutMsgs
 	lat := newLatencies(n)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -110,15 +114,16 @@ func rawLoop(b *testing.B, js jetstream.JetStream, n int, sequential bool) (time
 	elapsed := time.Since(start)
 	close(stop)
 	wg.Wait()
-	return elapsed, lat
+	return elapsed, lat, float64(wnc.Stats().OutMsgs-sent) / float64(n)
 }
 
 // droverLoop publishes valid CloudEvents through the same kind of stream and
 // lets the runtime run a no-op handler: decode and validate, node lease,
 // operation record, heartbeat, final status event, double ack. An event is
 // timed from its publish until its ack was confirmed, as in rawLoop.
-func droverLoop(b *testing.B, nc *nats.Conn, js jetstream.JetStream, n int, sequential bool) (time.Duration, *latencies) {
+func droverLoop(b *testing.B, js jetstream.JetStream, url string, n int, sequential bool) (time.Duration, *latencies, float64) {
 	lat := newLatencies(n)
+	nc := natstest.Connect(b, url) // the runtime's own connection, to count what it sends
 	cfg := testConfig()
 	cfg.AckWait = 30 * time.Second
 	cfg.LeaseTTL = 30 * time.Second
@@ -155,6 +160,7 @@ func droverLoop(b *testing.B, nc *nats.Conn, js jetstream.JetStream, n int, sequ
 		msgs[i], err = schemas.ToMsg(subject, e)
 		require.NoError(b, err)
 	}
+	sent := nc.Stats().OutMsgs
 	start := time.Now()
 	for i, m := range msgs {
 		lat.publish(fmt.Sprintf("bench-%t-%d", sequential, i))
@@ -166,9 +172,10 @@ func droverLoop(b *testing.B, nc *nats.Conn, js jetstream.JetStream, n int, sequ
 	}
 	<-lat.done
 	elapsed := time.Since(start)
+	perEvent := float64(nc.Stats().OutMsgs-sent) / float64(n)
 	cancel()
 	require.NoError(b, <-errc)
-	return elapsed, lat
+	return elapsed, lat, perEvent
 }
 
 // BenchmarkPipeline measures publish -> consumer -> no-op handler -> ack
@@ -185,11 +192,11 @@ func BenchmarkPipeline(b *testing.B) {
 	js, err := jetstream.New(nc)
 	require.NoError(b, err)
 	b.ResetTimer()
-	rawElapsed, rawLat := rawLoop(b, js, n, false)
-	drvElapsed, drvLat := droverLoop(b, nc, js, n, false)
+	rawElapsed, rawLat, rawReqs := rawLoop(b, js, srv.URL(), n, false)
+	drvElapsed, drvLat, drvReqs := droverLoop(b, js, srv.URL(), n, false)
 	seq := min(n, 300)
-	_, rawSeq := rawLoop(b, js, seq, true)
-	_, drvSeq := droverLoop(b, nc, js, seq, true)
+	_, rawSeq, _ := rawLoop(b, js, srv.URL(), seq, true)
+	_, drvSeq, _ := droverLoop(b, js, srv.URL(), seq, true)
 	b.StopTimer()
 
 	rawRate := float64(n) / rawElapsed.Seconds()
@@ -207,6 +214,7 @@ func BenchmarkPipeline(b *testing.B) {
 	fmt.Printf("  latency, %d events one at a time:\n", seq)
 	fmt.Printf("    raw JetStream  p50 %10s  p99 %10s\n", r(rawSeq.percentile(0.5)), r(rawSeq.percentile(0.99)))
 	fmt.Printf("    drover runtime p50 %10s  p99 %10s\n", r(drvSeq.percentile(0.5)), r(drvSeq.percentile(0.99)))
+	fmt.Printf("  messages the consumer side sends to the server per event: raw %.1f, drover %.1f\n", rawReqs, drvReqs)
 	fmt.Printf("  drover vs raw: throughput %.2f of raw (target >= 0.33), p50 latency %.2fx raw (target <= 2)\n", drvRate/rawRate,
 		float64(drvSeq.percentile(0.5))/float64(rawSeq.percentile(0.5)))
 	fmt.Printf("  (drover adds per event: one CloudEvent validation, a node lease take and release, an operation\n")

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/drover-io/drover/consumers"
@@ -160,7 +161,36 @@ func (e *env) state(key string) consumers.State {
 
 func (e *env) eventually(cond func() bool, msg string, args ...any) {
 	e.t.Helper()
-	require.Eventually(e.t, cond, 30*time.Second, 20*time.Millisecond, append([]any{msg}, args...)...)
+	if !assert.Eventually(e.t, cond, 30*time.Second, 20*time.Millisecond, append([]any{msg}, args...)...) {
+		e.dump()
+		e.t.FailNow()
+	}
+}
+
+// dump logs every operation record and what the request stream holds, to
+// explain a condition that never came true.
+func (e *env) dump() {
+	ctx := context.Background()
+	if kv, err := e.js.KeyValue(ctx, consumers.BucketOps); err == nil {
+		recs, err := consumers.NewOpStore(kv).List(ctx, ">")
+		e.t.Logf("operations (err %v):", err)
+		for _, r := range recs {
+			e.t.Logf("  %s %s attempts=%d charged=%d holder=%q seq=%d wait=%q err=%q updated=%s",
+				r.Key, r.State, r.Attempts, r.Charged, r.Holder, r.Seq, r.WaitReason, r.LastError, r.Updated.Format(time.StampMilli))
+		}
+	}
+	if s, err := e.js.Stream(ctx, consumers.StreamRequests); err == nil {
+		if info, err := s.Info(ctx); err == nil {
+			e.t.Logf("stream %s: %d messages, first %d, last %d", consumers.StreamRequests, info.State.Msgs, info.State.FirstSeq, info.State.LastSeq)
+		}
+	}
+	for _, wf := range []string{schemas.WorkflowMaintenance, schemas.WorkflowRecovery, schemas.WorkflowMigration} {
+		if c, err := e.js.Consumer(ctx, consumers.StreamRequests, wf); err == nil {
+			if info, err := c.Info(ctx); err == nil {
+				e.t.Logf("consumer %s: pending %d, ack pending %d, redelivered %d, delivered %d", wf, info.NumPending, info.NumAckPending, info.NumRedelivered, info.Delivered.Stream)
+			}
+		}
+	}
 }
 
 func maintenance(node, req string) *schemas.MaintenanceRequested {

@@ -182,9 +182,26 @@ func (r *Runtime) alive(ctx context.Context, rec Record, now time.Time) bool {
 func (r *Runtime) unfinishedRecords(ctx context.Context) ([]Record, error) {
 	r.mu.Lock()
 	if r.indexed {
-		out := make([]Record, 0, len(r.unfinished))
-		for _, rec := range r.unfinished {
+		raw := make(map[string][]byte, len(r.unfinished))
+		for k, v := range r.unfinished {
+			raw[k] = v
+		}
+		r.mu.Unlock()
+		var out []Record
+		var finished []string
+		for key, b := range raw {
+			var rec Record
+			if json.Unmarshal(b, &rec) != nil || rec.State.Terminal() {
+				finished = append(finished, key)
+				continue
+			}
 			out = append(out, rec)
+		}
+		r.mu.Lock()
+		for _, key := range finished {
+			if string(r.unfinished[key]) == string(raw[key]) { // unchanged since: prune
+				delete(r.unfinished, key)
+			}
 		}
 		r.mu.Unlock()
 		return out, nil

@@ -98,7 +98,7 @@ type Runtime struct {
 
 	mu         sync.Mutex
 	inflight   map[string]*Operation // by operation key
-	unfinished map[string]Record     // operations not finished, kept by watchRequests
+	unfinished map[string][]byte     // operation records (raw) kept by watchRequests; finished ones are pruned by Reconcile
 	indexed    bool                  // unfinished is complete
 	trailing   sync.WaitGroup        // acks, releases and final status still in flight
 }
@@ -251,6 +251,7 @@ func (r *Runtime) adopt(res *Resources) error {
 func (r *Runtime) worker(ctx, base context.Context, wf *workflow, slot int) {
 	holder := fmt.Sprintf("%s/%s/%d", r.id, wf.Name, slot)
 	log := r.log.With().Str("workflow", wf.Name).Int("slot", slot).Logger()
+	trailSlot := make(chan struct{}, 2)
 	var lastErr string
 	for ctx.Err() == nil {
 		batch, err := wf.cons.Fetch(1, jetstream.FetchMaxWait(r.cfg.FetchWait))
@@ -271,7 +272,7 @@ func (r *Runtime) worker(ctx, base context.Context, wf *workflow, slot int) {
 				_ = msg.Nak()
 				continue
 			}
-			r.process(ctx, base, wf, holder, msg)
+			r.process(ctx, base, wf, holder, msg, trailSlot)
 		}
 		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
 			if msg := err.Error(); msg != lastErr {
@@ -298,14 +299,26 @@ type delivery struct {
 	rec    Record
 	rev    uint64
 	op     *Operation
+	// trailSlot bounds the settles the worker leaves running in the background.
+	trailSlot chan struct{}
 }
 
 // process takes one message through decode, route, lease, start (or skip),
 // run and settle. Each step settles the message itself when the path ends
 // there.
-func (r *Runtime) process(stop, base context.Context, wf *workflow, holder string, msg jetstream.Msg) {
+func (r *Runtime) process(stop, base context.Context, wf *workflow, holder string, msg jetstream.Msg, trailSlot chan struct{}) {
 	d, ok := r.decode(base, wf, holder, msg)
-	if !ok || !r.route(d) || !r.lease(stop, d) || !r.start(d) {
+	if !ok {
+		return
+	}
+	d.trailSlot = trailSlot
+	if !r.route(d) {
+		return
+	}
+	// The record of a new operation is created while the leases are taken:
+	// one round trip instead of two on the common path.
+	created := r.createRecord(d)
+	if !r.lease(stop, d, created) || !r.start(d, created) {
 		return
 	}
 	herr, cause := r.run(d)
@@ -408,7 +421,7 @@ func (r *Runtime) route(d *delivery) bool {
 // message goes back with a short delay (and, if the holder has a lower
 // priority, the holder is asked to yield): waiting holds no worker slot and
 // uses none of the operation's budget.
-func (r *Runtime) lease(stop context.Context, d *delivery) bool {
+func (r *Runtime) lease(stop context.Context, d *delivery, created <-chan created) bool {
 	locks := append([]Lock(nil), d.ev.Keys.Locks...)
 	sort.Slice(locks, func(i, j int) bool { return locks[i].Key < locks[j].Key })
 	for _, lk := range locks {
@@ -422,6 +435,7 @@ func (r *Runtime) lease(stop context.Context, d *delivery) bool {
 			continue
 		}
 		r.releaseAll(d, "", 0)
+		r.undoCreate(d, <-created)
 		if stop.Err() != nil {
 			_ = d.msg.Nak()
 			r.settled(d, ResultAbandoned)
@@ -499,31 +513,73 @@ type budgetError struct{ reason string }
 
 func (e *budgetError) Error() string { return e.reason }
 
-// start records the operation running under this attempt (creating it on
-// its first event), or skips a finished one, or dead-letters one whose
-// budget is spent.
-func (r *Runtime) start(d *delivery) bool {
+// created is the outcome of creating a new operation's record.
+type created struct {
+	rec Record
+	rev uint64
+	err error
+}
+
+// createRecord starts creating the record of the delivery's operation as a
+// new one, running under this attempt. If the record exists already the
+// result is ErrKeyExists and start resumes it instead.
+func (r *Runtime) createRecord(d *delivery) <-chan created {
 	k := d.ev.Keys
 	now := time.Now().UTC()
 	ce := d.ev.CloudEvent
 	request, _ := json.Marshal(ce)
-	leases := make([]string, 0, len(k.Locks))
-	for _, l := range k.Locks {
-		leases = append(leases, l.Key)
-	}
-	d.rec = Record{Leases: leases, Key: k.Operation, Workflow: d.wf.Name, Target: k.Target, State: StateRunning, Generation: 1,
+	rec := Record{Leases: lockKeys(k.Locks), Key: k.Operation, Workflow: d.wf.Name, Target: k.Target, State: StateRunning, Generation: 1,
 		Attempts: 1, Charged: 1, Holder: d.holder, EventID: ce.ID(), EventType: ce.Type(), Request: request,
 		Seq: d.ev.StreamSeq, LastSeen: now, Due: now.Add(d.wf.ackWait), Created: now, Started: now}
-	rev, err := r.ops.put(d.ctx, &d.rec, 0)
-	if err == nil {
-		d.rev = rev
+	out := make(chan created, 1)
+	go func() {
+		rev, err := r.ops.put(d.ctx, &rec, 0)
+		out <- created{rec, rev, err}
+	}()
+	return out
+}
+
+// undoCreate removes a record created for an attempt that did not get its
+// leases, unless someone wrote it since.
+func (r *Runtime) undoCreate(d *delivery, c created) {
+	if c.err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 2*r.cfg.CallTimeout+time.Second)
+	defer cancel()
+	if err := r.ops.kv.Purge(ctx, c.rec.Key, jetstream.LastRevision(c.rev)); err != nil && !isRevisionConflict(err) {
+		d.log.Warn().Err(err).Msg("could not remove the record of an attempt that did not start")
+	}
+}
+
+func lockKeys(locks []Lock) []string {
+	out := make([]string, 0, len(locks))
+	for _, l := range locks {
+		out = append(out, l.Key)
+	}
+	return out
+}
+
+// start records the operation running under this attempt: the record
+// createRecord made, or an existing one resumed. It skips a finished
+// operation and dead-letters one whose budget is spent.
+func (r *Runtime) start(d *delivery, c <-chan created) bool {
+	k := d.ev.Keys
+	now := time.Now().UTC()
+	ce := d.ev.CloudEvent
+	res := <-c
+	if res.err == nil {
+		d.rec, d.rev = res.rec, res.rev
 		return true
 	}
-	if !errors.Is(err, jetstream.ErrKeyExists) {
+	if !errors.Is(res.err, jetstream.ErrKeyExists) {
 		r.releaseAll(d, "", 0)
-		r.later(d, r.jitter(r.cfg.BackoffBase), fmt.Errorf("create operation record: %w", err), ResultRetried)
+		r.later(d, r.jitter(r.cfg.BackoffBase), fmt.Errorf("create operation record: %w", res.err), ResultRetried)
 		return false
 	}
+	request := res.rec.Request
+	leases := res.rec.Leases
+	var err error
 	d.rec, d.rev, err = r.ops.mutateFrom(d.ctx, k.Operation, Record{}, 0, false, func(rec *Record) error {
 		if rec.State.Terminal() {
 			return errAlreadyFinished
@@ -877,32 +933,38 @@ func (r *Runtime) finish(d *delivery, fn func(rec *Record)) (Record, error) {
 	return rec, err
 }
 
+// succeed records the operation finished, then gives the leases back, acks
+// the message and publishes the final status, in the background: the worker
+// goes on with its next message meanwhile (at most two settles behind).
+// The leases go back only after the record says finished, so that a
+// duplicate delivered meanwhile waits and is then skipped.
 func (r *Runtime) succeed(d *delivery) {
-	// The leases go back while the record is written: a crash in between
-	// makes a redelivery run the (idempotent) handler once more, nothing worse.
-	released := make(chan struct{})
-	go func() { defer close(released); r.releaseAll(d, "", 0) }()
-	rec, err := r.finish(d, func(rec *Record) {
-		rec.State = StateSucceeded
-		if rec.CancelRequested || isClosed(d.op.Cancelled()) {
-			rec.State = StateCancelled
-		}
-		rec.LastError, rec.WaitReason, rec.Finished, rec.Due = "", "", time.Now().UTC(), time.Time{}
-	})
-	<-released
-	if err != nil {
-		if errors.Is(err, ErrFenced) {
-			d.log.Warn().Err(err).Msg("attempt fenced before it could record success; message left for redelivery")
-			r.settled(d, ResultAbandoned)
+	d.trailSlot <- struct{}{}
+	r.trailing.Add(1)
+	go func() {
+		defer r.trailing.Done()
+		defer func() { <-d.trailSlot }()
+		rec, err := r.finish(d, func(rec *Record) {
+			rec.State = StateSucceeded
+			if rec.CancelRequested || isClosed(d.op.Cancelled()) {
+				rec.State = StateCancelled
+			}
+			rec.LastError, rec.WaitReason, rec.Finished, rec.Due = "", "", time.Now().UTC(), time.Time{}
+		})
+		if err != nil {
+			if errors.Is(err, ErrFenced) {
+				d.log.Warn().Err(err).Msg("attempt fenced before it could record success; message left for redelivery")
+				r.settled(d, ResultAbandoned)
+				return
+			}
+			// Without the record a redelivery would not know the work is done;
+			// retry rather than ack (handlers are idempotent).
+			r.retry(d, fmt.Errorf("record success: %w", err))
 			return
 		}
-		// Without the record a redelivery would not know the work is done;
-		// retry rather than ack (handlers are idempotent).
-		r.retry(d, fmt.Errorf("record success: %w", err))
-		return
-	}
-	r.trail(d, rec, "", 0, func(ctx context.Context) error { return d.msg.DoubleAck(ctx) }, ResultAcked)
-	d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; message acknowledged")
+		d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; acknowledging")
+		r.trail(d, rec, "", 0, func(ctx context.Context) error { return d.msg.DoubleAck(ctx) }, ResultAcked)
+	}()
 }
 
 // trail releases the leases, settles the message and publishes the final
@@ -1110,7 +1172,9 @@ func (r *Runtime) watchRequests(ctx context.Context) {
 			}
 			continue
 		}
-		fresh := map[string]Record{}
+		// The index keeps raw values: decoding every write of every replica
+		// would cost more than the reconciler's pass, which decodes them.
+		fresh := map[string][]byte{}
 		loading := true
 		for e := range w.Updates() {
 			if e == nil {
@@ -1124,25 +1188,26 @@ func (r *Runtime) watchRequests(ctx context.Context) {
 			if strings.HasPrefix(key, nodeStatePrefix) {
 				continue
 			}
-			var rec Record
-			if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), &rec) != nil {
-				rec = Record{State: StateSucceeded} // gone or unreadable: not ours to resume
+			var value []byte
+			if e.Operation() == jetstream.KeyValuePut {
+				value = e.Value()
 			}
 			if loading {
-				if !rec.State.Terminal() {
-					fresh[key] = rec
+				if value != nil {
+					fresh[key] = value
 				}
 				continue
 			}
 			r.mu.Lock()
-			if rec.State.Terminal() {
+			if value == nil {
 				delete(r.unfinished, key)
 			} else {
-				r.unfinished[key] = rec
+				r.unfinished[key] = value
 			}
 			op := r.inflight[key]
 			r.mu.Unlock()
-			if op != nil {
+			var rec Record
+			if op != nil && json.Unmarshal(value, &rec) == nil {
 				r.signal(op, rec)
 			}
 		}

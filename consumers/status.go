@@ -4,7 +4,6 @@ import (
 	"context"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
@@ -65,9 +64,8 @@ func (p *statusPublisher) publish(rec Record, phase, note string, seq *int, delt
 		}
 		*seq++
 		id := schemas.DeterministicID(rec.Key, strconv.Itoa(st.Generation), strconv.Itoa(st.Attempt), st.Phase, strconv.Itoa(*seq))
-		e, err := schemas.New(p.source, id, &st)
+		e, err := schemas.NewStatus(p.source, id, &st)
 		if err == nil {
-			e.SetTime(time.Now().UTC())
 			msg, merr := schemas.ToMsg(subject, e)
 			if merr != nil {
 				err = merr
@@ -146,11 +144,12 @@ func oneLine(s string) string {
 	return s
 }
 
+// truncate cuts s to at most n bytes without splitting a character.
 func truncate(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	return s[:n]
+	return strings.ToValidUTF8(s[:n], "")
 }
 
 // statusNote is what the status event says about a record.

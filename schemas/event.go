@@ -158,6 +158,33 @@ func New(source, id string, p Payload) (event.Event, error) {
 	return e, nil
 }
 
+// NewStatus builds a status event from a Status that drover's own code filled in. It runs the
+// Go-side checks (Status.Validate) and the size limit, not the JSON Schema: a runtime publishes a
+// status on every progress batch, and a typed payload that passes Validate matches its schema (a
+// test of this package checks that for every phase and field). Events from outside go through New,
+// Validate and Decode.
+func NewStatus(source, id string, st *Status) (event.Event, error) {
+	if st == nil {
+		return event.Event{}, invalid("data", "payload is nil")
+	}
+	if err := st.Validate(); err != nil {
+		return event.Event{}, err
+	}
+	e := event.New(event.CloudEventsVersionV1)
+	e.SetType(TypeStatus)
+	e.SetSource(source)
+	e.SetID(id)
+	e.SetTime(time.Now().UTC())
+	e.SetSubject(st.Target())
+	if err := e.SetData(ContentTypeJSON, st); err != nil {
+		return event.Event{}, &ValidationError{Field: "data", Reason: "cannot encode payload: " + err.Error(), Err: err}
+	}
+	if n := eventSize(e); n > MaxEventBytes {
+		return event.Event{}, invalid("event", "%d bytes exceeds the limit of %d bytes", n, MaxEventBytes)
+	}
+	return e, nil
+}
+
 // Validate checks, in order: the CloudEvents attributes (specversion 1.0, id, source and type
 // present, datacontenttype application/json, subject if present equal to the payload's target), the
 // type (known to the contract, else the error also wraps ErrUnknownType), the size (at most

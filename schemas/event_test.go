@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -374,4 +375,35 @@ func TestValidateConcurrent(t *testing.T) {
 			t.Fatal("validation workers did not finish")
 		}
 	}
+}
+
+// NewStatus skips the JSON Schema for drover's own typed statuses: whatever
+// it accepts must pass the full validation, and what the Go checks refuse it
+// refuses.
+func TestNewStatusMatchesTheSchema(t *testing.T) {
+	long := strings.Repeat("m", 4096)
+	for _, phase := range []string{PhasePending, PhaseRunning, PhaseWaiting, PhaseSuspended, PhaseSucceeded, PhaseFailed, PhaseCancelled} {
+		for _, st := range []*Status{
+			{Operation: "maintenance.node-1.r", Workflow: WorkflowMaintenance, Node: "node-1", Phase: phase},
+			{Operation: "migration.ns.vm.r", Workflow: WorkflowMigration, VM: "ns/vm.1", Phase: phase, Message: long,
+				Generation: 3, Attempt: 2, Summary: &Summary{Total: 2, Phases: map[string]int{"Running": 1, "Migrating": 1}},
+				VMs: []VMProgress{{Namespace: "ns", Name: "vm.1", Phase: "Migrating", Node: "1.1.1.211", Message: long}, {Namespace: "ns", Name: "b", Phase: "Running"}}},
+		} {
+			e, err := NewStatus("drover/test", "id-"+phase, st)
+			require.NoError(t, err, phase)
+			p, err := Decode(e)
+			require.NoError(t, err, "phase %s: NewStatus built an event the schema refuses", phase)
+			require.Equal(t, st, p)
+		}
+	}
+	_, err := NewStatus("s", "i", &Status{Operation: "o", Workflow: WorkflowRecovery, Node: "node-1", Phase: "Exploded"})
+	require.ErrorIs(t, err, ErrInvalid)
+	huge := &Status{Operation: "o", Workflow: WorkflowRecovery, Node: "node-1", Phase: PhaseRunning}
+	for i := 0; i < 40; i++ {
+		huge.VMs = append(huge.VMs, VMProgress{Namespace: "ns", Name: "vm-" + strconv.Itoa(i), Phase: "Running", Message: long})
+	}
+	_, err = NewStatus("s", "i", huge)
+	require.ErrorContains(t, err, "exceeds the limit")
+	_, err = NewStatus("s", "i", &Status{Operation: "o", Workflow: WorkflowRecovery, Node: "node-1", Phase: PhaseRunning, Message: long + "x"})
+	require.ErrorContains(t, err, "longer than 4096")
 }

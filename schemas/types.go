@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"k8s.io/apimachinery/pkg/util/validation"
 )
@@ -449,6 +450,22 @@ func (p Status) Validate() error {
 	if err := checkNonEmpty("operation", p.Operation); err != nil {
 		return err
 	}
+	if err := firstErr(checkMax("operation", p.Operation, 512), checkMax("message", p.Message, 4096)); err != nil {
+		return err
+	}
+	if p.Generation < 0 || p.Attempt < 0 {
+		return &ValidationError{Field: "generation", Reason: "generation and attempt must not be negative"}
+	}
+	if p.Summary != nil {
+		if p.Summary.Total < 0 {
+			return &ValidationError{Field: "summary.total", Reason: "must not be negative"}
+		}
+		for phase, n := range p.Summary.Phases {
+			if n < 0 {
+				return &ValidationError{Field: "summary.phases." + phase, Reason: "must not be negative"}
+			}
+		}
+	}
 	if !IsKnownWorkflow(p.Workflow) {
 		return &ValidationError{Field: "workflow", Reason: fmt.Sprintf("unknown workflow %q", p.Workflow)}
 	}
@@ -477,7 +494,7 @@ func (p Status) Validate() error {
 	for i, vm := range p.VMs {
 		f := fmt.Sprintf("vms[%d].", i)
 		if err := firstErr(checkNamespace(f+"namespace", vm.Namespace), checkName(f+"name", vm.Name),
-			checkNonEmpty(f+"phase", vm.Phase)); err != nil {
+			checkNonEmpty(f+"phase", vm.Phase), checkMax(f+"phase", vm.Phase, 4096), checkMax(f+"message", vm.Message, 4096)); err != nil {
 			return err
 		}
 		if vm.Node != "" {
@@ -542,6 +559,13 @@ func checkName(field, v string) error {
 	}
 	if errs := validation.IsDNS1123Subdomain(v); len(errs) > 0 {
 		return &ValidationError{Field: field, Reason: fmt.Sprintf("%q is not a valid name: %s", v, strings.Join(errs, "; "))}
+	}
+	return nil
+}
+
+func checkMax(field, v string, n int) error {
+	if utf8.RuneCountInString(v) > n {
+		return &ValidationError{Field: field, Reason: fmt.Sprintf("longer than %d characters", n)}
 	}
 	return nil
 }
