@@ -389,15 +389,13 @@ func TestPanicStackStaysInTheLog(t *testing.T) {
 	var logs syncBuffer
 	e.startWith(e.srv.URL(), zerolog.New(&logs), cfg, consumers.Workflow{Name: schemas.WorkflowMaintenance, Handler: consumers.HandlerFunc(
 		func(ctx context.Context, op *consumers.Operation, ev consumers.Event) error {
-			var m map[string]int
-			m["boom"]++ // nil map write
-			return nil
+			panic(errors.New("VM db-0 has no status"))
 		})})
 	e.publish("m-1", maintenance("node-1", "req-1"))
 	key := consumers.MaintenanceOperationKey("node-1", "req-1")
 	e.eventually(func() bool { return e.state(key) == consumers.StateFailed }, "dead-lettered after its one attempt")
 	rec := e.op(key)
-	require.Contains(t, rec.LastError, "handler panicked: assignment to entry in nil map")
+	require.Contains(t, rec.LastError, "handler panicked: VM db-0 has no status")
 	require.NotContains(t, rec.LastError, "goroutine")
 	var final *schemas.Status
 	e.eventually(func() bool {

@@ -162,7 +162,8 @@ func (r *Runtime) alive(ctx context.Context, rec Record, now time.Time) bool {
 		for _, key := range rec.Leases {
 			e, err := r.leases.kv.Get(ctx, key)
 			if err != nil {
-				return errors.Is(err, jetstream.ErrKeyNotFound) == false && errors.Is(err, jetstream.ErrKeyDeleted) == false
+				// Gone: not alive. Unreadable now: assume alive, look again next pass.
+				return !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted)
 			}
 			if decodeLease(e.Value()).Holder != rec.Holder {
 				return false
