@@ -185,6 +185,14 @@ func (o *Operation) write(ctx context.Context, fn func(r *Record)) error {
 	return nil
 }
 
+// wrote reports whether rev is a revision of the record this attempt wrote
+// itself (nothing in it to signal).
+func (o *Operation) wrote(rev uint64) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return rev == o.rev
+}
+
 // owns checks the fencing token of a record this attempt is about to write.
 func (o *Operation) owns(r Record) error {
 	if r.Holder != o.holder || r.Attempts != o.start.Attempts || max(r.Generation, 1) != o.Generation() || r.State != StateRunning {

@@ -1207,7 +1207,7 @@ func (r *Runtime) watchRequests(ctx context.Context) {
 			op := r.inflight[key]
 			r.mu.Unlock()
 			var rec Record
-			if op != nil && json.Unmarshal(value, &rec) == nil {
+			if op != nil && !op.wrote(e.Revision()) && json.Unmarshal(value, &rec) == nil {
 				r.signal(op, rec)
 			}
 		}
