@@ -190,10 +190,28 @@ func (s *Simulator) createVMIFromDeckhouse(ctx context.Context, dvm *unstructure
 	if err != nil {
 		return nil, fmt.Errorf("deckhouse vm %s: memory.size %q: %w", keyOf(dvm), spec.Memory.Size, err)
 	}
+	// Deckhouse propagates the VM's own labels and annotations to the VMI
+	// (controller/vm/internal/sync_metadata.go); AnnotationDirtyRate travels that way.
+	labels := map[string]string{}
+	for k, v := range dvm.GetLabels() {
+		if k != LabelManaged {
+			labels[k] = v
+		}
+	}
+	labels[deckhouseVMLabel] = dvm.GetName()
+	var annotations map[string]string
+	for k, v := range dvm.GetAnnotations() {
+		if k != AnnotationPower && k != corev1.LastAppliedConfigAnnotation {
+			if annotations == nil {
+				annotations = map[string]string{}
+			}
+			annotations[k] = v
+		}
+	}
 	vmi := &kvv1.VirtualMachineInstance{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: dvm.GetName(), Namespace: dvm.GetNamespace(),
-			Labels: map[string]string{deckhouseVMLabel: dvm.GetName()},
+			Labels: labels, Annotations: annotations,
 			OwnerReferences: []metav1.OwnerReference{{
 				APIVersion: deckhouseAPIVersion, Kind: "VirtualMachine", Name: dvm.GetName(), UID: dvm.GetUID(),
 				Controller: ptr.To(true), BlockOwnerDeletion: ptr.To(true),

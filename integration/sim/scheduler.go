@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -25,10 +26,11 @@ type schedulerState struct {
 	mu            sync.Mutex
 	assumed       map[types.UID]assumedPod
 	unschedulable map[string]bool
+	placements    *placements
 }
 
 func newSchedulerState() *schedulerState {
-	return &schedulerState{assumed: map[types.UID]assumedPod{}, unschedulable: map[string]bool{}}
+	return &schedulerState{assumed: map[types.UID]assumedPod{}, unschedulable: map[string]bool{}, placements: newPlacements()}
 }
 
 // nodesChanged moves every unschedulable pod back to the active queue, as
@@ -162,8 +164,13 @@ func (s *Simulator) schedule(ctx context.Context, key string) error {
 	}
 	var cands []cand
 	nodes := s.nodeInformer.GetStore().List()
+	pinned := s.scheduler.placements.pinned(p)
 	for _, obj := range nodes {
 		n := obj.(*corev1.Node)
+		if pinned != nil && !slices.Contains(pinned, n.Name) {
+			reasons["node(s) didn't match Pod's node affinity/selector"]++ // a scenario placed it elsewhere
+			continue
+		}
 		if why := fitsNode(p, n, req, used[n.Name]); why != "" {
 			reasons[why]++
 			continue
@@ -203,6 +210,9 @@ func (s *Simulator) schedule(ctx context.Context, key string) error {
 	}
 	if err != nil {
 		return fmt.Errorf("bind pod %s to %s: %w", key, target, err)
+	}
+	if pinned != nil {
+		s.scheduler.placements.bound(p, target)
 	}
 	s.scheduler.mu.Lock()
 	s.scheduler.assumed[p.UID] = assumedPod{key: key, node: target, req: req}

@@ -111,6 +111,9 @@ type VMOptions struct {
 	NodeSelector     map[string]string
 	Tolerations      []corev1.Toleration
 	Labels           map[string]string
+	// Annotations go where the VMI inherits them from (the KubeVirt VM's
+	// template, the Deckhouse VM's metadata), e.g. AnnotationDirtyRate.
+	Annotations map[string]string
 }
 
 // NewKubeVirtVM builds a kubevirt.io/v1 VirtualMachine.
@@ -155,12 +158,16 @@ func NewKubeVirtVM(ns, name string, o VMOptions) *kvv1.VirtualMachine {
 		}}}}
 		spec.Domain.Devices.Disks = []kvv1.Disk{{Name: "rootdisk", DiskDevice: kvv1.DiskDevice{Disk: &kvv1.DiskTarget{Bus: kvv1.DiskBusVirtio}}}}
 	}
+	vmLabels := map[string]string{LabelManaged: "true"}
+	for k, v := range o.Labels {
+		vmLabels[k] = v
+	}
 	return &kvv1.VirtualMachine{
 		TypeMeta:   metav1.TypeMeta{APIVersion: kvv1.SchemeGroupVersion.String(), Kind: "VirtualMachine"},
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{LabelManaged: "true"}},
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: vmLabels},
 		Spec: kvv1.VirtualMachineSpec{
 			RunStrategy: ptr.To(o.RunStrategy),
-			Template:    &kvv1.VirtualMachineInstanceTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels}, Spec: spec},
+			Template:    &kvv1.VirtualMachineInstanceTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels, Annotations: o.Annotations}, Spec: spec},
 		},
 	}
 }
@@ -200,12 +207,21 @@ func NewDeckhouseVM(ns, name string, o VMOptions) *unstructured.Unstructured {
 		_ = json.Unmarshal(raw, &tol)
 		spec["tolerations"] = tol
 	}
-	u := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": deckhouseAPIVersion, "kind": "VirtualMachine",
-		"metadata": map[string]any{"name": name, "namespace": ns, "labels": map[string]any{LabelManaged: "true"}},
-		"spec":     spec,
+	labels := map[string]any{LabelManaged: "true"}
+	for k, v := range o.Labels {
+		labels[k] = v
+	}
+	meta := map[string]any{"name": name, "namespace": ns, "labels": labels}
+	if len(o.Annotations) > 0 {
+		ann := map[string]any{}
+		for k, v := range o.Annotations {
+			ann[k] = v
+		}
+		meta["annotations"] = ann
+	}
+	return &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": deckhouseAPIVersion, "kind": "VirtualMachine", "metadata": meta, "spec": spec,
 	}}
-	return u
 }
 
 // NewPVC builds a claim of size with one access mode.
@@ -299,73 +315,14 @@ func seedMix(i int) seedVM {
 }
 
 // Seed creates opts.Nodes nodes (node-1...) and opts.VMs VMs (vm-1...) of
-// mixed sizes and run strategies, each with a 10Gi root disk claim.
-// Existing objects are left as they are.
+// mixed sizes and run strategies, each with a 10Gi root disk claim: the
+// scenario opts.Scenario() describes, seeded by SeedScenario. Existing
+// objects are left as they are.
 func (s *Simulator) Seed(ctx context.Context, opts SeedOptions) (SeedResult, error) {
-	var res SeedResult
-	if opts.Namespace == "" {
-		opts.Namespace = metav1.NamespaceDefault
+	if opts.Platform != "" && opts.Platform != PlatformKubeVirt && opts.Platform != PlatformDeckhouse {
+		return SeedResult{}, fmt.Errorf("seed: unknown platform %q", opts.Platform)
 	}
-	if opts.Platform == "" {
-		opts.Platform = PlatformKubeVirt
-	}
-	if opts.Platform != PlatformKubeVirt && opts.Platform != PlatformDeckhouse {
-		return res, fmt.Errorf("seed: unknown platform %q", opts.Platform)
-	}
-	if err := s.ensureNamespace(ctx, opts.Namespace); err != nil {
-		return res, err
-	}
-	for i := 1; i <= opts.Nodes; i++ {
-		name := fmt.Sprintf("node-%d", i)
-		if _, err := s.CreateNode(ctx, NewNode(name, opts.Node)); err != nil {
-			return res, fmt.Errorf("seed: %w", err)
-		}
-		res.Nodes = append(res.Nodes, name)
-	}
-	if opts.Platform == PlatformDeckhouse {
-		if err := s.configureDeckhouse(ctx, opts.Nodes); err != nil {
-			return res, fmt.Errorf("seed: %w", err)
-		}
-	}
-	for i := 0; i < opts.VMs; i++ {
-		name := fmt.Sprintf("vm-%d", i+1)
-		mix := seedMix(i)
-		mode := corev1.ReadWriteMany
-		if mix.rwo {
-			mode = corev1.ReadWriteOnce
-		}
-		disk := name + "-disk"
-		if _, err := s.Kube.CoreV1().PersistentVolumeClaims(opts.Namespace).Create(ctx, NewPVC(opts.Namespace, disk, "10Gi", mode), metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			return res, fmt.Errorf("seed: create pvc %s: %w", disk, err)
-		}
-		o := VMOptions{CPU: mix.cpu, Memory: mix.mem, RunStrategy: mix.strategy, RunPolicy: mix.policy, Disk: disk}
-		if mix.rwo {
-			o.EvictionStrategy = kvv1.EvictionStrategyLiveMigrateIfPossible
-		}
-		switch opts.Platform {
-		case PlatformKubeVirt:
-			_, err := s.KubeVirt.VirtualMachines(opts.Namespace).Create(ctx, NewKubeVirtVM(opts.Namespace, name, o), metav1.CreateOptions{})
-			if apierrors.IsAlreadyExists(err) {
-				res.VMs = append(res.VMs, name)
-				continue
-			}
-			if err != nil {
-				return res, fmt.Errorf("seed: create vm %s: %w", name, err)
-			}
-			if mix.strategy == kvv1.RunStrategyManual {
-				if err := s.StartKubeVirtVM(ctx, opts.Namespace, name); err != nil {
-					return res, fmt.Errorf("seed: %w", err)
-				}
-			}
-		case PlatformDeckhouse:
-			_, err := s.Dynamic.Resource(DeckhouseVMGVR).Namespace(opts.Namespace).Create(ctx, NewDeckhouseVM(opts.Namespace, name, o), metav1.CreateOptions{})
-			if err != nil && !apierrors.IsAlreadyExists(err) {
-				return res, fmt.Errorf("seed: create deckhouse vm %s: %w", name, err)
-			}
-		}
-		res.VMs = append(res.VMs, name)
-	}
-	return res, nil
+	return s.SeedScenario(ctx, opts.Scenario())
 }
 
 // configureDeckhouse sets the KubeVirt configuration Deckhouse

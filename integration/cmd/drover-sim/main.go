@@ -3,6 +3,7 @@
 // plays kubelets, scheduler and KubeVirt until SIGINT or SIGTERM.
 //
 //	go run ./integration/cmd/drover-sim --kubeconfig FILE [--nodes N] [--vms M] [--platform kubevirt|deckhouse] [--time-scale X]
+//	go run ./integration/cmd/drover-sim --kubeconfig FILE --scenario integration/scenarios/busy-node.yaml [--time-scale X]
 package main
 
 import (
@@ -12,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/rs/zerolog"
@@ -33,25 +35,51 @@ func main() {
 
 // run parses args, then seeds and runs the simulator until ctx ends.
 func run(ctx context.Context, args []string, stderr *os.File) error {
-	flag := flag.NewFlagSet("drover-sim", flag.ContinueOnError)
-	flag.SetOutput(stderr)
+	fs := flag.NewFlagSet("drover-sim", flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	var (
-		kubeconfig = flag.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the cluster to simulate in")
-		nodes      = flag.Int("nodes", 4, "nodes to create")
-		vms        = flag.Int("vms", 12, "VMs to create (mixed sizes and run strategies)")
-		platform   = flag.String("platform", sim.PlatformKubeVirt, "kubevirt or deckhouse")
-		namespace  = flag.String("namespace", "default", "namespace of the VMs")
-		timeScale  = flag.Float64("time-scale", 1, "how much faster than real time the simulated world runs")
-		webhook    = flag.String("webhook-addr", "", "host:port the eviction webhook listens on; the API server must reach it there (default 127.0.0.1, random port)")
-		watchdog   = flag.Duration("watchdog-timeout", 0, "arm a watchdog of this timeout on every node (0: none)")
-		level      = flag.String("log-level", "info", "zerolog level")
-		logJSON    = flag.Bool("log-json", false, "log JSON even on a terminal")
+		kubeconfig = fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the cluster to simulate in")
+		nodes      = fs.Int("nodes", 4, "nodes to create")
+		vms        = fs.Int("vms", 12, "VMs to create (mixed sizes and run strategies)")
+		platform   = fs.String("platform", sim.PlatformKubeVirt, "kubevirt or deckhouse")
+		namespace  = fs.String("namespace", "default", "namespace of the VMs")
+		timeScale  = fs.Float64("time-scale", 1, "how much faster than real time the simulated world runs")
+		webhook    = fs.String("webhook-addr", "", "host:port the eviction webhook listens on; the API server must reach it there (default 127.0.0.1, random port)")
+		watchdog   = fs.Duration("watchdog-timeout", 0, "arm a watchdog of this timeout on every node (0: none)")
+		scenario   = fs.String("scenario", "", "seed the cluster a scenario file describes (YAML, see integration/scenarios) instead of --nodes/--vms")
+		level      = fs.String("log-level", "info", "zerolog level")
+		logJSON    = fs.Bool("log-json", false, "log JSON even on a terminal")
 	)
-	if err := flag.Parse(args); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *kubeconfig == "" {
 		return errors.New("--kubeconfig is required")
+	}
+	var sc *sim.Scenario
+	if *scenario != "" {
+		var generated []string
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "nodes", "vms", "platform", "namespace", "watchdog-timeout":
+				generated = append(generated, "--"+f.Name)
+			}
+		})
+		if len(generated) > 0 {
+			return fmt.Errorf("--scenario describes the whole cluster; drop %s", strings.Join(generated, ", "))
+		}
+		var err error
+		if sc, err = sim.LoadScenario(*scenario); err != nil {
+			return err
+		}
+	} else {
+		if *platform != sim.PlatformKubeVirt && *platform != sim.PlatformDeckhouse {
+			return fmt.Errorf("--platform %q: want %s or %s", *platform, sim.PlatformKubeVirt, sim.PlatformDeckhouse)
+		}
+		sc = sim.SeedOptions{Nodes: *nodes, VMs: *vms, Platform: *platform, Namespace: *namespace, Node: sim.NodeOptions{WatchdogTimeout: *watchdog}}.Scenario()
+		if err := sc.Validate(); err != nil {
+			return err
+		}
 	}
 	lvl, err := zerolog.ParseLevel(*level)
 	if err != nil {
@@ -83,13 +111,13 @@ func run(ctx context.Context, args []string, stderr *os.File) error {
 	case err := <-done:
 		return err
 	}
-	res, err := s.Seed(ctx, sim.SeedOptions{Nodes: *nodes, VMs: *vms, Platform: *platform, Namespace: *namespace, Node: sim.NodeOptions{WatchdogTimeout: *watchdog}})
+	res, err := s.SeedScenario(ctx, sc)
 	if err != nil {
 		stop()
 		<-done
 		return err
 	}
-	log.Info().Strs("nodes", res.Nodes).Strs("vms", res.VMs).Str("platform", *platform).Float64("timeScale", *timeScale).
+	log.Info().Strs("nodes", res.Nodes).Strs("vms", res.VMs).Str("platform", sc.Platform()).Float64("timeScale", *timeScale).
 		Msg("seeded; faults: kubectl annotate node NAME " + sim.AnnotationFault + "=down|partitioned|reboot")
 	err = <-done
 	if v := s.Violations(); len(v) > 0 {
