@@ -200,6 +200,7 @@ type Simulator struct {
 	scheduler *schedulerState
 	migration *migrationState
 	truth     *truth
+	workloads *workloads
 
 	saMu    sync.Mutex
 	saReady map[string]bool
@@ -268,6 +269,7 @@ func New(cfg *rest.Config, opts Options) (*Simulator, error) {
 	s.truth = newTruth(s.clock)
 	s.setupInformers()
 	s.setupQueues()
+	s.setupWorkloads()
 	return s, nil
 }
 
@@ -309,6 +311,8 @@ func (s *Simulator) controllers() []namedController {
 		{"virt-controller-leader", s.runVirtControllerLeader},
 		{"evacuation", s.runEvacuation},
 		{"vmop", s.runVMOperations},
+		{"disruption", s.runDisruption},
+		{"replicaset", s.runReplicaSets},
 	}
 }
 
