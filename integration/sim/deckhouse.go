@@ -9,6 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -325,6 +326,11 @@ func (s *Simulator) updateDeckhouseStatus(ctx context.Context, dvm *unstructured
 		ip = vmi.Status.Interfaces[0].IP
 	}
 	want := map[string]any{"phase": phase, "nodeName": node, "ipAddress": ip, "observedGeneration": dvm.GetGeneration()}
+	conds, err := s.deckhouseConditions(dvm, vmi)
+	if err != nil {
+		return err
+	}
+	want["conditions"] = conds
 	if ms != nil {
 		want["migrationState"] = ms
 	}
@@ -342,7 +348,7 @@ func (s *Simulator) updateDeckhouseStatus(ctx context.Context, dvm *unstructured
 			return false
 		}
 		for k, v := range want {
-			if v == nil || v == "" || (k == "virtualMachinePods" && len(pods) == 0) {
+			if v == nil || v == "" || (k == "virtualMachinePods" && len(pods) == 0) || (k == "conditions" && len(conds) == 0) {
 				delete(st, k)
 				continue
 			}
@@ -358,7 +364,7 @@ func statusMatches(cur, want map[string]any) bool {
 	for k, v := range want {
 		a, _ := json.Marshal(cur[k])
 		b, _ := json.Marshal(v)
-		if (v == "" || v == nil || (k == "virtualMachinePods" && string(b) == "null")) && cur[k] == nil {
+		if (v == "" || v == nil || ((k == "virtualMachinePods" || k == "conditions") && (string(b) == "null" || string(b) == "[]"))) && cur[k] == nil {
 			continue
 		}
 		if k == "observedGeneration" {
@@ -425,4 +431,68 @@ func (s *Simulator) setPower(ctx context.Context, ns, name, power string) error 
 		return fmt.Errorf("set power %s on deckhouse vm %s/%s: %w", power, ns, name, err)
 	}
 	return nil
+}
+
+// Deckhouse VirtualMachine conditions the simulator keeps (api/core/v1alpha2/vmcondition).
+const (
+	DeckhouseConditionEvictionRequired = "EvictionRequired"
+	DeckhouseConditionMigrating        = "Migrating"
+	deckhouseReasonEvictionRequired    = "EvictionRequired"
+	deckhouseReasonMigratingInProgress = "InProgress"
+)
+
+// deckhouseConditions returns the VM's status.conditions with EvictionRequired and Migrating
+// brought up to date, in their unstructured form:
+//   - EvictionRequired while the VMI runs and is marked for evacuation (the eviction webhook of
+//     Deckhouse's KubeVirt fork set status.evacuationNodeName), as controller/vm/internal/evict.go;
+//   - Migrating True while a live migration has started and not ended (migrating.go's
+//     liveMigrationInProgress); its Pending states, read from the operations, are left out.
+func (s *Simulator) deckhouseConditions(dvm *unstructured.Unstructured, vmi *kvv1.VirtualMachineInstance) ([]any, error) {
+	var conds []metav1.Condition
+	if raw, ok, _ := unstructured.NestedSlice(dvm.Object, "status", "conditions"); ok {
+		for _, c := range raw {
+			m, ok := c.(map[string]any)
+			if !ok {
+				continue
+			}
+			var cond metav1.Condition
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(m, &cond); err != nil {
+				return nil, fmt.Errorf("deckhouse vm %s: read condition: %w", keyOf(dvm), err)
+			}
+			conds = append(conds, cond)
+		}
+	}
+	now, gen := s.now(), dvm.GetGeneration()
+	if vmi != nil && vmi.Status.Phase == kvv1.Running && vmi.Status.EvacuationNodeName != "" {
+		meta.SetStatusCondition(&conds, metav1.Condition{
+			Type: DeckhouseConditionEvictionRequired, Status: metav1.ConditionTrue, Reason: deckhouseReasonEvictionRequired,
+			Message: "VirtualMachine should be evicted from current node or restarted.", ObservedGeneration: gen, LastTransitionTime: now,
+		})
+	} else {
+		meta.RemoveStatusCondition(&conds, DeckhouseConditionEvictionRequired)
+	}
+	if ms := vmiMigrationState(vmi); ms != nil && ms.StartTimestamp != nil && ms.EndTimestamp == nil {
+		meta.SetStatusCondition(&conds, metav1.Condition{
+			Type: DeckhouseConditionMigrating, Status: metav1.ConditionTrue, Reason: deckhouseReasonMigratingInProgress,
+			ObservedGeneration: gen, LastTransitionTime: now,
+		})
+	} else {
+		meta.RemoveStatusCondition(&conds, DeckhouseConditionMigrating)
+	}
+	out := make([]any, 0, len(conds))
+	for i := range conds {
+		m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&conds[i])
+		if err != nil {
+			return nil, fmt.Errorf("deckhouse vm %s: write condition: %w", keyOf(dvm), err)
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+func vmiMigrationState(vmi *kvv1.VirtualMachineInstance) *kvv1.VirtualMachineInstanceMigrationState {
+	if vmi == nil {
+		return nil
+	}
+	return vmi.Status.MigrationState
 }

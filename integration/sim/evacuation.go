@@ -108,18 +108,24 @@ func newKVPlane(cfg *rest.Config, log zerolog.Logger, simToWall func(time.Durati
 // configuration when there is none. With several CRs it picks the one MigrationConfig reads
 // (the first by namespace/name), so evacuation and the migration engine agree on the limits.
 func (kv *kvPlane) kubeVirtConfiguration(ctx context.Context) (virtv1.KubeVirtConfiguration, error) {
+	cr, err := kv.kubeVirtCR(ctx)
+	return cr.Spec.Configuration, err
+}
+
+// kubeVirtCR returns the KubeVirt CR kubeVirtConfiguration reads, an empty one when there is none.
+func (kv *kvPlane) kubeVirtCR(ctx context.Context) (virtv1.KubeVirt, error) {
 	var list virtv1.KubeVirtList
 	if err := kv.c.List(ctx, &list); err != nil {
 		if meta.IsNoMatchError(err) || apierrors.IsNotFound(err) {
-			return virtv1.KubeVirtConfiguration{}, nil
+			return virtv1.KubeVirt{}, nil
 		}
-		return virtv1.KubeVirtConfiguration{}, fmt.Errorf("list kubevirts: %w", err)
+		return virtv1.KubeVirt{}, fmt.Errorf("list kubevirts: %w", err)
 	}
 	if len(list.Items) == 0 {
-		return virtv1.KubeVirtConfiguration{}, nil
+		return virtv1.KubeVirt{}, nil
 	}
 	sort.Slice(list.Items, func(i, j int) bool { return keyOf(&list.Items[i]) < keyOf(&list.Items[j]) })
-	return list.Items[0].Spec.Configuration, nil
+	return list.Items[0], nil
 }
 
 // clusterEvictionStrategy is spec.configuration.evictionStrategy of the KubeVirt CR, nil if unset.
@@ -312,11 +318,14 @@ func (e *evacuationController) sync(ctx context.Context) error {
 	if e.active != nil && !e.active() {
 		return nil
 	}
-	kvCfg, err := e.kv.kubeVirtConfiguration(ctx)
+	cr, err := e.kv.kubeVirtCR(ctx)
 	if err != nil {
 		return fmt.Errorf("evacuation: %w", err)
 	}
+	kvCfg := cr.Spec.Configuration
 	limits := evacuationLimits(kvCfg)
+	// Deckhouse's fork disables this controller; the mark is still cleared at the hand-off.
+	deckhouseFork := cr.Annotations[AnnotationPlatform] == PlatformDeckhouse
 
 	var vmis virtv1.VirtualMachineInstanceList
 	if err := e.kv.c.List(ctx, &vmis); err != nil {
@@ -339,6 +348,9 @@ func (e *evacuationController) sync(ctx context.Context) error {
 		}
 	}
 
+	if deckhouseFork {
+		return errors.Join(errs...)
+	}
 	var nodes corev1.NodeList
 	if err := e.kv.c.List(ctx, &nodes); err != nil {
 		return errors.Join(append(errs, fmt.Errorf("evacuation: list nodes: %w", err))...)

@@ -39,6 +39,7 @@ func (s *Simulator) setupInformers() {
 	s.vaInformer = s.kubeInformers.Storage().V1().VolumeAttachments().Informer()
 	s.leaseInformer = s.leaseInformers.Coordination().V1().Leases().Informer()
 	s.dvmInformer = s.dynInformers.ForResource(DeckhouseVMGVR).Informer()
+	s.vmopInformer = s.dynInformers.ForResource(DeckhouseVMOPGVR).Informer()
 
 	rc := s.KubeVirt.RESTClient()
 	newInf := func(resource string, obj runtime.Object, list func() runtime.Object) cache.SharedIndexInformer {
@@ -126,7 +127,7 @@ func (s *Simulator) setupInformers() {
 func (s *Simulator) syncedFuncs() []cache.InformerSynced {
 	var out []cache.InformerSynced
 	for _, inf := range []cache.SharedIndexInformer{
-		s.nodeInformer, s.podInformer, s.pvcInformer, s.pvInformer, s.vaInformer, s.leaseInformer, s.dvmInformer,
+		s.nodeInformer, s.podInformer, s.pvcInformer, s.pvInformer, s.vaInformer, s.leaseInformer, s.dvmInformer, s.vmopInformer,
 		s.vmInformer, s.vmiInformer, s.vmimInformer, s.kvInformer,
 	} {
 		out = append(out, inf.HasSynced)

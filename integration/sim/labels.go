@@ -38,6 +38,13 @@ const (
 	PowerOn         = "on"
 	PowerOff        = "off"
 
+	// AnnotationPlatform on the KubeVirt CR set to PlatformDeckhouse makes
+	// KubeVirt behave as Deckhouse's fork of it: KubeVirt's evacuation
+	// controller creates no migrations, Deckhouse's evacuation controller
+	// answers evictions with VirtualMachineOperations. Seeding Deckhouse VMs
+	// sets it.
+	AnnotationPlatform = "sim.drover.io/platform"
+
 	// LabelManaged marks objects the simulator seeded.
 	LabelManaged = "sim.drover.io/managed"
 )

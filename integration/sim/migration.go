@@ -741,6 +741,7 @@ func (s *Simulator) completeMigration(ctx context.Context, m *kvv1.VirtualMachin
 			ms.AbortStatus = kvv1.MigrationAbortFailed // the abort came too late
 		}
 		v.Status.NodeName = dstNode
+		v.Status.EvacuationNodeName = "" // virt-handler's ackMigrationCompletion (migration-target.go)
 		final = *ms
 		return true
 	})

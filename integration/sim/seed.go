@@ -325,14 +325,19 @@ func (s *Simulator) Seed(ctx context.Context, opts SeedOptions) (SeedResult, err
 	return s.SeedScenario(ctx, opts.Scenario())
 }
 
-// configureDeckhouse sets the KubeVirt configuration Deckhouse
-// virtualization applies cluster-wide: evictionStrategy LiveMigrate, one
-// outbound migration per node, max(2, nodes) migrations in the cluster.
+// configureDeckhouse makes KubeVirt Deckhouse's fork (AnnotationPlatform)
+// and sets the configuration Deckhouse virtualization applies cluster-wide
+// (templates/kubevirt/kubevirt.yaml, with the defaults of
+// images/hooks/pkg/hooks/migration-config/hook.go): evictionStrategy
+// LiveMigrate, bandwidthPerMigration 640Mi, completionTimeoutPerGiB 800,
+// one outbound migration per node, max(2, nodes) migrations in the cluster.
 func (s *Simulator) configureDeckhouse(ctx context.Context, nodes int) error {
 	if err := s.ensureKubeVirtCR(ctx); err != nil {
 		return err
 	}
-	patch := fmt.Sprintf(`{"spec":{"configuration":{"evictionStrategy":"LiveMigrate","migrations":{"parallelOutboundMigrationsPerNode":1,"parallelMigrationsPerCluster":%d}}}}`, max(2, nodes))
+	patch := fmt.Sprintf(`{"metadata":{"annotations":{%q:%q}},"spec":{"configuration":{"evictionStrategy":"LiveMigrate","migrations":{`+
+		`"bandwidthPerMigration":"640Mi","completionTimeoutPerGiB":800,"parallelOutboundMigrationsPerNode":1,"parallelMigrationsPerCluster":%d}}}}`,
+		AnnotationPlatform, PlatformDeckhouse, max(2, nodes))
 	list, err := s.KubeVirt.KubeVirts(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return fmt.Errorf("list KubeVirt CRs: %w", err)

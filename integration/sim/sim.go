@@ -183,6 +183,7 @@ type Simulator struct {
 	vmimInformer  cache.SharedIndexInformer
 	kvInformer    cache.SharedIndexInformer
 	dvmInformer   cache.SharedIndexInformer
+	vmopInformer  cache.SharedIndexInformer
 
 	nodeQueue      workqueue.TypedRateLimitingInterface[string]
 	kubeletQueue   workqueue.TypedRateLimitingInterface[string]
@@ -192,6 +193,7 @@ type Simulator struct {
 	vmiQueue       workqueue.TypedRateLimitingInterface[string]
 	migrationQueue workqueue.TypedRateLimitingInterface[string]
 	dvmQueue       workqueue.TypedRateLimitingInterface[string]
+	dhEvacQueue    workqueue.TypedRateLimitingInterface[string]
 
 	controlPlaneQueue workqueue.TypedRateLimitingInterface[string]
 
@@ -270,6 +272,7 @@ func New(cfg *rest.Config, opts Options) (*Simulator, error) {
 	s.setupInformers()
 	s.setupQueues()
 	s.setupWorkloads()
+	s.setupDeckhouseEvacuation()
 	return s, nil
 }
 
@@ -306,6 +309,7 @@ func (s *Simulator) controllers() []namedController {
 		{"vmi", s.runVMIs},
 		{"migration", s.runMigrations},
 		{"deckhouse-vm", s.runDeckhouseVMs},
+		{"deckhouse-evacuation", s.runDeckhouseEvacuation},
 		{"kubevirt-control-plane", s.runControlPlane},
 		{"virt-api-webhooks", s.runWebhooks},
 		{"virt-controller-leader", s.runVirtControllerLeader},
@@ -430,6 +434,7 @@ func (s *Simulator) setupQueues() {
 	s.vmiQueue = s.newQueue("sim-vmi")
 	s.migrationQueue = s.newQueue("sim-migration")
 	s.dvmQueue = s.newQueue("sim-deckhouse-vm")
+	s.dhEvacQueue = s.newQueue("sim-deckhouse-evacuation")
 	s.controlPlaneQueue = s.newQueue("sim-kubevirt-control-plane")
 }
 
