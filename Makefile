@@ -39,6 +39,10 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./consumers/
 	$(GO) test -run '^$$' -bench . -benchmem ./schemas/
 
+## bench-sim: seed the 100-node, 1,000-VM scenario at time scale 10; print the seeding time and the simulator's steady CPU (cores); asserts nothing
+bench-sim: controlplane
+	$(GO) test -run '^$$' -bench BenchmarkScale100x1000 -benchtime 1x -timeout 30m ./integration/sim/
+
 ## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated (under 3 minutes once built)
 demo: controlplane
 	$(GO) run ./integration/cmd/drover-demo
@@ -61,6 +65,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build test test-unit test-integration bench demo lint verify clean
+.PHONY: help build test test-unit test-integration bench bench-sim demo lint verify clean
 
 -include integration/integration.mk
