@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,7 +21,9 @@ import (
 // BenchmarkScale100x1000 seeds the shipped 100-node, 1,000-VM scenario at time scale 10 and
 // prints how long seeding took (until every VM runs) and the average CPU the simulator used over
 // a steady window, from process CPU time, next to the API server's and etcd's. It asserts
-// nothing about time (`make bench-sim`). SIM_BENCH_STEADY sets the window (default 30s).
+// nothing about time (`make bench-sim`). SIM_BENCH_STEADY sets the window (default 30s);
+// SIM_BENCH_CPUPROFILE=prefix writes CPU profiles of the seeding (prefix-seed.pprof) and of the
+// steady window (prefix-steady.pprof).
 func BenchmarkScale100x1000(b *testing.B) {
 	window := 30 * time.Second
 	if v := os.Getenv("SIM_BENCH_STEADY"); v != "" {
@@ -61,6 +64,8 @@ func benchScenario(b *testing.B, sc *Scenario, timeScale float64, window time.Du
 	}
 	apiPID, etcdPID := c.PIDs()
 
+	profile := os.Getenv("SIM_BENCH_CPUPROFILE")
+	stopProfile := startProfile(b, profile, "seed")
 	begin := time.Now()
 	cpu0 := processCPU()
 	if _, err := s.SeedScenario(ctx, sc); err != nil {
@@ -84,13 +89,16 @@ func benchScenario(b *testing.B, sc *Scenario, timeScale float64, window time.Du
 	}
 	seeded := time.Since(begin)
 	seedCPU := processCPU() - cpu0
+	stopProfile()
 
 	// Let the last writes of the start-up settle, then measure.
 	time.Sleep(5 * time.Second)
 	simCPU0, apiCPU0, etcdCPU0 := processCPU(), pidCPU(apiPID), pidCPU(etcdPID)
+	stopProfile = startProfile(b, profile, "steady")
 	start := time.Now()
 	time.Sleep(window)
 	wall := time.Since(start)
+	stopProfile()
 	cores := func(d time.Duration) float64 { return d.Seconds() / wall.Seconds() }
 	simCores := cores(processCPU() - simCPU0)
 	apiCores, etcdCores := cores(pidCPU(apiPID)-apiCPU0), cores(pidCPU(etcdPID)-etcdCPU0)
@@ -105,6 +113,27 @@ func benchScenario(b *testing.B, sc *Scenario, timeScale float64, window time.Du
 		created.Round(100*time.Millisecond), seeded.Round(100*time.Millisecond), seedCPU.Seconds(), seedCPU.Seconds()/seeded.Seconds())
 	fmt.Printf("steady (%s window): simulator %.3f cores, kube-apiserver %.3f cores, etcd %.3f cores\n",
 		wall.Round(time.Second), simCores, apiCores, etcdCores)
+}
+
+// startProfile writes a CPU profile to prefix-phase.pprof until the returned func is called;
+// with no prefix it does nothing.
+func startProfile(b *testing.B, prefix, phase string) func() {
+	if prefix == "" {
+		return func() {}
+	}
+	f, err := os.Create(prefix + "-" + phase + ".pprof")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		b.Fatal(err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			b.Error(err)
+		}
+	}
 }
 
 // processCPU is the CPU time (user and system) this process has used.

@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -23,10 +24,8 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
@@ -54,15 +53,11 @@ const (
 	evacuationResync = time.Second
 )
 
-var (
-	kvpGVRVMI   = schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: "virtualmachineinstances"}
-	kvpGVRVMIM  = schema.GroupVersionResource{Group: "kubevirt.io", Version: "v1", Resource: "virtualmachineinstancemigrations"}
-	kvpGVRNodes = schema.GroupVersionResource{Version: "v1", Resource: "nodes"}
-)
-
 // kvPlane holds the clients the KubeVirt- and Deckhouse-side controllers of this file set use,
-// and the helpers they share. Every decision reads the API server directly, never a cache:
-// watches only wake the loops up, so a controller never acts twice on a stale view.
+// and the helpers they share. The eviction webhook reads the API server directly; the
+// evacuation and vmop controllers read the simulator's caches, as virt-controller and
+// Deckhouse's controllers read their informers, and remember what they created until the
+// cache shows it, so that a lagging cache never makes them act twice.
 type kvPlane struct {
 	kube kubernetes.Interface
 	c    ctrlclient.Client
@@ -108,24 +103,18 @@ func newKVPlane(cfg *rest.Config, log zerolog.Logger, simToWall func(time.Durati
 // configuration when there is none. With several CRs it picks the one MigrationConfig reads
 // (the first by namespace/name), so evacuation and the migration engine agree on the limits.
 func (kv *kvPlane) kubeVirtConfiguration(ctx context.Context) (virtv1.KubeVirtConfiguration, error) {
-	cr, err := kv.kubeVirtCR(ctx)
-	return cr.Spec.Configuration, err
-}
-
-// kubeVirtCR returns the KubeVirt CR kubeVirtConfiguration reads, an empty one when there is none.
-func (kv *kvPlane) kubeVirtCR(ctx context.Context) (virtv1.KubeVirt, error) {
 	var list virtv1.KubeVirtList
 	if err := kv.c.List(ctx, &list); err != nil {
 		if meta.IsNoMatchError(err) || apierrors.IsNotFound(err) {
-			return virtv1.KubeVirt{}, nil
+			return virtv1.KubeVirtConfiguration{}, nil
 		}
-		return virtv1.KubeVirt{}, fmt.Errorf("list kubevirts: %w", err)
+		return virtv1.KubeVirtConfiguration{}, fmt.Errorf("list kubevirts: %w", err)
 	}
 	if len(list.Items) == 0 {
-		return virtv1.KubeVirt{}, nil
+		return virtv1.KubeVirtConfiguration{}, nil
 	}
 	sort.Slice(list.Items, func(i, j int) bool { return keyOf(&list.Items[i]) < keyOf(&list.Items[j]) })
-	return list.Items[0], nil
+	return list.Items[0].Spec.Configuration, nil
 }
 
 // clusterEvictionStrategy is spec.configuration.evictionStrategy of the KubeVirt CR, nil if unset.
@@ -156,48 +145,6 @@ func (kv *kvPlane) patchVMIStatus(ctx context.Context, vmi *virtv1.VirtualMachin
 		return fmt.Errorf("patch status of vmi %s/%s: %w", vmi.Namespace, vmi.Name, err)
 	}
 	return nil
-}
-
-// wakeups returns a channel that receives (coalesced) whenever an object watched by one of the
-// given informers, or of one of the given resources, is added, changed or deleted. Informers
-// passed in are the simulator's own (already running or started by Run); resources get a
-// watch of their own, which the returned stop function ends (waiting for its goroutines).
-func (kv *kvPlane) wakeups(ctx context.Context, informers []cache.SharedIndexInformer, gvrs ...schema.GroupVersionResource) (<-chan struct{}, func()) {
-	ch := make(chan struct{}, 1)
-	poke := func() {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { poke() },
-		UpdateFunc: func(any, any) { poke() },
-		DeleteFunc: func(any) { poke() },
-	}
-	for _, inf := range informers {
-		if inf == nil {
-			continue
-		}
-		if _, err := inf.AddEventHandler(handler); err != nil {
-			kv.log.Warn().Err(err).Msg("watch for wake-ups")
-		}
-	}
-	if len(gvrs) == 0 {
-		return ch, func() {}
-	}
-	factory := dynamicinformer.NewDynamicSharedInformerFactory(kv.dyn, 10*time.Minute)
-	for _, gvr := range gvrs {
-		if _, err := factory.ForResource(gvr).Informer().AddEventHandler(handler); err != nil {
-			kv.log.Warn().Err(err).Str("resource", gvr.String()).Msg("watch for wake-ups")
-		}
-	}
-	stopCh := make(chan struct{})
-	factory.Start(stopCh)
-	return ch, func() {
-		close(stopCh)
-		factory.Shutdown()
-	}
 }
 
 // loop runs sync once, then again on every wake-up or resync tick, until ctx ends. Errors are
@@ -246,44 +193,169 @@ func (s *Simulator) kubevirtPlane() (*kvPlane, error) {
 	return newKVPlane(s.kvCfg, s.log, s.scaled, s.clock.Now)
 }
 
+// Indexes the evacuation controller reads.
+const (
+	byEvacuation    = "evacuation" // VMIs by status.evacuationNodeName
+	byMigrationOpen = "open"       // migrations that have not ended, under migrationOpen
+	migrationOpen   = "open"
+)
+
+// setupEvacuation adds the indexes of the evacuation controller (before the informers start).
+func (s *Simulator) setupEvacuation() {
+	must := func(err error) {
+		if err != nil {
+			panic(fmt.Sprintf("sim: add evacuation indexers: %v", err))
+		}
+	}
+	must(s.vmiInformer.AddIndexers(cache.Indexers{byEvacuation: func(obj interface{}) ([]string, error) {
+		if n := obj.(*virtv1.VirtualMachineInstance).Status.EvacuationNodeName; n != "" {
+			return []string{n}, nil
+		}
+		return nil, nil
+	}}))
+	must(s.vmimInformer.AddIndexers(cache.Indexers{byMigrationOpen: func(obj interface{}) ([]string, error) {
+		if isMigrationFinal(obj.(*virtv1.VirtualMachineInstanceMigration)) {
+			return nil, nil
+		}
+		return []string{migrationOpen}, nil
+	}}))
+}
+
+// markedVMIs returns the VMIs marked for evacuation (status.evacuationNodeName set).
+func (s *Simulator) markedVMIs() []*virtv1.VirtualMachineInstance {
+	idx := s.vmiInformer.GetIndexer()
+	var out []*virtv1.VirtualMachineInstance
+	for _, node := range idx.ListIndexFuncValues(byEvacuation) {
+		objs, _ := idx.ByIndex(byEvacuation, node)
+		for _, o := range objs {
+			out = append(out, o.(*virtv1.VirtualMachineInstance))
+		}
+	}
+	return out
+}
+
+// kubeVirtCR is the KubeVirt CR that configures the cluster (the first by namespace/name, as
+// MigrationConfig reads it), an empty one when there is none.
+func (s *Simulator) kubeVirtCR() *virtv1.KubeVirt {
+	var first *virtv1.KubeVirt
+	for _, o := range s.kvInformer.GetStore().List() {
+		if kv := o.(*virtv1.KubeVirt); first == nil || keyOf(kv) < keyOf(first) {
+			first = kv
+		}
+	}
+	if first == nil {
+		return &virtv1.KubeVirt{}
+	}
+	return first
+}
+
 // runEvacuation runs KubeVirt's evacuation controller until ctx ends.
 func (s *Simulator) runEvacuation(ctx context.Context) error {
 	kv, err := s.kubevirtPlane()
 	if err != nil {
 		return err
 	}
-	e := newEvacuationController(kv)
+	e := newEvacuationController(kv, s)
 	e.active = s.virtControllerActive
-	return e.run(ctx, s.vmiInformer, s.vmimInformer, s.nodeInformer)
+	return e.run(ctx)
 }
 
-// evacuationController is the simulator's virt-controller evacuation controller.
+// evacuationController is the simulator's virt-controller evacuation controller. It reads the
+// simulator's caches, as virt-controller reads its informers, and remembers the migrations it
+// created until the cache shows them (KubeVirt's expectations), so that a lagging cache never
+// makes it create a second one.
 type evacuationController struct {
 	kv  *kvPlane
+	sim *Simulator
 	log zerolog.Logger
 	// warned remembers the VMIs already reported as not migratable, to log once.
 	warned map[types.UID]bool
 	// active says whether virt-controller runs (nil: always).
 	active func() bool
+	// created maps a VMI (namespace/name) to the migration created for it that the cache may
+	// not show yet.
+	created map[string]createdMigration
+	// busy is set while some VMI waits for a migration slot or its back-off, so that migration
+	// events wake the controller only then.
+	busy atomic.Bool
 }
 
-func newEvacuationController(kv *kvPlane) *evacuationController {
+type createdMigration struct {
+	mig *virtv1.VirtualMachineInstanceMigration
+	at  time.Time
+}
+
+func newEvacuationController(kv *kvPlane, sim *Simulator) *evacuationController {
 	return &evacuationController{
-		kv:     kv,
-		log:    kv.log.With().Str("controller", "evacuation").Logger(),
-		warned: map[types.UID]bool{},
+		kv:      kv,
+		sim:     sim,
+		log:     kv.log.With().Str("controller", "evacuation").Logger(),
+		warned:  map[types.UID]bool{},
+		created: map[string]createdMigration{},
 	}
 }
 
-// run blocks until ctx ends; informers (VMIs, migrations, nodes) wake it up early.
-func (e *evacuationController) run(ctx context.Context, informers ...cache.SharedIndexInformer) error {
-	var gvrs []schema.GroupVersionResource
-	if len(informers) == 0 {
-		gvrs = []schema.GroupVersionResource{kvpGVRVMI, kvpGVRVMIM, kvpGVRNodes}
+// run blocks until ctx ends. Watch events that can change what it decides wake it up early:
+// a VMI marked or unmarked for evacuation, a node added, removed or (un)tainted, the KubeVirt
+// CR, and migrations while a VMI waits for a slot.
+func (e *evacuationController) run(ctx context.Context) error {
+	wake := make(chan struct{}, 1)
+	poke := func() {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
 	}
-	wake, stop := e.kv.wakeups(ctx, informers, gvrs...)
-	defer stop()
+	marked := func(obj interface{}) bool {
+		vmi, ok := obj.(*virtv1.VirtualMachineInstance)
+		return ok && vmi.IsMarkedForEviction()
+	}
+	s := e.sim
+	for _, w := range []struct {
+		inf      cache.SharedIndexInformer
+		relevant func(old, cur interface{}) bool
+	}{
+		{s.vmiInformer, func(old, cur interface{}) bool { return marked(old) || marked(cur) }},
+		{s.vmimInformer, func(_, _ interface{}) bool { return e.busy.Load() }},
+		{s.nodeInformer, func(old, cur interface{}) bool {
+			o, ok := old.(*corev1.Node)
+			n := cur.(*corev1.Node)
+			return !ok || o.Spec.Unschedulable != n.Spec.Unschedulable || !slices.EqualFunc(o.Spec.Taints, n.Spec.Taints, func(a, b corev1.Taint) bool { return a.MatchTaint(&b) })
+		}},
+		{s.kvInformer, func(_, _ interface{}) bool { return true }},
+	} {
+		reg, err := w.inf.AddEventHandler(wakeOn(poke, w.relevant))
+		if err != nil {
+			return fmt.Errorf("evacuation: watch: %w", err)
+		}
+		defer func() { _ = w.inf.RemoveEventHandler(reg) }()
+	}
 	return e.kv.loop(ctx, "evacuation", evacuationResync, wake, e.sync)
+}
+
+// wakeOn is an event handler that calls poke when relevant(old, cur) holds; old is nil for an
+// added or deleted object (cur).
+func wakeOn(poke func(), relevant func(old, cur interface{}) bool) cache.ResourceEventHandlerFuncs {
+	return cache.ResourceEventHandlerFuncs{
+		AddFunc: func(obj interface{}) {
+			if relevant(nil, obj) {
+				poke()
+			}
+		},
+		UpdateFunc: func(old, cur interface{}) {
+			if relevant(old, cur) {
+				poke()
+			}
+		},
+		DeleteFunc: func(obj interface{}) {
+			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = d.Obj
+			}
+			if relevant(nil, obj) {
+				poke()
+			}
+		},
+	}
 }
 
 // evacLimits are the migration limits of the KubeVirt CR, with KubeVirt's defaults.
@@ -318,76 +390,68 @@ func (e *evacuationController) sync(ctx context.Context) error {
 	if e.active != nil && !e.active() {
 		return nil
 	}
-	cr, err := e.kv.kubeVirtCR(ctx)
-	if err != nil {
-		return fmt.Errorf("evacuation: %w", err)
-	}
+	s := e.sim
+	cr := s.kubeVirtCR()
 	kvCfg := cr.Spec.Configuration
 	limits := evacuationLimits(kvCfg)
 	// Deckhouse's fork disables this controller; the mark is still cleared at the hand-off.
 	deckhouseFork := cr.Annotations[AnnotationPlatform] == PlatformDeckhouse
 
-	var vmis virtv1.VirtualMachineInstanceList
-	if err := e.kv.c.List(ctx, &vmis); err != nil {
-		return fmt.Errorf("evacuation: list vmis: %w", err)
-	}
-	var migs virtv1.VirtualMachineInstanceMigrationList
-	if err := e.kv.c.List(ctx, &migs); err != nil {
-		return fmt.Errorf("evacuation: list migrations: %w", err)
-	}
-
 	var errs []error
+	work := map[string]bool{} // nodes with VMIs marked for evacuation from them
 	// Clear the mark of VMIs that now run on another node (virt-handler clears it at the
 	// hand-off; this covers a migration engine that does not).
-	for i := range vmis.Items {
-		vmi := &vmis.Items[i]
-		if vmi.IsMarkedForEviction() && vmi.Status.NodeName != "" && vmi.Status.NodeName != vmi.Status.EvacuationNodeName {
+	for _, vmi := range s.markedVMIs() {
+		if vmi.Status.NodeName != "" && vmi.Status.NodeName != vmi.Status.EvacuationNodeName {
 			if err := e.clearMark(ctx, vmi); err != nil {
 				errs = append(errs, err)
 			}
+			continue
 		}
+		work[vmi.Status.EvacuationNodeName] = true
 	}
-
+	e.busy.Store(false)
 	if deckhouseFork {
 		return errors.Join(errs...)
 	}
-	var nodes corev1.NodeList
-	if err := e.kv.c.List(ctx, &nodes); err != nil {
-		return errors.Join(append(errs, fmt.Errorf("evacuation: list nodes: %w", err))...)
-	}
-	var pods corev1.PodList
-	if err := e.kv.c.List(ctx, &pods, ctrlclient.MatchingLabels{virtv1.AppLabel: "virt-launcher"}); err != nil {
-		return errors.Join(append(errs, fmt.Errorf("evacuation: list virt-launcher pods: %w", err))...)
-	}
-
-	byNode := map[string][]*virtv1.VirtualMachineInstance{}
-	for i := range vmis.Items {
-		vmi := &vmis.Items[i]
-		if vmi.Status.NodeName != "" {
-			byNode[vmi.Status.NodeName] = append(byNode[vmi.Status.NodeName], vmi)
+	var nodes []*corev1.Node
+	drainTaint := corev1.Taint{Key: limits.drainTaintKey, Effect: corev1.TaintEffectNoSchedule}
+	for _, obj := range s.nodeInformer.GetStore().List() {
+		n := obj.(*corev1.Node)
+		if work[n.Name] || slices.ContainsFunc(n.Spec.Taints, func(t corev1.Taint) bool { return t.MatchTaint(&drainTaint) }) {
+			nodes = append(nodes, n)
 		}
 	}
-	var unfinished []*virtv1.VirtualMachineInstanceMigration
-	for i := range migs.Items {
-		if !migs.Items[i].IsFinal() {
-			unfinished = append(unfinished, &migs.Items[i])
-		}
+	if len(nodes) == 0 {
+		return errors.Join(errs...)
 	}
-	activePods := launcherPodsByVMI(pods.Items)
+	unfinished := e.unfinishedMigrations()
 	clusterStrategy := kvCfg.EvictionStrategy
 
-	slices.SortFunc(nodes.Items, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
-	for i := range nodes.Items {
-		node := &nodes.Items[i]
-		onNode := byNode[node.Name]
+	slices.SortFunc(nodes, func(a, b *corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	for _, node := range nodes {
+		onNode := s.vmisOnNode(node.Name)
 		toMigrate := evacuationVMIsToMigrate(node, onNode, limits.drainTaintKey)
 		if len(toMigrate) == 0 {
 			continue
 		}
-		candidates := e.filterCandidates(toMigrate, unfinished, activePods, clusterStrategy, migs.Items)
+		activePods := map[string]int{}
+		var migs []virtv1.VirtualMachineInstanceMigration
+		for _, vmi := range toMigrate {
+			for _, p := range s.podsBy(byVMI, vmi.Namespace+"/"+vmi.Name) {
+				if uid := p.Labels[virtv1.CreatedByLabel]; uid != "" && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+					activePods[uid]++
+				}
+			}
+			for _, m := range s.migrationsForVMI(vmi.Namespace, vmi.Name) {
+				migs = append(migs, *m)
+			}
+		}
+		candidates := e.filterCandidates(toMigrate, unfinished, activePods, clusterStrategy, migs)
 		if len(candidates) == 0 {
 			continue
 		}
+		e.busy.Store(true)
 		// KubeVirt counts the running migrations for both limits and relies on its
 		// expectations to avoid piling up Pending ones; the simulator counts every unfinished
 		// migration, which reaches the same steady state without that race.
@@ -402,10 +466,31 @@ func (e *evacuationController) sync(ctx context.Context) error {
 				errs = append(errs, err)
 				continue
 			}
+			e.created[vmi.Namespace+"/"+vmi.Name] = createdMigration{mig: mig, at: s.clock.Now()}
 			unfinished = append(unfinished, mig)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// unfinishedMigrations is every migration that has not ended, from the cache, and the ones this
+// controller created that the cache does not show yet.
+func (e *evacuationController) unfinishedMigrations() []*virtv1.VirtualMachineInstanceMigration {
+	s := e.sim
+	objs, _ := s.vmimInformer.GetIndexer().ByIndex(byMigrationOpen, migrationOpen)
+	out := make([]*virtv1.VirtualMachineInstanceMigration, 0, len(objs)+len(e.created))
+	for _, o := range objs {
+		out = append(out, o.(*virtv1.VirtualMachineInstanceMigration))
+	}
+	now := s.clock.Now()
+	for vmi, c := range e.created {
+		if s.getVMIM(keyOf(c.mig)) != nil || now.Sub(c.at) > rsExpectTimeout {
+			delete(e.created, vmi) // the cache shows it (or it was lost)
+			continue
+		}
+		out = append(out, c.mig)
+	}
+	return out
 }
 
 // evacuationVMIsToMigrate: every VMI on a node with the drain taint (deprecated KubeVirt
@@ -570,22 +655,6 @@ func vmiIsMigrating(vmi *virtv1.VirtualMachineInstance) bool {
 		return false
 	}
 	return s.EndTimestamp == nil && !s.Completed && !s.Failed
-}
-
-// launcherPodsByVMI counts the virt-launcher pods that have not finished, by VMI UID
-// (KubeVirt's VMIActivePodsCount).
-func launcherPodsByVMI(pods []corev1.Pod) map[string]int {
-	out := map[string]int{}
-	for i := range pods {
-		p := &pods[i]
-		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
-			continue
-		}
-		if uid := p.Labels[virtv1.CreatedByLabel]; uid != "" {
-			out[uid]++
-		}
-	}
-	return out
 }
 
 // migrationsFromNode counts the unfinished migrations whose source is node: the source node

@@ -359,7 +359,7 @@ func TestKubectlDrainBlockedByNonMigratableVM(t *testing.T) {
 func TestEvacuationCandidates(t *testing.T) {
 	now := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
 	kv := &kvPlane{log: zerolog.Nop(), simToWall: func(d time.Duration) time.Duration { return d / 10 }, now: func() time.Time { return now }}
-	e := newEvacuationController(kv)
+	e := newEvacuationController(kv, nil)
 	lm, lmip, ext, none := virtv1.EvictionStrategyLiveMigrate, virtv1.EvictionStrategyLiveMigrateIfPossible, virtv1.EvictionStrategyExternal, virtv1.EvictionStrategyNone
 	vmi := func(name string, strategy *virtv1.EvictionStrategy, migratable bool, node, mark string) *virtv1.VirtualMachineInstance {
 		v := &virtv1.VirtualMachineInstance{

@@ -7,6 +7,7 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -156,7 +157,7 @@ func keyOf(obj metav1.Object) string {
 }
 
 func (s *Simulator) addHandlers() {
-	_, _ = s.nodeInformer.AddEventHandler(handler(func(obj interface{}) {
+	nodeHandler := handler(func(obj interface{}) {
 		n, ok := obj.(*corev1.Node)
 		if !ok {
 			return
@@ -167,7 +168,17 @@ func (s *Simulator) addHandlers() {
 		s.volumeQueue.Add(volumeNodeKey(n.Name))
 		s.enqueueMigrationsAll()
 		s.controlPlaneQueue.Add(controlPlaneKey)
-	}))
+	})
+	nodeUpdate := nodeHandler.UpdateFunc
+	nodeHandler.UpdateFunc = func(old, cur interface{}) {
+		if o, ok := old.(*corev1.Node); ok {
+			if n, ok := cur.(*corev1.Node); ok && heartbeatOnly(o, n) {
+				return // virt-handler's heartbeat: nothing any controller here decides on
+			}
+		}
+		nodeUpdate(old, cur)
+	}
+	_, _ = s.nodeInformer.AddEventHandler(nodeHandler)
 	_, _ = s.leaseInformer.AddEventHandler(handler(func(obj interface{}) {}))
 	_, _ = s.podInformer.AddEventHandler(handler(func(obj interface{}) {
 		p, ok := obj.(*corev1.Pod)
@@ -199,6 +210,13 @@ func (s *Simulator) addHandlers() {
 	_, _ = s.pvcInformer.AddEventHandler(handler(func(obj interface{}) {
 		if pvc, ok := obj.(*corev1.PersistentVolumeClaim); ok {
 			s.volumeQueue.Add(volumeClaimKey(pvc.Namespace, pvc.Name))
+			if pvc.Spec.VolumeName != "" { // bound: the pods waiting for it can attach it
+				for _, p := range s.podsBy(byClaim, keyOf(pvc)) {
+					if p.Spec.NodeName != "" {
+						s.volumeQueue.Add(volumeNodeKey(p.Spec.NodeName))
+					}
+				}
+			}
 		}
 	}))
 	_, _ = s.pvInformer.AddEventHandler(handler(func(obj interface{}) {}))
@@ -206,10 +224,12 @@ func (s *Simulator) addHandlers() {
 		if va, ok := obj.(*storagev1.VolumeAttachment); ok {
 			s.kubeletQueue.Add(va.Spec.NodeName)
 			s.volumeQueue.Add(volumeNodeKey(va.Spec.NodeName))
-			// a detach elsewhere may unblock pods on every node
-			for _, n := range s.nodeNames() {
-				s.kubeletQueue.Add(n)
-				s.volumeQueue.Add(volumeNodeKey(n))
+			// a detach may unblock the pods of the volume on other nodes
+			if pv := va.Spec.Source.PersistentVolumeName; pv != nil {
+				for _, n := range s.nodesUsingPV(*pv) {
+					s.kubeletQueue.Add(n)
+					s.volumeQueue.Add(volumeNodeKey(n))
+				}
 			}
 		}
 	}))
@@ -248,6 +268,21 @@ func (s *Simulator) addHandlers() {
 			s.dvmQueue.Add(keyOf(u))
 		}
 	}))
+}
+
+// heartbeatOnly reports a node update that changed only virt-handler's
+// kubevirt.io/heartbeat annotation (every node, every minute of simulated time).
+func heartbeatOnly(old, cur *corev1.Node) bool {
+	if old.Annotations[kvv1.VirtHandlerHeartbeat] == cur.Annotations[kvv1.VirtHandlerHeartbeat] {
+		return false
+	}
+	strip := func(n *corev1.Node) *corev1.Node {
+		c := n.DeepCopy()
+		delete(c.Annotations, kvv1.VirtHandlerHeartbeat)
+		c.ResourceVersion, c.ManagedFields = "", nil
+		return c
+	}
+	return equality.Semantic.DeepEqual(strip(old), strip(cur))
 }
 
 // podExists reports whether the pod cache still holds p.

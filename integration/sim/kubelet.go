@@ -29,10 +29,13 @@ type kubeletPod struct {
 type kubeletState struct {
 	mu     sync.Mutex
 	pods   map[types.UID]*kubeletPod
+	byNode map[string]map[types.UID]bool
 	nextIP uint32
 }
 
-func newKubeletState() *kubeletState { return &kubeletState{pods: map[types.UID]*kubeletPod{}} }
+func newKubeletState() *kubeletState {
+	return &kubeletState{pods: map[types.UID]*kubeletPod{}, byNode: map[string]map[types.UID]bool{}}
+}
 
 func (k *kubeletState) get(uid types.UID) (kubeletPod, bool) {
 	k.mu.Lock()
@@ -47,16 +50,21 @@ func (k *kubeletState) get(uid types.UID) (kubeletPod, bool) {
 func (k *kubeletState) set(uid types.UID, p kubeletPod) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.forgetLocked(uid)
 	k.pods[uid] = &p
+	if k.byNode[p.node] == nil {
+		k.byNode[p.node] = map[types.UID]bool{}
+	}
+	k.byNode[p.node][uid] = true
 }
 
 // prune forgets the pods of node that the API no longer has.
 func (k *kubeletState) prune(node string, present map[types.UID]bool) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	for uid, p := range k.pods {
-		if p.node == node && !present[uid] {
-			delete(k.pods, uid)
+	for uid := range k.byNode[node] {
+		if !present[uid] {
+			k.forgetLocked(uid)
 		}
 	}
 }
@@ -64,7 +72,19 @@ func (k *kubeletState) prune(node string, present map[types.UID]bool) {
 func (k *kubeletState) forget(uid types.UID) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.forgetLocked(uid)
+}
+
+func (k *kubeletState) forgetLocked(uid types.UID) {
+	p, ok := k.pods[uid]
+	if !ok {
+		return
+	}
 	delete(k.pods, uid)
+	delete(k.byNode[p.node], uid)
+	if len(k.byNode[p.node]) == 0 {
+		delete(k.byNode, p.node)
+	}
 }
 
 func (k *kubeletState) ip(node string) string {

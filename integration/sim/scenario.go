@@ -14,6 +14,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -466,10 +467,13 @@ func (s *Simulator) SeedScenario(ctx context.Context, sc *Scenario) (SeedResult,
 		// place them.
 		s.placeKubeVirtPods(p)
 	}
+	if err := parallel(ctx, len(sc.Nodes), func(i int) error {
+		_, err := s.CreateNode(ctx, NewNode(sc.Nodes[i].Name, sc.Nodes[i].options()))
+		return err
+	}); err != nil {
+		return res, fmt.Errorf("seed: %w", err)
+	}
 	for _, n := range sc.Nodes {
-		if _, err := s.CreateNode(ctx, NewNode(n.Name, n.options())); err != nil {
-			return res, fmt.Errorf("seed: %w", err)
-		}
 		res.Nodes = append(res.Nodes, n.Name)
 	}
 	if platform == PlatformDeckhouse {
@@ -477,13 +481,50 @@ func (s *Simulator) SeedScenario(ctx context.Context, sc *Scenario) (SeedResult,
 			return res, fmt.Errorf("seed: %w", err)
 		}
 	}
+	if err := parallel(ctx, len(sc.VMs), func(i int) error { return s.createScenarioVM(ctx, sc.VMs[i]) }); err != nil {
+		return res, fmt.Errorf("seed: %w", err)
+	}
 	for _, vm := range sc.VMs {
-		if err := s.createScenarioVM(ctx, vm); err != nil {
-			return res, fmt.Errorf("seed: %w", err)
-		}
 		res.VMs = append(res.VMs, vm.Name)
 	}
 	return res, nil
+}
+
+// seedWorkers bounds the API calls SeedScenario makes at once.
+const seedWorkers = 16
+
+// parallel calls f(0..n-1), seedWorkers at a time, and returns their errors joined; after the
+// first error or the end of ctx it starts no more calls.
+func parallel(ctx context.Context, n int, f func(i int) error) error {
+	var (
+		mu   sync.Mutex
+		errs []error
+		wg   sync.WaitGroup
+	)
+	sem := make(chan struct{}, seedWorkers)
+	for i := 0; i < n; i++ {
+		mu.Lock()
+		failed := len(errs) > 0
+		mu.Unlock()
+		if failed || ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if err := f(i); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(errs) == 0 && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return errors.Join(errs...)
 }
 
 // createScenarioVM creates the disk claim and the VM; an existing VM is left alone.

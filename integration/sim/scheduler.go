@@ -14,6 +14,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/cache"
 )
 
 type assumedPod struct {
@@ -27,10 +28,69 @@ type schedulerState struct {
 	assumed       map[types.UID]assumedPod
 	unschedulable map[string]bool
 	placements    *placements
+	usage         *nodeUsage
 }
 
 func newSchedulerState() *schedulerState {
-	return &schedulerState{assumed: map[types.UID]assumedPod{}, unschedulable: map[string]bool{}, placements: newPlacements()}
+	return &schedulerState{assumed: map[types.UID]assumedPod{}, unschedulable: map[string]bool{}, placements: newPlacements(), usage: newNodeUsage()}
+}
+
+// nodeUsage is the requests of the non-terminal pods bound to each node, kept up to date from
+// the pod cache's events (as kube-scheduler's cache is), so that scheduling a pod costs the
+// number of nodes, not the number of pods.
+type nodeUsage struct {
+	mu    sync.Mutex
+	pods  map[types.UID]podUse
+	nodes map[string]resources
+}
+
+type podUse struct {
+	node string
+	req  resources
+}
+
+func newNodeUsage() *nodeUsage {
+	return &nodeUsage{pods: map[types.UID]podUse{}, nodes: map[string]resources{}}
+}
+
+// track follows the pod cache (call it once, before the informer starts); freed is called
+// after a pod stopped counting, so that pods waiting for room are tried again.
+func (u *nodeUsage) track(inf cache.SharedIndexInformer, freed func()) {
+	observe := func(obj interface{}, deleted bool) {
+		if u.observe(obj, deleted) {
+			freed()
+		}
+	}
+	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj interface{}) { observe(obj, false) },
+		UpdateFunc: func(_, obj interface{}) { observe(obj, false) },
+		DeleteFunc: func(obj interface{}) { observe(obj, true) },
+	})
+}
+
+// observe accounts for the pod obj; it reports whether a pod that counted stopped counting.
+func (u *nodeUsage) observe(obj interface{}, deleted bool) (freed bool) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj, deleted = d.Obj, true
+	}
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return false
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	old, counted := u.pods[p.UID]
+	if counted {
+		delete(u.pods, p.UID)
+		u.nodes[old.node] = u.nodes[old.node].minus(old.req)
+	}
+	if deleted || p.Spec.NodeName == "" || isTerminal(p) {
+		return counted
+	}
+	use := podUse{node: p.Spec.NodeName, req: podRequests(p)}
+	u.pods[p.UID] = use
+	u.nodes[use.node] = u.nodes[use.node].plus(use.req)
+	return false
 }
 
 // nodesChanged moves every unschedulable pod back to the active queue, as
@@ -50,6 +110,14 @@ func (st *schedulerState) nodesChanged(s *Simulator) {
 type resources struct {
 	cpu, mem int64 // millicores, bytes
 	pods     int64
+}
+
+func (r resources) plus(o resources) resources {
+	return resources{cpu: r.cpu + o.cpu, mem: r.mem + o.mem, pods: r.pods + o.pods}
+}
+
+func (r resources) minus(o resources) resources {
+	return resources{cpu: r.cpu - o.cpu, mem: r.mem - o.mem, pods: r.pods - o.pods}
 }
 
 func podRequests(p *corev1.Pod) resources {
@@ -98,36 +166,30 @@ func (s *Simulator) runScheduler(ctx context.Context) error {
 	return s.runWorkers(ctx, "scheduler", s.schedulerQueue, 1, s.schedule)
 }
 
-// NodeUsage returns the requests of the non-terminal pods bound to node,
-// as the scheduler counts them.
+// nodeUsage returns the requests of the non-terminal pods bound to each node,
+// as the scheduler counts them: the cache's, and those of the pods it bound
+// that the cache does not show bound yet (its assumed pods).
 func (s *Simulator) nodeUsage() map[string]resources {
-	used := map[string]resources{}
-	for _, obj := range s.podInformer.GetStore().List() {
-		p := obj.(*corev1.Pod)
-		if p.Spec.NodeName == "" || isTerminal(p) {
-			continue
-		}
-		r := podRequests(p)
-		u := used[p.Spec.NodeName]
-		u.cpu += r.cpu
-		u.mem += r.mem
-		u.pods += r.pods
-		used[p.Spec.NodeName] = u
-	}
 	st := s.scheduler
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	u := st.usage
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	used := make(map[string]resources, len(u.nodes))
+	for n, r := range u.nodes {
+		used[n] = r
+	}
 	for uid, a := range st.assumed {
-		cur := s.getPod(a.key)
-		if cur == nil || cur.UID != uid || cur.Spec.NodeName != "" {
+		if _, seen := u.pods[uid]; seen {
 			delete(st.assumed, uid) // the cache caught up
 			continue
 		}
-		u := used[a.node]
-		u.cpu += a.req.cpu
-		u.mem += a.req.mem
-		u.pods += a.req.pods
-		used[a.node] = u
+		if cur := s.getPod(a.key); cur == nil || cur.UID != uid || isTerminal(cur) {
+			delete(st.assumed, uid) // gone before the cache showed it bound
+			continue
+		}
+		used[a.node] = used[a.node].plus(a.req)
 	}
 	return used
 }

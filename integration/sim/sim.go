@@ -194,6 +194,7 @@ type Simulator struct {
 	migrationQueue workqueue.TypedRateLimitingInterface[string]
 	dvmQueue       workqueue.TypedRateLimitingInterface[string]
 	dhEvacQueue    workqueue.TypedRateLimitingInterface[string]
+	vmopQueue      workqueue.TypedRateLimitingInterface[string]
 
 	controlPlaneQueue workqueue.TypedRateLimitingInterface[string]
 
@@ -270,9 +271,11 @@ func New(cfg *rest.Config, opts Options) (*Simulator, error) {
 	s.migration = newMigrationState()
 	s.truth = newTruth(s.clock)
 	s.setupInformers()
+	s.scheduler.usage.track(s.podInformer, func() { s.scheduler.nodesChanged(s) })
 	s.setupQueues()
 	s.setupWorkloads()
 	s.setupDeckhouseEvacuation()
+	s.setupEvacuation()
 	return s, nil
 }
 
@@ -435,6 +438,7 @@ func (s *Simulator) setupQueues() {
 	s.migrationQueue = s.newQueue("sim-migration")
 	s.dvmQueue = s.newQueue("sim-deckhouse-vm")
 	s.dhEvacQueue = s.newQueue("sim-deckhouse-evacuation")
+	s.vmopQueue = s.newQueue("sim-vmop")
 	s.controlPlaneQueue = s.newQueue("sim-kubevirt-control-plane")
 }
 

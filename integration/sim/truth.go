@@ -3,6 +3,7 @@ package sim
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -96,12 +97,17 @@ func (v Violation) String() string {
 var ErrInvariant = errors.New("sim: invariant violated")
 
 // truth holds the guests. Every mutation checks the invariants at once, so a
-// double run that lasts a microsecond is still recorded.
+// double run that lasts a microsecond is still recorded. The guests are
+// indexed by VMI, by RWO volume and by node, and a mutation checks only the
+// VMIs and volumes it touches, so its cost does not grow with the cluster.
 type truth struct {
 	clock      clock.Clock
 	mu         sync.Mutex
 	guests     map[types.UID]*Guest
-	ranIn      map[types.UID]bool // pods that ever hosted a guest
+	byVMI      map[string]map[types.UID]*Guest // VMI -> its guests
+	byVolume   map[string]map[types.UID]*Guest // RWO claim -> guests writing it
+	byNode     map[string]map[types.UID]*Guest // node -> guests on it
+	ranIn      map[types.UID]bool              // pods that ever hosted a guest
 	violations []Violation
 	open       map[string]bool // violations currently ongoing, recorded once per episode
 	planted    int
@@ -112,7 +118,64 @@ type truth struct {
 }
 
 func newTruth(c clock.Clock) *truth {
-	return &truth{clock: c, guests: map[types.UID]*Guest{}, ranIn: map[types.UID]bool{}, open: map[string]bool{}, attached: map[string][]string{}}
+	return &truth{
+		clock: c, guests: map[types.UID]*Guest{}, ranIn: map[types.UID]bool{}, open: map[string]bool{}, attached: map[string][]string{},
+		byVMI: map[string]map[types.UID]*Guest{}, byVolume: map[string]map[types.UID]*Guest{}, byNode: map[string]map[types.UID]*Guest{},
+	}
+}
+
+// subjects collects the VMIs and volumes a mutation touched, to check.
+type subjects struct{ vmis, volumes map[string]bool }
+
+func newSubjects() subjects { return subjects{vmis: map[string]bool{}, volumes: map[string]bool{}} }
+
+func (sj subjects) guest(g *Guest) {
+	sj.vmis[g.VMI] = true
+	for _, v := range g.RWOVolumes {
+		sj.volumes[v] = true
+	}
+}
+
+func addIndex(idx map[string]map[types.UID]*Guest, key string, g *Guest) {
+	if idx[key] == nil {
+		idx[key] = map[types.UID]*Guest{}
+	}
+	idx[key][g.PodUID] = g
+}
+
+func dropIndex(idx map[string]map[types.UID]*Guest, key string, uid types.UID) {
+	delete(idx[key], uid)
+	if len(idx[key]) == 0 {
+		delete(idx, key)
+	}
+}
+
+// addLocked records g and marks what it touches.
+func (t *truth) addLocked(g *Guest, sj subjects) {
+	t.guests[g.PodUID] = g
+	addIndex(t.byVMI, g.VMI, g)
+	addIndex(t.byNode, g.Node, g)
+	for _, v := range g.RWOVolumes {
+		addIndex(t.byVolume, v, g)
+	}
+	sj.guest(g)
+}
+
+// removeLocked forgets the guest of pod uid and marks what it touched; it
+// reports whether there was one.
+func (t *truth) removeLocked(uid types.UID, sj subjects) (*Guest, bool) {
+	g, ok := t.guests[uid]
+	if !ok {
+		return nil, false
+	}
+	delete(t.guests, uid)
+	dropIndex(t.byVMI, g.VMI, uid)
+	dropIndex(t.byNode, g.Node, uid)
+	for _, v := range g.RWOVolumes {
+		dropIndex(t.byVolume, v, uid)
+	}
+	sj.guest(g)
+	return g, true
 }
 
 // observeAttachments replaces what the checker knows of the RWO volumes'
@@ -122,8 +185,36 @@ func newTruth(c clock.Clock) *truth {
 func (t *truth) observeAttachments(list func() map[string][]string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	sj := newSubjects()
+	for v := range t.attached {
+		sj.volumes[v] = true
+	}
 	t.attached = list()
-	t.checkLocked()
+	for v := range t.attached {
+		sj.volumes[v] = true
+	}
+	t.checkLocked(sj)
+}
+
+// observeVolumes updates what the checker knows of some RWO volumes'
+// VolumeAttachments: list returns them (volume -> nodes; no nodes: none)
+// and runs under the lock, as in observeAttachments.
+func (t *truth) observeVolumes(list func() map[string][]string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	sj := newSubjects()
+	for v, nodes := range list() {
+		if slices.Equal(t.attached[v], nodes) {
+			continue
+		}
+		if len(nodes) == 0 {
+			delete(t.attached, v)
+		} else {
+			t.attached[v] = nodes
+		}
+		sj.volumes[v] = true
+	}
+	t.checkLocked(sj)
 }
 
 // start records a guest starting in pod; it is a no-op if that pod already
@@ -137,18 +228,19 @@ func (t *truth) start(g Guest) {
 	if g.Since.IsZero() {
 		g.Since = t.clock.Now()
 	}
-	t.guests[g.PodUID] = &g
+	sj := newSubjects()
+	t.addLocked(&g, sj)
 	t.ranIn[g.PodUID] = true
-	t.checkLocked()
+	t.checkLocked(sj)
 }
 
 // stop records the guest in pod uid ending. It reports whether one ran.
 func (t *truth) stop(uid types.UID) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	_, ok := t.guests[uid]
-	delete(t.guests, uid)
-	t.checkLocked()
+	sj := newSubjects()
+	_, ok := t.removeLocked(uid, sj)
+	t.checkLocked(sj)
 	return ok
 }
 
@@ -157,18 +249,22 @@ func (t *truth) stop(uid types.UID) bool {
 func (t *truth) move(from types.UID, to Guest) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	old, ok := t.guests[from]
-	if !ok || from == to.PodUID {
+	if from == to.PodUID {
 		return false
 	}
-	delete(t.guests, from)
+	sj := newSubjects()
+	old, ok := t.removeLocked(from, sj)
+	if !ok {
+		return false
+	}
 	to.Since = t.clock.Now()
 	if to.RWOVolumes == nil {
 		to.RWOVolumes = old.RWOVolumes
 	}
-	t.guests[to.PodUID] = &to
+	t.removeLocked(to.PodUID, sj) // a guest already in the target pod is replaced
+	t.addLocked(&to, sj)
 	t.ranIn[to.PodUID] = true
-	t.checkLocked()
+	t.checkLocked(sj)
 	return true
 }
 
@@ -183,14 +279,15 @@ func (t *truth) ran(uid types.UID) bool {
 func (t *truth) killNode(node string) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	sj := newSubjects()
 	n := 0
-	for uid, g := range t.guests {
-		if g.Node == node && !g.Planted {
-			delete(t.guests, uid)
+	for uid, g := range t.byNode[node] {
+		if !g.Planted {
+			t.removeLocked(uid, sj)
 			n++
 		}
 	}
-	t.checkLocked()
+	t.checkLocked(sj)
 	return n
 }
 
@@ -205,22 +302,36 @@ func (t *truth) guestsOn(node string) []Guest {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var out []Guest
-	for _, g := range t.guests {
-		if g.Node == node && !g.Planted {
+	for _, g := range t.byNode[node] {
+		if !g.Planted {
 			out = append(out, *g)
 		}
 	}
 	return out
 }
 
-// checkLocked evaluates the invariants and records new violations.
-func (t *truth) checkLocked() {
+// checkLocked evaluates the invariants of the subjects sj names and records
+// new violations.
+func (t *truth) checkLocked(sj subjects) {
 	now := t.clock.Now()
-	current := t.currentLocked(now)
-	seen := map[string]bool{}
+	var current []Violation
+	for vmi := range sj.vmis {
+		if v, ok := t.doubleRunLocked(vmi, now); ok {
+			current = append(current, v)
+		} else {
+			delete(t.open, string(DoubleRun)+"/"+vmi)
+		}
+	}
+	for vol := range sj.volumes {
+		if v, ok := t.multiAttachLocked(vol, now); ok {
+			current = append(current, v)
+		} else {
+			delete(t.open, string(RWOMultiAttach)+"/"+vol)
+		}
+	}
+	sortViolations(current)
 	for _, v := range current {
 		k := string(v.Kind) + "/" + v.Subject
-		seen[k] = true
 		if !t.open[k] {
 			t.open[k] = true
 			t.violations = append(t.violations, v)
@@ -229,73 +340,87 @@ func (t *truth) checkLocked() {
 			}
 		}
 	}
-	for k := range t.open {
-		if !seen[k] {
-			delete(t.open, k)
-		}
-	}
 }
 
-func (t *truth) currentLocked(now time.Time) []Violation {
-	byVMI := map[string][]*Guest{}
-	byVol := map[string]map[string][]string{} // claim -> node -> pods
-	for _, g := range t.guests {
-		byVMI[g.VMI] = append(byVMI[g.VMI], g)
-		for _, v := range g.RWOVolumes {
-			if byVol[v] == nil {
-				byVol[v] = map[string][]string{}
-			}
-			byVol[v][g.Node] = append(byVol[v][g.Node], g.Pod)
+// doubleRunLocked: the guest of vmi runs in two places.
+func (t *truth) doubleRunLocked(vmi string, now time.Time) (Violation, bool) {
+	gs := t.byVMI[vmi]
+	if len(gs) < 2 {
+		return Violation{}, false
+	}
+	v := Violation{At: now, Kind: DoubleRun, Subject: vmi}
+	for _, g := range gs {
+		v.Nodes = append(v.Nodes, g.Node)
+		v.Pods = append(v.Pods, g.Pod)
+	}
+	sort.Strings(v.Nodes)
+	sort.Strings(v.Pods)
+	return v, true
+}
+
+// multiAttachLocked: RWO volume claim is written from two nodes, or has
+// VolumeAttachments for two.
+func (t *truth) multiAttachLocked(claim string, now time.Time) (Violation, bool) {
+	written := map[string][]string{} // node -> pods
+	for _, g := range t.byVolume[claim] {
+		written[g.Node] = append(written[g.Node], g.Pod)
+	}
+	attached := t.attached[claim]
+	if len(written) < 2 && len(attached) < 2 {
+		return Violation{}, false
+	}
+	v := Violation{At: now, Kind: RWOMultiAttach, Subject: claim}
+	nodes := map[string]bool{}
+	if len(written) >= 2 {
+		for n, pods := range written {
+			nodes[n] = true
+			v.Pods = append(v.Pods, pods...)
 		}
 	}
+	if len(attached) >= 2 {
+		for _, n := range attached {
+			nodes[n] = true
+		}
+	}
+	for n := range nodes {
+		v.Nodes = append(v.Nodes, n)
+	}
+	sort.Strings(v.Nodes)
+	sort.Strings(v.Pods)
+	return v, true
+}
+
+// currentLocked evaluates every invariant.
+func (t *truth) currentLocked(now time.Time) []Violation {
 	var out []Violation
-	for vmi, gs := range byVMI {
-		if len(gs) < 2 {
-			continue
+	for vmi := range t.byVMI {
+		if v, ok := t.doubleRunLocked(vmi, now); ok {
+			out = append(out, v)
 		}
-		v := Violation{At: now, Kind: DoubleRun, Subject: vmi}
-		for _, g := range gs {
-			v.Nodes = append(v.Nodes, g.Node)
-			v.Pods = append(v.Pods, g.Pod)
-		}
-		sort.Strings(v.Nodes)
-		sort.Strings(v.Pods)
-		out = append(out, v)
 	}
 	vols := map[string]bool{}
-	for claim := range byVol {
+	for claim := range t.byVolume {
 		vols[claim] = true
 	}
 	for claim := range t.attached {
 		vols[claim] = true
 	}
 	for claim := range vols {
-		written, attached := byVol[claim], t.attached[claim]
-		if len(written) < 2 && len(attached) < 2 {
-			continue
+		if v, ok := t.multiAttachLocked(claim, now); ok {
+			out = append(out, v)
 		}
-		v := Violation{At: now, Kind: RWOMultiAttach, Subject: claim}
-		nodes := map[string]bool{}
-		if len(written) >= 2 {
-			for n, pods := range written {
-				nodes[n] = true
-				v.Pods = append(v.Pods, pods...)
-			}
-		}
-		if len(attached) >= 2 {
-			for _, n := range attached {
-				nodes[n] = true
-			}
-		}
-		for n := range nodes {
-			v.Nodes = append(v.Nodes, n)
-		}
-		sort.Strings(v.Nodes)
-		sort.Strings(v.Pods)
-		out = append(out, v)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Subject < out[j].Subject })
+	sortViolations(out)
 	return out
+}
+
+func sortViolations(vs []Violation) {
+	sort.Slice(vs, func(i, j int) bool {
+		if vs[i].Subject != vs[j].Subject {
+			return vs[i].Subject < vs[j].Subject
+		}
+		return vs[i].Kind < vs[j].Kind
+	})
 }
 
 // Truth returns a snapshot of the ground truth.

@@ -12,9 +12,7 @@ package sim
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"sort"
 	"strings"
 	"time"
 
@@ -132,6 +130,8 @@ type vmopController struct {
 	// power starts and stops Deckhouse VMs the way the simulator's VM controller understands
 	// (the Simulator); nil leaves Start, Stop and Restart out.
 	power vmopPower
+	// sim holds the caches the controller reads.
+	sim *Simulator
 }
 
 // vmopPower is what Start, Stop and Restart operations ask of the Deckhouse VM controller.
@@ -171,69 +171,81 @@ func (s *Simulator) runVMOperations(ctx context.Context) error {
 	plan := func(vmi *virtv1.VirtualMachineInstance) time.Duration { return s.PlanMigration(vmi).Duration }
 	c := newVMOPController(kv, s.opts.TimeScale, plan)
 	c.power = s
-	return c.run(ctx, s.vmimInformer, s.dvmInformer)
+	c.sim = s
+	return c.run(ctx)
 }
 
-// run blocks until ctx ends. When the cluster does not serve VirtualMachineOperations (a
-// KubeVirt-only cluster), it waits for the resource to appear.
-func (c *vmopController) run(ctx context.Context, informers ...cache.SharedIndexInformer) error {
-	for {
-		served, err := c.served()
+// run blocks until ctx ends. It reconciles one operation at a time (so that two operations of
+// one VM are never decided at once), when the operation, its migration, its VM, the VM's VMI or
+// a migration target pod of it changes, and every vmopResync while it has not finished.
+func (c *vmopController) run(ctx context.Context) error {
+	s := c.sim
+	q := s.vmopQueue
+	ofVM := func(ns, vm string) {
+		objs, _ := s.vmopInformer.GetIndexer().ByIndex(byVMOPVM, ns+"/"+vm)
+		for _, o := range objs {
+			q.Add(keyOf(o.(*unstructured.Unstructured)))
+		}
+	}
+	for _, w := range []struct {
+		inf cache.SharedIndexInformer
+		f   func(obj interface{})
+	}{
+		{s.vmopInformer, func(obj interface{}) {
+			if u, ok := obj.(*unstructured.Unstructured); ok {
+				q.Add(keyOf(u))
+			}
+		}},
+		{s.vmimInformer, func(obj interface{}) {
+			m, ok := obj.(*virtv1.VirtualMachineInstanceMigration)
+			if ref := metav1.GetControllerOf(m); ok && ref != nil && ref.Kind == "VirtualMachineOperation" {
+				q.Add(m.Namespace + "/" + ref.Name)
+			}
+		}},
+		{s.dvmInformer, func(obj interface{}) {
+			if u, ok := obj.(*unstructured.Unstructured); ok {
+				ofVM(u.GetNamespace(), u.GetName())
+			}
+		}},
+		{s.vmiInformer, func(obj interface{}) {
+			if vmi, ok := obj.(*virtv1.VirtualMachineInstance); ok {
+				ofVM(vmi.Namespace, vmi.Name)
+			}
+		}},
+		{s.podInformer, func(obj interface{}) {
+			if p, ok := obj.(*corev1.Pod); ok && isLauncher(p) && p.Labels[virtv1.MigrationJobLabel] != "" {
+				ofVM(p.Namespace, p.Annotations[virtv1.DomainAnnotation])
+			}
+		}},
+	} {
+		reg, err := w.inf.AddEventHandler(handler(w.f))
 		if err != nil {
-			c.log.Debug().Err(err).Msg("discovery")
+			return fmt.Errorf("vmop: watch: %w", err)
 		}
-		if served {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(5 * time.Second):
-		}
+		defer func() { _ = w.inf.RemoveEventHandler(reg) }()
 	}
-	wake, stop := c.kv.wakeups(ctx, informers, gvrsOrAll(informers, vmopGVR, kvpGVRVMIM, deckhouseVMGVR)...)
-	defer stop()
-	return c.kv.loop(ctx, "vmop", vmopResync, wake, c.sync)
+	return s.runWorkers(ctx, "vmop", q, 1, c.syncKey)
 }
 
-// served reports whether the API server serves VirtualMachineOperations.
-func (c *vmopController) served() (bool, error) {
-	list, err := c.kv.kube.Discovery().ServerResourcesForGroupVersion(vmopGVR.GroupVersion().String())
-	if apierrors.IsNotFound(err) {
-		return false, nil
+// syncKey reconciles the operation key from the cache.
+func (c *vmopController) syncKey(ctx context.Context, key string) error {
+	s := c.sim
+	obj, ok, _ := s.vmopInformer.GetIndexer().GetByKey(key)
+	if !ok {
+		return nil
 	}
-	if err != nil {
-		return false, fmt.Errorf("discover %s: %w", vmopGVR.GroupVersion(), err)
+	cached := obj.(*unstructured.Unstructured)
+	vm, _, _ := unstructured.NestedString(cached.Object, "spec", "virtualMachineName")
+	objs, _ := s.vmopInformer.GetIndexer().ByIndex(byVMOPVM, cached.GetNamespace()+"/"+vm)
+	all := make([]unstructured.Unstructured, 0, len(objs))
+	for _, o := range objs {
+		all = append(all, *o.(*unstructured.Unstructured))
 	}
-	for _, r := range list.APIResources {
-		if r.Name == vmopGVR.Resource {
-			return true, nil
-		}
+	err := c.reconcile(ctx, cached.DeepCopy(), all)
+	if phase, _, _ := unstructured.NestedString(cached.Object, "status", "phase"); cached.GetDeletionTimestamp() != nil || (phase != VMOPPhaseCompleted && phase != VMOPPhaseFailed) {
+		s.vmopQueue.AddAfter(key, vmopResync) // progress is estimated from the time that passed
 	}
-	return false, nil
-}
-
-// sync reconciles every vmop, oldest first.
-func (c *vmopController) sync(ctx context.Context) error {
-	list, err := c.kv.dyn.Resource(vmopGVR).List(ctx, metav1.ListOptions{})
-	if err != nil {
-		return fmt.Errorf("vmop: list virtualmachineoperations: %w", err)
-	}
-	items := list.Items
-	sort.Slice(items, func(i, j int) bool {
-		ti, tj := items[i].GetCreationTimestamp(), items[j].GetCreationTimestamp()
-		if !ti.Equal(&tj) {
-			return ti.Before(&tj)
-		}
-		return items[i].GetName() < items[j].GetName()
-	})
-	var errs []error
-	for i := range items {
-		if err := c.reconcile(ctx, &items[i], items); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
+	return err
 }
 
 // reconcile moves one vmop forward. Conflicts and vanished objects are outcomes: the next
@@ -348,13 +360,8 @@ func (c *vmopController) applicable(ctx context.Context, u *unstructured.Unstruc
 	if c.waitForOtherOperation(u, spec, st, all) {
 		return false, nil
 	}
-	var migs virtv1.VirtualMachineInstanceMigrationList
-	if err := c.kv.c.List(ctx, &migs, ctrlclient.InNamespace(ns)); err != nil {
-		return false, fmt.Errorf("list migrations in %s: %w", ns, err)
-	}
-	for i := range migs.Items {
-		m := &migs.Items[i]
-		if m.Spec.VMIName == spec.VirtualMachineName && !m.IsFinal() && !metav1.IsControlledBy(m, u) {
+	for _, m := range c.sim.migrationsForVMI(ns, spec.VirtualMachineName) {
+		if !m.IsFinal() && !metav1.IsControlledBy(m, u) {
 			c.fail(st, u, VMOPReasonOtherMigrationInProgress, "Other Migrations are in progress")
 			return false, nil
 		}
@@ -427,13 +434,10 @@ var vmopPowerRules = map[string]vmopPowerRule{
 func (c *vmopController) reconcilePower(ctx context.Context, u *unstructured.Unstructured, spec *vmopSpec, st *vmopStatus, all []unstructured.Unstructured) error {
 	ns, name := u.GetNamespace(), spec.VirtualMachineName
 	rule := vmopPowerRules[spec.Type]
-	vm, err := c.kv.dyn.Resource(deckhouseVMGVR).Namespace(ns).Get(ctx, name, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
+	vm := c.sim.getDVM(ns + "/" + name)
+	if vm == nil {
 		c.fail(st, u, VMOPReasonVirtualMachineNotFound, fmt.Sprintf("VirtualMachine %s/%s not found.", ns, name))
 		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("get virtualmachine %s/%s: %w", ns, name, err)
 	}
 	vmPhase, _, _ := unstructured.NestedString(vm.Object, "status", "phase")
 
@@ -540,13 +544,9 @@ func (c *vmopController) powerDone(ctx context.Context, u *unstructured.Unstruct
 	if vmPhase != "Running" {
 		return false, nil
 	}
-	vmi := &virtv1.VirtualMachineInstance{}
-	err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: u.GetNamespace(), Name: spec.VirtualMachineName}, vmi)
-	if apierrors.IsNotFound(err) {
+	vmi := c.sim.getVMI(u.GetNamespace() + "/" + spec.VirtualMachineName)
+	if vmi == nil {
 		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("get vmi %s/%s: %w", u.GetNamespace(), spec.VirtualMachineName, err)
 	}
 	return string(vmi.UID) != u.GetAnnotations()[vmopRestartFromAnnotation] && vmi.Status.Phase == virtv1.Running, nil
 }
@@ -577,7 +577,11 @@ func (c *vmopController) createMigration(ctx context.Context, u *unstructured.Un
 	}
 	err := c.kv.c.Create(ctx, mig)
 	if apierrors.IsAlreadyExists(err) {
-		return c.getMigration(ctx, u)
+		// Made by an earlier round, not in the cache yet.
+		err = c.kv.c.Get(ctx, ctrlclient.ObjectKeyFromObject(mig), mig)
+		if err == nil && !metav1.IsControlledBy(mig, u) {
+			err = fmt.Errorf("migration %s/%s exists and is not the operation's", mig.Namespace, mig.Name)
+		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("create migration %s/%s: %w", mig.Namespace, mig.Name, err)
@@ -586,15 +590,24 @@ func (c *vmopController) createMigration(ctx context.Context, u *unstructured.Un
 }
 
 // getMigration returns the vmop's migration, nil if there is none (or one that is not the
-// vmop's, which the operation must not adopt).
+// vmop's, which the operation must not adopt). It reads the cache, and the API when the cache
+// has none although the operation created it (the cache may not show it yet).
 func (c *vmopController) getMigration(ctx context.Context, u *unstructured.Unstructured) (*virtv1.VirtualMachineInstanceMigration, error) {
-	mig := &virtv1.VirtualMachineInstanceMigration{}
-	err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: u.GetNamespace(), Name: vmopMigrationPrefix + u.GetName()}, mig)
-	if apierrors.IsNotFound(err) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("get migration %s/%s%s: %w", u.GetNamespace(), vmopMigrationPrefix, u.GetName(), err)
+	key := u.GetNamespace() + "/" + vmopMigrationPrefix + u.GetName()
+	mig := c.sim.getVMIM(key)
+	if mig == nil {
+		var st vmopStatus
+		if err := fromUnstructuredField(u, "status", &st); err != nil || !meta.IsStatusConditionTrue(st.Conditions, VMOPConditionSignalSent) {
+			return nil, nil
+		}
+		mig = &virtv1.VirtualMachineInstanceMigration{}
+		err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: u.GetNamespace(), Name: vmopMigrationPrefix + u.GetName()}, mig)
+		if apierrors.IsNotFound(err) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("get migration %s: %w", key, err)
+		}
 	}
 	if !metav1.IsControlledBy(mig, u) {
 		return nil, nil
@@ -664,13 +677,9 @@ func (c *vmopController) migrationState(ctx context.Context, mig *virtv1.Virtual
 	if mig.IsFinal() && mig.Status.MigrationState != nil {
 		return mig.Status.MigrationState, nil
 	}
-	vmi := &virtv1.VirtualMachineInstance{}
-	err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: mig.Namespace, Name: mig.Spec.VMIName}, vmi)
-	if apierrors.IsNotFound(err) {
+	vmi := c.sim.getVMI(mig.Namespace + "/" + mig.Spec.VMIName)
+	if vmi == nil {
 		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("get vmi %s/%s: %w", mig.Namespace, mig.Spec.VMIName, err)
 	}
 	if s := vmi.Status.MigrationState; s != nil && s.MigrationUID == mig.UID {
 		return s, nil
@@ -684,8 +693,8 @@ func (c *vmopController) syncProgress(ctx context.Context, mig *virtv1.VirtualMa
 	if state == nil || state.StartTimestamp == nil {
 		return vmopProgressSyncFrom
 	}
-	vmi := &virtv1.VirtualMachineInstance{}
-	if err := c.kv.c.Get(ctx, ctrlclient.ObjectKey{Namespace: mig.Namespace, Name: mig.Spec.VMIName}, vmi); err != nil {
+	vmi := c.sim.getVMI(mig.Namespace + "/" + mig.Spec.VMIName)
+	if vmi == nil {
 		return vmopProgressSyncFrom
 	}
 	expected := c.expected(vmi)
@@ -709,24 +718,12 @@ func vmopGuestMemory(vmi *virtv1.VirtualMachineInstance) int64 {
 	return 0
 }
 
-// gvrsOrAll is the resources to watch for wake-ups: only vmops when the simulator's informers
-// cover the rest, else all of them.
-func gvrsOrAll(informers []cache.SharedIndexInformer, vmops schema.GroupVersionResource, rest ...schema.GroupVersionResource) []schema.GroupVersionResource {
-	if len(informers) > 0 {
-		return []schema.GroupVersionResource{vmops}
-	}
-	return append([]schema.GroupVersionResource{vmops}, rest...)
-}
-
 // targetUnschedulable reports a migration target pod the scheduler could not place.
 func (c *vmopController) targetUnschedulable(ctx context.Context, mig *virtv1.VirtualMachineInstanceMigration, state *virtv1.VirtualMachineInstanceMigrationState) (string, bool) {
-	var pods corev1.PodList
-	if err := c.kv.c.List(ctx, &pods, ctrlclient.InNamespace(mig.Namespace),
-		ctrlclient.MatchingLabels{virtv1.AppLabel: "virt-launcher", virtv1.MigrationJobLabel: string(mig.UID)}); err != nil {
-		return "", false
-	}
-	for i := range pods.Items {
-		p := &pods.Items[i]
+	for _, p := range c.sim.podsBy(byVMI, mig.Namespace+"/"+mig.Spec.VMIName) {
+		if p.Labels[virtv1.MigrationJobLabel] != string(mig.UID) {
+			continue
+		}
 		if state != nil && state.TargetPod != "" && p.Name != state.TargetPod {
 			continue
 		}

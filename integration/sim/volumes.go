@@ -152,13 +152,27 @@ func (st *attachState) attached(pvName, node string, uid types.UID) {
 // they are for, sorted. A volume counts as RWO when its claim's access modes
 // (the PV's when the claim is unknown) allow no sharing.
 func (s *Simulator) rwoAttachments() map[string][]string {
-	out := map[string][]string{}
+	pvs := map[string]bool{}
 	for _, obj := range s.vaInformer.GetStore().List() {
-		va := obj.(*storagev1.VolumeAttachment)
-		if va.Spec.Source.PersistentVolumeName == nil {
-			continue
+		if va := obj.(*storagev1.VolumeAttachment); va.Spec.Source.PersistentVolumeName != nil {
+			pvs[*va.Spec.Source.PersistentVolumeName] = true
 		}
-		pv := s.getPV(*va.Spec.Source.PersistentVolumeName)
+	}
+	out := s.rwoAttachmentsOf(pvs)
+	for subject, nodes := range out {
+		if len(nodes) == 0 {
+			delete(out, subject)
+		}
+	}
+	return out
+}
+
+// rwoAttachmentsOf is rwoAttachments for the volumes pvs only; a volume
+// without attachments, or not RWO, maps to no nodes.
+func (s *Simulator) rwoAttachmentsOf(pvs map[string]bool) map[string][]string {
+	out := map[string][]string{}
+	for pvName := range pvs {
+		pv := s.getPV(pvName)
 		if pv == nil {
 			continue
 		}
@@ -169,12 +183,32 @@ func (s *Simulator) rwoAttachments() map[string][]string {
 				rwo = isRWO(pvc)
 			}
 		}
-		if rwo && !slices.Contains(out[subject], va.Spec.NodeName) {
-			out[subject] = append(out[subject], va.Spec.NodeName)
+		var nodes []string
+		if rwo {
+			for _, va := range s.vasFor(byVAPV, pvName) {
+				if !slices.Contains(nodes, va.Spec.NodeName) {
+					nodes = append(nodes, va.Spec.NodeName)
+				}
+			}
+			sort.Strings(nodes)
 		}
+		out[subject] = nodes
 	}
-	for _, nodes := range out {
-		sort.Strings(nodes)
+	return out
+}
+
+// nodesUsingPV returns the nodes of the pods whose claim is bound to PV
+// pvName.
+func (s *Simulator) nodesUsingPV(pvName string) []string {
+	pv := s.getPV(pvName)
+	if pv == nil || pv.Spec.ClaimRef == nil {
+		return nil
+	}
+	var out []string
+	for _, p := range s.podsBy(byClaim, pv.Spec.ClaimRef.Namespace+"/"+pv.Spec.ClaimRef.Name) {
+		if n := p.Spec.NodeName; n != "" && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
 	}
 	return out
 }
@@ -304,8 +338,17 @@ func (s *Simulator) volumesReady(p *corev1.Pod, node string) (bool, string) {
 // attachments.
 func (s *Simulator) attachDetach(ctx context.Context, st *attachState, node string) error {
 	// The checker learns of every RWO volume attached to two nodes, however
-	// briefly the cache shows it.
-	defer s.truth.observeAttachments(s.rwoAttachments)
+	// briefly the cache shows it: every VolumeAttachment event brings its
+	// node here, and this node's volumes are observed.
+	volumes := map[string]bool{}
+	defer func() {
+		s.truth.observeVolumes(func() map[string][]string { return s.rwoAttachmentsOf(volumes) })
+	}()
+	for _, va := range s.vasFor(byVANode, node) {
+		if va.Spec.Source.PersistentVolumeName != nil {
+			volumes[*va.Spec.Source.PersistentVolumeName] = true
+		}
+	}
 	nodeObj := s.getNode(node)
 	needed := map[string][]*corev1.Pod{}
 	for _, p := range s.podsBy(byNode, node) {
@@ -318,6 +361,7 @@ func (s *Simulator) attachDetach(ctx context.Context, st *attachState, node stri
 			}
 			if pv := s.pvOf(p.Namespace, v.PersistentVolumeClaim.ClaimName); pv != "" {
 				needed[pv] = append(needed[pv], p)
+				volumes[pv] = true
 			}
 		}
 	}
@@ -386,7 +430,7 @@ func (s *Simulator) attachDetach(ctx context.Context, st *attachState, node stri
 		if err != nil {
 			if rwo {
 				st.attached(pvName, node, "")
-				s.enqueueOtherNodes(node) // they may have been refused for this one
+				s.enqueueNodesUsing(pvName, node) // they may have been refused for this one
 			}
 			errs = append(errs, fmt.Errorf("attach %s to %s: %w", pvName, node, err))
 			continue
@@ -415,7 +459,7 @@ func (s *Simulator) attachDetach(ctx context.Context, st *attachState, node stri
 		}
 		s.log.Debug().Str("pv", *va.Spec.Source.PersistentVolumeName).Str("node", node).Msg("attach/detach: detached")
 		// A detach here may unblock an RWO attach elsewhere.
-		s.enqueueOtherNodes(node)
+		s.enqueueNodesUsing(*va.Spec.Source.PersistentVolumeName, node)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("attach/detach on %s: %w", node, errs[0])
@@ -423,10 +467,10 @@ func (s *Simulator) attachDetach(ctx context.Context, st *attachState, node stri
 	return nil
 }
 
-// enqueueOtherNodes has the attach/detach controller look at every node but
-// node again.
-func (s *Simulator) enqueueOtherNodes(node string) {
-	for _, other := range s.nodeNames() {
+// enqueueNodesUsing has the attach/detach controller look again at the
+// nodes, but node, whose pods use PV pvName.
+func (s *Simulator) enqueueNodesUsing(pvName, node string) {
+	for _, other := range s.nodesUsingPV(pvName) {
 		if other != node {
 			s.volumeQueue.Add(volumeNodeKey(other))
 		}
