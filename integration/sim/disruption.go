@@ -353,14 +353,5 @@ func pdbStatusEqual(a, b policyv1.PodDisruptionBudgetStatus) bool {
 			return false
 		}
 	}
-	if len(a.Conditions) != len(b.Conditions) {
-		return false
-	}
-	for i := range a.Conditions {
-		x, y := a.Conditions[i], b.Conditions[i]
-		if x.Type != y.Type || x.Status != y.Status || x.Reason != y.Reason || x.Message != y.Message || x.ObservedGeneration != y.ObservedGeneration {
-			return false
-		}
-	}
-	return true
+	return conditionsEqual(a.Conditions, b.Conditions)
 }

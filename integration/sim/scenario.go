@@ -177,17 +177,8 @@ func (sc *Scenario) Validate() error {
 		if n.Name != "" {
 			at += " (" + n.Name + ")"
 		}
-		bad := func(field, format string, args ...any) {
-			errs = append(errs, fmt.Errorf("%s.%s: %s", at, field, fmt.Sprintf(format, args...)))
-		}
-		switch {
-		case n.Name == "":
-			bad("name", "required")
-		case len(validation.IsDNS1123Subdomain(n.Name)) > 0:
-			bad("name", "%q is not a valid node name: %s", n.Name, strings.Join(validation.IsDNS1123Subdomain(n.Name), "; "))
-		case nodes[n.Name]:
-			bad("name", "%q appears twice", n.Name)
-		}
+		bad := blame(&errs, at)
+		checkName(bad, n.Name, "node", validation.IsDNS1123Subdomain(n.Name), nodes[n.Name])
 		nodes[n.Name] = true
 		if !n.CPU.IsZero() && n.CPU.Sign() < 0 {
 			bad("cpu", "must be positive, got %s", n.CPU.String())
@@ -240,17 +231,8 @@ func (sc *Scenario) Validate() error {
 		if vm.Name != "" {
 			at += " (" + ns + "/" + vm.Name + ")"
 		}
-		bad := func(field, format string, args ...any) {
-			errs = append(errs, fmt.Errorf("%s.%s: %s", at, field, fmt.Sprintf(format, args...)))
-		}
-		switch {
-		case vm.Name == "":
-			bad("name", "required")
-		case len(validation.IsDNS1123Label(vm.Name)) > 0:
-			bad("name", "%q is not a valid VM name: %s", vm.Name, strings.Join(validation.IsDNS1123Label(vm.Name), "; "))
-		case vms[ns+"/"+vm.Name]:
-			bad("name", "%s/%s appears twice", ns, vm.Name)
-		}
+		bad := blame(&errs, at)
+		checkName(bad, vm.Name, "VM", validation.IsDNS1123Label(vm.Name), vms[ns+"/"+vm.Name])
 		vms[ns+"/"+vm.Name] = true
 		if msgs := validation.IsDNS1123Label(ns); len(msgs) > 0 {
 			bad("namespace", "%q: %s", ns, strings.Join(msgs, "; "))
@@ -324,6 +306,26 @@ var (
 	}
 	deckhouseRunPolicies = []string{RunPolicyAlwaysOn, RunPolicyAlwaysOff, RunPolicyManual, RunPolicyAlwaysOnUnlessStoppedManually}
 )
+
+// blame returns a func that records an error of the item at (e.g. "vms[3] (default/db-1)")
+// naming its field.
+func blame(errs *[]error, at string) func(field, format string, args ...any) {
+	return func(field, format string, args ...any) {
+		*errs = append(*errs, fmt.Errorf("%s.%s: %s", at, field, fmt.Sprintf(format, args...)))
+	}
+}
+
+// checkName reports a missing, invalid (the validator's messages) or repeated name.
+func checkName(bad func(field, format string, args ...any), name, what string, invalid []string, repeated bool) {
+	switch {
+	case name == "":
+		bad("name", "required")
+	case len(invalid) > 0:
+		bad("name", "%q is not a valid %s name: %s", name, what, strings.Join(invalid, "; "))
+	case repeated:
+		bad("name", "%q appears twice", name)
+	}
+}
 
 func validateLabels(at string, labels map[string]string) []error {
 	var errs []error

@@ -911,8 +911,16 @@ func (s *vmopStatus) equal(o vmopStatus) bool {
 	if (s.Progress == nil) != (o.Progress == nil) || (s.Progress != nil && *s.Progress != *o.Progress) {
 		return false
 	}
-	for i := range s.Conditions {
-		a, b := s.Conditions[i], o.Conditions[i]
+	return conditionsEqual(s.Conditions, o.Conditions)
+}
+
+// conditionsEqual compares conditions but for their transition times.
+func conditionsEqual(x, y []metav1.Condition) bool {
+	if len(x) != len(y) {
+		return false
+	}
+	for i := range x {
+		a, b := x[i], y[i]
 		if a.Type != b.Type || a.Status != b.Status || a.Reason != b.Reason || a.Message != b.Message || a.ObservedGeneration != b.ObservedGeneration {
 			return false
 		}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -20,32 +21,49 @@ import (
 // brings the VMs up and returns cleanly when its context ends.
 func TestRunSeedsAndStops(t *testing.T) {
 	c := cluster.StartT(t)
+	kube, err := kubernetes.NewForConfig(c.Config)
+	require.NoError(t, err)
+	runUntil(t, c, []string{"--nodes", "2", "--vms", "3"}, func(ctx context.Context) (bool, string) {
+		nodes, err := kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		require.NoError(t, err)
+		running := runningVMIs(ctx, t, c, "")
+		// vm-1..3 are Always, RerunOnFailure, Always
+		return len(nodes.Items) == 2 && running == 3, fmt.Sprintf("%d nodes, %d running VMIs", len(nodes.Items), running)
+	})
+}
+
+// TestRunScenario: --scenario seeds the file's cluster: its nodes, its VMs on their nodes.
+func TestRunScenario(t *testing.T) {
+	c := cluster.StartT(t)
+	file := filepath.Join(t.TempDir(), "two.yaml")
+	require.NoError(t, os.WriteFile(file, []byte(`
+nodes: [{name: left}, {name: right, labels: {rack: b}}]
+vms:
+- {name: db-1, cpu: 1, memory: 1Gi, node: right}
+- {name: db-2, node: right, disk: {accessMode: ReadWriteOnce}}
+`), 0o600))
+	runUntil(t, c, []string{"--scenario", file}, func(ctx context.Context) (bool, string) {
+		onRight := runningVMIs(ctx, t, c, "right")
+		return onRight == 2, fmt.Sprintf("%d of 2 VMIs running on node right", onRight)
+	})
+}
+
+// runUntil runs the command with args (time scale 20) against c until seeded(ctx) holds (60 s
+// at most), then stops it; it must return cleanly within 30 s.
+func runUntil(t *testing.T, c *cluster.Cluster, args []string, seeded func(ctx context.Context) (bool, string)) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	logs, err := os.CreateTemp(t.TempDir(), "drover-sim-*.log")
 	require.NoError(t, err)
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, []string{"--kubeconfig", c.Kubeconfig, "--nodes", "2", "--vms", "3", "--time-scale", "20"}, logs)
+		done <- run(ctx, append([]string{"--kubeconfig", c.Kubeconfig, "--time-scale", "20"}, args...), logs)
 	}()
-	kube, err := kubernetes.NewForConfig(c.Config)
-	require.NoError(t, err)
-	kv, err := kvclient.NewForConfig(c.Config)
-	require.NoError(t, err)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		nodes, err := kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
-		require.NoError(t, err)
-		vmis, err := kv.VirtualMachineInstances("default").List(ctx, metav1.ListOptions{})
-		require.NoError(t, err)
-		running := 0
-		for _, v := range vmis.Items {
-			if v.Status.Phase == kvv1.Running {
-				running++
-			}
-		}
-		// vm-1..3 are Always, RerunOnFailure, Always
-		if len(nodes.Items) == 2 && running == 3 {
+		ok, state := seeded(ctx)
+		if ok {
 			break
 		}
 		select {
@@ -54,7 +72,7 @@ func TestRunSeedsAndStops(t *testing.T) {
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d nodes, %d running VMIs after 60s", len(nodes.Items), running)
+			t.Fatalf("not seeded after 60s: %s", state)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -67,57 +85,20 @@ func TestRunSeedsAndStops(t *testing.T) {
 	}
 }
 
-// TestRunScenario: --scenario seeds the file's cluster: its nodes, its VMs on their nodes.
-func TestRunScenario(t *testing.T) {
-	c := cluster.StartT(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	dir := t.TempDir()
-	file := filepath.Join(dir, "two.yaml")
-	require.NoError(t, os.WriteFile(file, []byte(`
-nodes: [{name: left}, {name: right, labels: {rack: b}}]
-vms:
-- {name: db-1, cpu: 1, memory: 1Gi, node: right}
-- {name: db-2, node: right, disk: {accessMode: ReadWriteOnce}}
-`), 0o600))
-	logs, err := os.CreateTemp(dir, "drover-sim-*.log")
-	require.NoError(t, err)
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"--kubeconfig", c.Kubeconfig, "--scenario", file, "--time-scale", "20"}, logs)
-	}()
+// runningVMIs counts the Running VMIs of namespace default, on node when it is not "".
+func runningVMIs(ctx context.Context, t *testing.T, c *cluster.Cluster, node string) int {
+	t.Helper()
 	kv, err := kvclient.NewForConfig(c.Config)
 	require.NoError(t, err)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		vmis, err := kv.VirtualMachineInstances("default").List(ctx, metav1.ListOptions{})
-		require.NoError(t, err)
-		onRight := 0
-		for _, v := range vmis.Items {
-			if v.Status.Phase == kvv1.Running && v.Status.NodeName == "right" {
-				onRight++
-			}
+	vmis, err := kv.VirtualMachineInstances("default").List(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	n := 0
+	for _, v := range vmis.Items {
+		if v.Status.Phase == kvv1.Running && (node == "" || v.Status.NodeName == node) {
+			n++
 		}
-		if onRight == 2 {
-			break
-		}
-		select {
-		case err := <-done:
-			t.Fatalf("run returned early: %v", err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d of 2 VMIs running on node right after 60s", onRight)
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
-	cancel()
-	select {
-	case err := <-done:
-		require.NoError(t, err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("run did not return within 30s of its context ending")
-	}
+	return n
 }
 
 // TestRunScenarioArguments: a scenario replaces the generator's flags, and a bad file is
