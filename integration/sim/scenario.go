@@ -29,10 +29,11 @@ import (
 // form is the format of integration/scenarios/*.yaml (see README.md, "Scenarios").
 type Scenario struct {
 	Nodes []ScenarioNode `json:"nodes"`
-	// KubeVirtPods pins virt-api and virt-controller replicas to nodes; nil lets the scheduler
-	// spread them.
-	KubeVirtPods *ScenarioKubeVirtPods `json:"kubevirtPods,omitempty"`
-	VMs          []ScenarioVM          `json:"vms,omitempty"`
+	// KubeVirtPods says where the replicas of virt-api and virt-controller first start; nil lets
+	// the scheduler spread them. KubeVirt's pods start with the simulator: Configure puts this
+	// into the Options given to New.
+	KubeVirtPods *KubeVirtPods `json:"kubevirtPods,omitempty"`
+	VMs          []ScenarioVM  `json:"vms,omitempty"`
 }
 
 // ScenarioNode is one node of a Scenario.
@@ -46,14 +47,6 @@ type ScenarioNode struct {
 	Taints []corev1.Taint    `json:"taints,omitempty"`
 	// WatchdogTimeout arms the node's watchdog (LabelWatchdogTimeout); unset: none.
 	WatchdogTimeout *metav1.Duration `json:"watchdogTimeout,omitempty"`
-}
-
-// ScenarioKubeVirtPods names the node of each virt-api and virt-controller replica. A replica
-// not listed is placed by the scheduler; a replica recreated later (after its pod was deleted)
-// is placed by the scheduler too.
-type ScenarioKubeVirtPods struct {
-	VirtAPI        []string `json:"virtAPI,omitempty"`
-	VirtController []string `json:"virtController,omitempty"`
 }
 
 // ScenarioVM is one VM of a Scenario.
@@ -123,7 +116,7 @@ func ParseScenario(data []byte) (*Scenario, error) {
 		sc.Nodes = append(sc.Nodes, n)
 	}
 	if len(top.KubeVirtPods) > 0 && string(top.KubeVirtPods) != "null" {
-		sc.KubeVirtPods = &ScenarioKubeVirtPods{}
+		sc.KubeVirtPods = &KubeVirtPods{}
 		if err := decodeStrict(top.KubeVirtPods, sc.KubeVirtPods); err != nil {
 			return nil, fmt.Errorf("kubevirtPods.%w", err)
 		}
@@ -438,12 +431,21 @@ func (o SeedOptions) Scenario() *Scenario {
 	return sc
 }
 
+// Configure sets in o what of the scenario the simulator needs from its start: where KubeVirt's
+// pods run (Options.KubeVirtPods). Call it on the Options given to New, before SeedScenario.
+func (sc *Scenario) Configure(o *Options) {
+	if sc.KubeVirtPods != nil {
+		o.KubeVirtPods = *sc.KubeVirtPods
+	}
+}
+
 // SeedScenario creates what sc describes: namespaces, nodes, the Deckhouse configuration of
 // KubeVirt when its VMs are Deckhouse's, root disk claims and VMs. A KubeVirt VM with runStrategy
 // Manual gets a start request, as `virtctl start` would. A VM with a node starts there (the
-// scheduler binds its first virt-launcher pod to that node; nothing is left in its spec), and
-// kubevirtPods places the replicas of virt-api and virt-controller that have not been scheduled
-// yet. Existing objects are left as they are (and an existing VM is not placed).
+// scheduler binds its first virt-launcher pod to that node; nothing is left in its spec).
+// Existing objects are left as they are (and an existing VM is not placed). KubeVirt's pods are
+// placed by the Options the simulator was built with (see Configure); a scenario whose
+// kubevirtPods differ from them is refused.
 //
 // It returns an error wrapping the first failure, after which part of the scenario may exist.
 func (s *Simulator) SeedScenario(ctx context.Context, sc *Scenario) (SeedResult, error) {
@@ -451,8 +453,14 @@ func (s *Simulator) SeedScenario(ctx context.Context, sc *Scenario) (SeedResult,
 	if err := sc.Validate(); err != nil {
 		return res, fmt.Errorf("seed: %w", err)
 	}
-	if sc.KubeVirtPods != nil && s.opts.NoKubeVirtPods {
-		return res, errors.New("seed: the scenario places KubeVirt's pods, but the simulator runs without them (Options.NoKubeVirtPods)")
+	if p := sc.KubeVirtPods; p != nil {
+		if s.opts.NoKubeVirtPods {
+			return res, errors.New("seed: the scenario places KubeVirt's pods, but the simulator runs without them (Options.NoKubeVirtPods)")
+		}
+		if !slices.Equal(p.VirtAPI, s.opts.KubeVirtPods.VirtAPI) || !slices.Equal(p.VirtController, s.opts.KubeVirtPods.VirtController) {
+			return res, fmt.Errorf("seed: the scenario places KubeVirt's pods (%+v), the simulator was started with %+v: pass the scenario's to New (Scenario.Configure)",
+				*p, s.opts.KubeVirtPods)
+		}
 	}
 	platform := sc.Platform()
 	namespaces := map[string]bool{}
@@ -463,11 +471,6 @@ func (s *Simulator) SeedScenario(ctx context.Context, sc *Scenario) (SeedResult,
 				return res, fmt.Errorf("seed: %w", err)
 			}
 		}
-	}
-	if p := sc.KubeVirtPods; p != nil {
-		// Before the nodes exist, so that the scheduler meets the pinned pods when it can first
-		// place them.
-		s.placeKubeVirtPods(p)
 	}
 	if err := parallel(ctx, len(sc.Nodes), func(i int) error {
 		_, err := s.CreateNode(ctx, NewNode(sc.Nodes[i].Name, sc.Nodes[i].options()))

@@ -159,9 +159,11 @@ func TestSeedOptionsScenario(t *testing.T) {
 // and KubeVirt's pods on node-2 and node-3, with no selector left anywhere: the first VM moves
 // off node-1 with an ordinary migration. Labels, dirty rates and Manual VMs are as described.
 func TestSeedScenarioPlacesVMsWithoutSelectors(t *testing.T) {
-	s := startSim(t, Options{})
 	sc, err := LoadScenario(filepath.Join(scenarioDir, "busy-node.yaml"))
 	require.NoError(t, err)
+	var opts Options
+	sc.Configure(&opts)
+	s := startSim(t, opts)
 	res, err := s.SeedScenario(ctxT(t), sc)
 	require.NoError(t, err)
 	require.Len(t, res.VMs, 20)
@@ -207,6 +209,11 @@ func TestSeedScenarioPlacesVMsWithoutSelectors(t *testing.T) {
 		return vmi != nil && vmi.Status.NodeName != "node-1" && vmi.Status.NodeName != "", vmi.Status.NodeName
 	})
 	require.Empty(t, s.Violations())
+
+	other := *sc
+	other.KubeVirtPods = &KubeVirtPods{VirtAPI: []string{"node-1"}}
+	_, err = s.SeedScenario(ctxT(t), &other)
+	require.ErrorContains(t, err, "Scenario.Configure", "a scenario placing KubeVirt's pods elsewhere than the simulator started them")
 }
 
 // TestSeedScenarioDeckhouse: a Deckhouse scenario configures KubeVirt as Deckhouse does and

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -229,7 +228,7 @@ func (s *Simulator) schedule(ctx context.Context, key string) error {
 	pinned := s.scheduler.placements.pinned(p)
 	for _, obj := range nodes {
 		n := obj.(*corev1.Node)
-		if pinned != nil && !slices.Contains(pinned, n.Name) {
+		if pinned != "" && n.Name != pinned {
 			reasons["node(s) didn't match Pod's node affinity/selector"]++ // a scenario placed it elsewhere
 			continue
 		}
@@ -273,7 +272,7 @@ func (s *Simulator) schedule(ctx context.Context, key string) error {
 	if err != nil {
 		return fmt.Errorf("bind pod %s to %s: %w", key, target, err)
 	}
-	if pinned != nil {
+	if pinned != "" {
 		s.scheduler.placements.bound(p, target)
 	}
 	s.scheduler.mu.Lock()

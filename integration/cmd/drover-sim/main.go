@@ -100,7 +100,9 @@ func run(ctx context.Context, args []string, stderr *os.File) error {
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 
-	s, err := sim.New(cfg, sim.Options{TimeScale: *timeScale, Logger: &log, WebhookListenAddr: *webhook})
+	opts := sim.Options{TimeScale: *timeScale, Logger: &log, WebhookListenAddr: *webhook}
+	sc.Configure(&opts) // where KubeVirt's pods start
+	s, err := sim.New(cfg, opts)
 	if err != nil {
 		return err
 	}

@@ -38,13 +38,24 @@ func TestRunScenario(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "two.yaml")
 	require.NoError(t, os.WriteFile(file, []byte(`
 nodes: [{name: left}, {name: right, labels: {rack: b}}]
+kubevirtPods: {virtAPI: [left, left]}
 vms:
 - {name: db-1, cpu: 1, memory: 1Gi, node: right}
 - {name: db-2, node: right, disk: {accessMode: ReadWriteOnce}}
 `), 0o600))
+	kube, err := kubernetes.NewForConfig(c.Config)
+	require.NoError(t, err)
 	runUntil(t, c, []string{"--scenario", file}, func(ctx context.Context) (bool, string) {
 		onRight := runningVMIs(ctx, t, c, "right")
-		return onRight == 2, fmt.Sprintf("%d of 2 VMIs running on node right", onRight)
+		api, err := kube.CoreV1().Pods("kubevirt").List(ctx, metav1.ListOptions{LabelSelector: "kubevirt.io=virt-api"})
+		require.NoError(t, err)
+		onLeft := 0
+		for _, p := range api.Items {
+			if p.Spec.NodeName == "left" {
+				onLeft++
+			}
+		}
+		return onRight == 2 && onLeft == 2, fmt.Sprintf("%d of 2 VMIs running on node right, %d of 2 virt-api pods on left", onRight, onLeft)
 	})
 }
 
