@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -54,6 +56,7 @@ func decodeLease(b []byte) leaseValue {
 // that taking a key this process released before is one update, not a read
 // and an update.
 type leaseStore struct {
+	js          jetstream.JetStream
 	kv          jetstream.KeyValue
 	ttl, margin time.Duration
 	callTimeout time.Duration
@@ -67,8 +70,8 @@ type freed struct {
 	v   leaseValue
 }
 
-func newLeaseStore(kv jetstream.KeyValue, ttl, margin, callTimeout time.Duration) *leaseStore {
-	return &leaseStore{kv: kv, ttl: ttl, margin: margin, callTimeout: callTimeout, freed: map[string]freed{}}
+func newLeaseStore(js jetstream.JetStream, kv jetstream.KeyValue, ttl, margin, callTimeout time.Duration) *leaseStore {
+	return &leaseStore{js: js, kv: kv, ttl: ttl, margin: margin, callTimeout: callTimeout, freed: map[string]freed{}}
 }
 
 // errLeaseHeld is returned by acquire when another holder has the key.
@@ -217,29 +220,48 @@ func (l *Lease) markLost() {
 // reserveFor (at priority) when that is not empty. A lease that already
 // expired or moved on is not an error.
 func (l *Lease) Release(ctx context.Context, reserveFor string, priority int) error {
+	return l.releaseAsync(reserveFor, priority)(ctx)
+}
+
+// releaseAsync sends the release (a compare-and-set publish at the lease's
+// revision) and returns a function that waits for its answer, so that a
+// caller can release and acknowledge in parallel.
+func (l *Lease) releaseAsync(reserveFor string, priority int) func(context.Context) error {
 	l.mu.Lock()
 	rev, lost := l.revision, l.lost
 	l.lost = true
 	l.mu.Unlock()
 	if lost {
-		return nil
+		return func(context.Context) error { return nil }
 	}
 	free := leaseValue{ReservedFor: reserveFor, ReservedPriority: priority}
 	b, err := json.Marshal(free)
 	if err != nil {
-		return err
+		return func(context.Context) error { return err }
 	}
-	nrev, err := l.store.kv.Update(ctx, l.key, b, rev)
+	m := nats.NewMsg("$KV." + BucketLocks + "." + l.key)
+	m.Data = b
+	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
+	fut, err := l.store.js.PublishMsgAsync(m)
 	if err != nil {
-		if isRevisionConflict(err) {
-			return nil
-		}
-		return fmt.Errorf("release lease %s: %w", l.key, err)
+		return func(context.Context) error { return fmt.Errorf("release lease %s: %w", l.key, err) }
 	}
-	l.store.mu.Lock()
-	l.store.freed[l.key] = freed{rev: nrev, v: free}
-	l.store.mu.Unlock()
-	return nil
+	return func(ctx context.Context) error {
+		select {
+		case ack := <-fut.Ok():
+			l.store.mu.Lock()
+			l.store.freed[l.key] = freed{rev: ack.Sequence, v: free}
+			l.store.mu.Unlock()
+			return nil
+		case err := <-fut.Err():
+			if isRevisionConflict(err) {
+				return nil // expired or taken over meanwhile: not ours to release
+			}
+			return fmt.Errorf("release lease %s: %w", l.key, err)
+		case <-ctx.Done():
+			return fmt.Errorf("release lease %s: %w", l.key, ctx.Err())
+		}
+	}
 }
 
 // isRevisionConflict reports a compare-and-set that lost: the key moved on or is gone.

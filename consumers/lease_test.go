@@ -28,14 +28,14 @@ func (k *lostAnswerKV) Update(ctx context.Context, key string, value []byte, rev
 	return n, err
 }
 
-func locksBucket(t *testing.T, ttl time.Duration) jetstream.KeyValue {
+func locksBucket(t *testing.T, ttl time.Duration) (jetstream.JetStream, jetstream.KeyValue) {
 	t.Helper()
 	srv := natstest.Start(t)
 	js, err := jetstream.New(natstest.Connect(t, srv.URL()))
 	require.NoError(t, err)
 	kv, err := js.CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: BucketLocks, TTL: ttl, Storage: jetstream.MemoryStorage})
 	require.NoError(t, err)
-	return kv
+	return js, kv
 }
 
 // A renewal that was committed but whose answer was lost is recognised as
@@ -43,8 +43,9 @@ func locksBucket(t *testing.T, ttl time.Duration) jetstream.KeyValue {
 // loss (which would stop a healthy handler) or a stale revision (which
 // would fail every later renewal).
 func TestRenewalCommittedButAnswerLost(t *testing.T) {
-	kv := &lostAnswerKV{KeyValue: locksBucket(t, 3*time.Second)}
-	store := newLeaseStore(kv, 3*time.Second, 300*time.Millisecond, time.Second)
+	js, locks := locksBucket(t, 3*time.Second)
+	kv := &lostAnswerKV{KeyValue: locks}
+	store := newLeaseStore(js, kv, 3*time.Second, 300*time.Millisecond, time.Second)
 	ctx := context.Background()
 	l, _, err := store.acquire(ctx, "node.node-1", leaseValue{Holder: "a/maintenance/0", Operation: "op-1", Priority: PriorityMaintenance, Nonce: nonce()})
 	require.NoError(t, err)
@@ -60,8 +61,8 @@ func TestRenewalCommittedButAnswerLost(t *testing.T) {
 // A renewal that finds another holder reports the loss, and the lease is no
 // longer valid.
 func TestRenewalAfterTakeoverIsLost(t *testing.T) {
-	kv := locksBucket(t, 3*time.Second)
-	store := newLeaseStore(kv, 3*time.Second, 300*time.Millisecond, time.Second)
+	js, kv := locksBucket(t, 3*time.Second)
+	store := newLeaseStore(js, kv, 3*time.Second, 300*time.Millisecond, time.Second)
 	ctx := context.Background()
 	l, _, err := store.acquire(ctx, "node.node-1", leaseValue{Holder: "a", Operation: "op-1", Priority: PriorityMaintenance, Nonce: nonce()})
 	require.NoError(t, err)
@@ -75,8 +76,8 @@ func TestRenewalAfterTakeoverIsLost(t *testing.T) {
 // Reservations: a lease released for a waiter can be taken by that waiter
 // or a higher priority, not by a lower one; an expired lease is free.
 func TestLeaseReservations(t *testing.T) {
-	kv := locksBucket(t, time.Second)
-	store := newLeaseStore(kv, time.Second, 100*time.Millisecond, 200*time.Millisecond)
+	js, kv := locksBucket(t, time.Second)
+	store := newLeaseStore(js, kv, time.Second, 100*time.Millisecond, 200*time.Millisecond)
 	ctx := context.Background()
 	take := func(op string, prio int) (*Lease, leaseValue, error) {
 		return store.acquire(ctx, "node.node-1", leaseValue{Holder: "h-" + op, Operation: op, Priority: prio, Nonce: nonce()})

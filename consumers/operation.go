@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -43,13 +44,49 @@ type Operation struct {
 
 	cancelRun  context.CancelCauseFunc // ends the handler's context
 	yieldTimer *time.Timer
-	statusSeq  int // status events published by this attempt; used by one goroutine at a time
+	statusSeq  atomic.Int64 // status events published by this attempt
+
+	// The progress loop starts with the first Progress call.
+	startProgress  func()
+	progressOnce   sync.Once
+	progressOn     bool
+	progressClosed bool
+	progressDone   chan struct{}
+}
+
+func (o *Operation) nextStatusSeq() int { return int(o.statusSeq.Add(1)) }
+
+// kickProgress starts the progress loop if it is not running, unless the
+// handler has returned.
+func (o *Operation) kickProgress() {
+	o.progressOnce.Do(func() {
+		o.mu.Lock()
+		start := !o.progressClosed && o.startProgress != nil
+		o.progressOn = start
+		o.mu.Unlock()
+		if start {
+			o.startProgress()
+		}
+	})
+}
+
+// stopProgress ends the progress loop (cancelling the run's context) and
+// waits for it; no loop starts afterwards.
+func (o *Operation) stopProgress(cancel context.CancelCauseFunc) {
+	o.mu.Lock()
+	o.progressClosed = true
+	on := o.progressOn
+	o.mu.Unlock()
+	if on {
+		cancel(nil)
+		<-o.progressDone
+	}
 }
 
 func newOperation(rt *Runtime, wf *workflow, rec Record, rev uint64, holder string, locks []Lock, leases []*Lease) *Operation {
 	return &Operation{rt: rt, wf: wf, start: rec, rec: rec, rev: rev, holder: holder, locks: locks, leases: leases,
 		progress: newProgressBook(rt.js, rec.Key), cancelled: make(chan struct{}), preempted: make(chan struct{}),
-		dirty: make(chan struct{}, 1)}
+		dirty: make(chan struct{}, 1), progressDone: make(chan struct{})}
 }
 
 // Key is the operation key.
@@ -115,6 +152,7 @@ func (o *Operation) Progress(ctx context.Context, target string, p TargetProgres
 	case o.dirty <- struct{}{}:
 	default:
 	}
+	o.kickProgress()
 	return nil
 }
 

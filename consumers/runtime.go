@@ -242,7 +242,7 @@ func (r *Runtime) adopt(res *Resources) error {
 	if err := r.cfg.validate(ackWaits...); err != nil {
 		return fmt.Errorf("the server's configuration is unsafe for this replica: %w", err)
 	}
-	r.leases = newLeaseStore(res.Locks, r.cfg.LeaseTTL, r.cfg.LeaseMargin, r.cfg.CallTimeout)
+	r.leases = newLeaseStore(r.js, res.Locks, r.cfg.LeaseTTL, r.cfg.LeaseMargin, r.cfg.CallTimeout)
 	return nil
 }
 
@@ -421,7 +421,7 @@ func (r *Runtime) route(d *delivery) bool {
 // message goes back with a short delay (and, if the holder has a lower
 // priority, the holder is asked to yield): waiting holds no worker slot and
 // uses none of the operation's budget.
-func (r *Runtime) lease(stop context.Context, d *delivery, created <-chan created) bool {
+func (r *Runtime) lease(stop context.Context, d *delivery, created *created) bool {
 	locks := append([]Lock(nil), d.ev.Keys.Locks...)
 	sort.Slice(locks, func(i, j int) bool { return locks[i].Key < locks[j].Key })
 	for _, lk := range locks {
@@ -435,7 +435,7 @@ func (r *Runtime) lease(stop context.Context, d *delivery, created <-chan create
 			continue
 		}
 		r.releaseAll(d, "", 0)
-		r.undoCreate(d, <-created)
+		r.undoCreate(d, created)
 		if stop.Err() != nil {
 			_ = d.msg.Nak()
 			r.settled(d, ResultAbandoned)
@@ -513,41 +513,66 @@ type budgetError struct{ reason string }
 
 func (e *budgetError) Error() string { return e.reason }
 
-// created is the outcome of creating a new operation's record.
+// created is a record creation in flight: a compare-and-set publish to the
+// bucket's subject, asynchronous so that it overlaps taking the leases.
 type created struct {
 	rec Record
-	rev uint64
+	fut jetstream.PubAckFuture
 	err error
+	ctx context.Context
+}
+
+// result waits for the creation: the new revision, or ErrKeyExists when the
+// record existed (start then resumes it).
+func (c *created) result() (uint64, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	select {
+	case ack := <-c.fut.Ok():
+		return ack.Sequence, nil
+	case err := <-c.fut.Err():
+		if isRevisionConflict(err) {
+			return 0, fmt.Errorf("%w: %v", jetstream.ErrKeyExists, err)
+		}
+		return 0, err
+	case <-c.ctx.Done():
+		return 0, c.ctx.Err()
+	}
 }
 
 // createRecord starts creating the record of the delivery's operation as a
-// new one, running under this attempt. If the record exists already the
-// result is ErrKeyExists and start resumes it instead.
-func (r *Runtime) createRecord(d *delivery) <-chan created {
+// new one, running under this attempt.
+func (r *Runtime) createRecord(d *delivery) *created {
 	k := d.ev.Keys
 	now := time.Now().UTC()
 	ce := d.ev.CloudEvent
 	request, _ := json.Marshal(ce)
-	rec := Record{Leases: lockKeys(k.Locks), Key: k.Operation, Workflow: d.wf.Name, Target: k.Target, State: StateRunning, Generation: 1,
-		Attempts: 1, Charged: 1, Holder: d.holder, EventID: ce.ID(), EventType: ce.Type(), Request: request,
-		Seq: d.ev.StreamSeq, LastSeen: now, Due: now.Add(d.wf.ackWait), Created: now, Started: now}
-	out := make(chan created, 1)
-	go func() {
-		rev, err := r.ops.put(d.ctx, &rec, 0)
-		out <- created{rec, rev, err}
-	}()
-	return out
+	c := &created{ctx: d.ctx, rec: Record{Leases: lockKeys(k.Locks), Key: k.Operation, Workflow: d.wf.Name, Target: k.Target,
+		State: StateRunning, Generation: 1, Attempts: 1, Charged: 1, Holder: d.holder, EventID: ce.ID(), EventType: ce.Type(),
+		Request: request, Seq: d.ev.StreamSeq, LastSeen: now, Due: now.Add(d.wf.ackWait), Created: now, Started: now, Updated: now}}
+	b, err := json.Marshal(c.rec)
+	if err != nil {
+		c.err = fmt.Errorf("encode operation %s: %w", k.Operation, err)
+		return c
+	}
+	m := nats.NewMsg("$KV." + BucketOps + "." + k.Operation)
+	m.Data = b
+	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
+	c.fut, c.err = r.js.PublishMsgAsync(m)
+	return c
 }
 
 // undoCreate removes a record created for an attempt that did not get its
 // leases, unless someone wrote it since.
-func (r *Runtime) undoCreate(d *delivery, c created) {
-	if c.err != nil {
+func (r *Runtime) undoCreate(d *delivery, c *created) {
+	rev, err := c.result()
+	if err != nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 2*r.cfg.CallTimeout+time.Second)
 	defer cancel()
-	if err := r.ops.kv.Purge(ctx, c.rec.Key, jetstream.LastRevision(c.rev)); err != nil && !isRevisionConflict(err) {
+	if err := r.ops.kv.Purge(ctx, c.rec.Key, jetstream.LastRevision(rev)); err != nil && !isRevisionConflict(err) {
 		d.log.Warn().Err(err).Msg("could not remove the record of an attempt that did not start")
 	}
 }
@@ -563,22 +588,22 @@ func lockKeys(locks []Lock) []string {
 // start records the operation running under this attempt: the record
 // createRecord made, or an existing one resumed. It skips a finished
 // operation and dead-letters one whose budget is spent.
-func (r *Runtime) start(d *delivery, c <-chan created) bool {
+func (r *Runtime) start(d *delivery, c *created) bool {
 	k := d.ev.Keys
 	now := time.Now().UTC()
 	ce := d.ev.CloudEvent
-	res := <-c
-	if res.err == nil {
-		d.rec, d.rev = res.rec, res.rev
+	rev, cerr := c.result()
+	if cerr == nil {
+		d.rec, d.rev = c.rec, rev
 		return true
 	}
-	if !errors.Is(res.err, jetstream.ErrKeyExists) {
+	if !errors.Is(cerr, jetstream.ErrKeyExists) {
 		r.releaseAll(d, "", 0)
-		r.later(d, r.jitter(r.cfg.BackoffBase), fmt.Errorf("create operation record: %w", res.err), ResultRetried)
+		r.later(d, r.jitter(r.cfg.BackoffBase), fmt.Errorf("create operation record: %w", cerr), ResultRetried)
 		return false
 	}
-	request := res.rec.Request
-	leases := res.rec.Leases
+	request := c.rec.Request
+	leases := c.rec.Leases
 	var err error
 	d.rec, d.rev, err = r.ops.mutateFrom(d.ctx, k.Operation, Record{}, 0, false, func(rec *Record) error {
 		if rec.State.Terminal() {
@@ -666,14 +691,8 @@ func (r *Runtime) run(d *delivery) (herr, cause error) {
 			return err, nil
 		}
 	}
-	var wg sync.WaitGroup
-	loopCtx, stopLoops := context.WithCancel(hctx)
-	wg.Add(2)
-	go func() { defer wg.Done(); r.heartbeat(loopCtx, cancel, d, op) }()
-	go func() { defer wg.Done(); r.watchdog(loopCtx, cancel, op) }()
-	progressDone := make(chan struct{})
-	go func() { defer close(progressDone); r.publishProgress(loopCtx, op) }()
-
+	k := r.keep(hctx, cancel, d, op)
+	op.startProgress = func() { go func() { defer close(op.progressDone); r.publishProgress(hctx, op) }() }
 	r.metrics.InFlight.WithLabelValues(d.wf.Name).Inc()
 	started := time.Now()
 	d.log.Debug().Int("attempt", d.rec.Attempts).Msg("handler started")
@@ -683,9 +702,8 @@ func (r *Runtime) run(d *delivery) (herr, cause error) {
 	if hctx.Err() != nil {
 		cause = context.Cause(hctx)
 	}
-	stopLoops()
-	wg.Wait()
-	<-progressDone
+	k.stop()
+	op.stopProgress(cancel)
 	op.stopYieldTimer()
 	if herr != nil {
 		var p *panicError
@@ -707,71 +725,6 @@ func call(ctx context.Context, h Handler, op *Operation, ev Event) (err error) {
 	return h.Handle(ctx, op, ev)
 }
 
-// heartbeat keeps the message and the leases alive while the handler runs,
-// and re-reads the record for cancel and yield requests the watcher may
-// have missed. A lease found taken cancels the handler with ErrLeaseLost.
-func (r *Runtime) heartbeat(ctx context.Context, cancel context.CancelCauseFunc, d *delivery, op *Operation) {
-	t := time.NewTicker(d.wf.heartbeat)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if err := d.msg.InProgress(); err != nil {
-			d.log.Warn().Err(err).Msg("could not extend the ack deadline")
-		}
-		for _, l := range d.leases {
-			err := l.Renew(ctx)
-			if ctx.Err() != nil {
-				return
-			}
-			if errors.Is(err, ErrLeaseLost) {
-				r.loseLease(d, cancel, op, err)
-				return
-			}
-			if err != nil {
-				d.log.Warn().Err(err).Time("validUntil", l.ValidUntil()).Msg("lease renewal failed; will retry")
-			}
-		}
-		cctx, ccancel := context.WithTimeout(ctx, r.cfg.CallTimeout)
-		rec, _, found, err := r.ops.Get(cctx, op.Key())
-		ccancel()
-		if err == nil && found {
-			r.signal(op, rec)
-		}
-	}
-}
-
-// watchdog cancels the handler when its leases are about to expire on the
-// server without a renewal: before, not after, another replica can take them.
-func (r *Runtime) watchdog(ctx context.Context, cancel context.CancelCauseFunc, op *Operation) {
-	if len(op.leases) == 0 {
-		return
-	}
-	for {
-		var until time.Time
-		for i, l := range op.leases {
-			if u := l.ValidUntil(); i == 0 || u.Before(until) {
-				until = u
-			}
-		}
-		wait := time.Until(until)
-		if wait <= 0 {
-			r.loseLease(nil, cancel, op, fmt.Errorf("no renewal succeeded before %s", until.Format(time.StampMilli)))
-			return
-		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return
-		case <-t.C:
-		}
-	}
-}
-
 func (r *Runtime) loseLease(d *delivery, cancel context.CancelCauseFunc, op *Operation, err error) {
 	op.kill(err)
 	r.metrics.LeasesLost.WithLabelValues(op.wf.Name).Inc()
@@ -783,24 +736,10 @@ func (r *Runtime) loseLease(d *delivery, cancel context.CancelCauseFunc, op *Ope
 	cancel(fmt.Errorf("%w: %v", ErrLeaseLost, err))
 }
 
-// publishProgress says an operation runs once it has run for one
-// StatusInterval (an operation that ends sooner only publishes its final
-// phase), then writes and publishes per-target progress in batches: at most
-// one batch per StatusInterval.
+// publishProgress writes and publishes per-target progress in batches while
+// the handler runs: at most one batch per StatusInterval. It starts with the
+// first Progress call.
 func (r *Runtime) publishProgress(ctx context.Context, op *Operation) {
-	select {
-	case <-ctx.Done():
-		return
-	case <-time.After(r.cfg.StatusInterval):
-	}
-	note := "started"
-	if op.Attempt() > 1 {
-		note = fmt.Sprintf("resumed (attempt %d)", op.Attempt())
-	}
-	op.mu.Lock()
-	rec := op.rec
-	op.mu.Unlock()
-	r.status.publish(rec, schemas.PhaseRunning, note, &op.statusSeq, nil)
 	for {
 		select {
 		case <-ctx.Done():
@@ -849,7 +788,7 @@ func (r *Runtime) flushProgress(ctx context.Context, op *Operation, final bool) 
 	rec := op.rec
 	op.mu.Unlock()
 	if deltas := vmDeltas(op, op.progress.takeUnsent()); len(deltas) > 0 {
-		r.status.publish(rec, schemas.PhaseRunning, rec.Message, &op.statusSeq, deltas)
+		r.status.publish(rec, schemas.PhaseRunning, rec.Message, op.nextStatusSeq, deltas)
 	}
 	return nil
 }
@@ -971,20 +910,18 @@ func (r *Runtime) succeed(d *delivery) {
 // status in parallel; the worker goes on with its next message meanwhile.
 func (r *Runtime) trail(d *delivery, rec Record, reserveFor string, priority int, settle func(ctx context.Context) error, result string) {
 	deltas := vmDeltas(d.op, d.op.progress.takeUnsent())
-	seq := &d.op.statusSeq
+	seq := d.op.nextStatusSeq
 	r.trailing.Add(1)
 	go func() {
 		defer r.trailing.Done()
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
 		defer cancel()
 		futs := r.status.publish(rec, phaseOf[rec.State], statusNote(rec, ""), seq, deltas)
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() { defer wg.Done(); r.releaseAll(d, reserveFor, priority) }()
+		released := r.releaseAsync(d, reserveFor, priority)
 		if err := settle(ctx); err != nil {
 			d.log.Warn().Err(err).Str("result", result).Msg("settling the message not confirmed; a redelivery finds the record and acts on it")
 		}
-		wg.Wait()
+		released(ctx)
 		r.status.wait(ctx, rec.Key, futs)
 		r.settled(d, result)
 	}()
@@ -1136,17 +1073,26 @@ func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 
 // releaseAll gives back every lease the delivery holds.
 func (r *Runtime) releaseAll(d *delivery, reserveFor string, priority int) {
-	if len(d.leases) == 0 {
-		return
-	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+time.Second)
 	defer cancel()
+	r.releaseAsync(d, reserveFor, priority)(ctx)
+}
+
+// releaseAsync sends the release of every lease the delivery holds and
+// returns a function that waits for them.
+func (r *Runtime) releaseAsync(d *delivery, reserveFor string, priority int) func(context.Context) {
+	var waits []func(context.Context) error
 	for _, l := range d.leases {
-		if err := l.Release(ctx, reserveFor, priority); err != nil {
-			d.log.Warn().Err(err).Msg("could not release lease; it expires with its TTL")
-		}
+		waits = append(waits, l.releaseAsync(reserveFor, priority))
 	}
 	d.leases = nil
+	return func(ctx context.Context) {
+		for _, wait := range waits {
+			if err := wait(ctx); err != nil {
+				d.log.Warn().Err(err).Msg("could not release lease; it expires with its TTL")
+			}
+		}
+	}
 }
 
 // settled counts the result and tells Config.Settled.

@@ -34,7 +34,7 @@ type statusPublisher struct {
 // publish sends the status of rec: its phase, the given VM deltas (split in
 // as many events as their size needs) and the summary. It returns the
 // futures of the publishes so that a caller can wait for the final one.
-func (p *statusPublisher) publish(rec Record, phase, note string, seq *int, deltas []schemas.VMProgress) []jetstream.PubAckFuture {
+func (p *statusPublisher) publish(rec Record, phase, note string, seq func() int, deltas []schemas.VMProgress) []jetstream.PubAckFuture {
 	subject, err := schemas.StatusSubject(rec.Workflow, rec.Target)
 	if err != nil {
 		p.log.Warn().Err(err).Str("op", rec.Key).Msg("no status subject for the operation")
@@ -62,8 +62,7 @@ func (p *statusPublisher) publish(rec Record, phase, note string, seq *int, delt
 			// Readers stop at an operation's final phase: it goes last.
 			st.Phase = schemas.PhaseRunning
 		}
-		*seq++
-		id := schemas.DeterministicID(rec.Key, strconv.Itoa(st.Generation), strconv.Itoa(st.Attempt), st.Phase, strconv.Itoa(*seq))
+		id := schemas.DeterministicID(rec.Key, strconv.Itoa(st.Generation), strconv.Itoa(st.Attempt), st.Phase, strconv.Itoa(seq()))
 		e, err := schemas.NewStatus(p.source, id, &st)
 		if err == nil {
 			msg, merr := schemas.ToMsg(subject, e)
