@@ -35,11 +35,6 @@ type statusPublisher struct {
 // as many events as their size needs) and the summary. It returns the
 // futures of the publishes so that a caller can wait for the final one.
 func (p *statusPublisher) publish(rec Record, phase, note string, seq func() int, deltas []schemas.VMProgress) []jetstream.PubAckFuture {
-	subject, err := schemas.StatusSubject(rec.Workflow, rec.Target)
-	if err != nil {
-		p.log.Warn().Err(err).Str("op", rec.Key).Msg("no status subject for the operation")
-		return nil
-	}
 	base := schemas.Status{Operation: rec.Key, Workflow: rec.Workflow, Phase: phase,
 		Message: truncate(oneLine(note), 4096), Generation: max(rec.Generation, 1), Attempt: rec.Attempts}
 	if ns, name, ok := strings.Cut(rec.Target, "/"); ok {
@@ -63,17 +58,12 @@ func (p *statusPublisher) publish(rec Record, phase, note string, seq func() int
 			st.Phase = schemas.PhaseRunning
 		}
 		id := schemas.DeterministicID(rec.Key, strconv.Itoa(st.Generation), strconv.Itoa(st.Attempt), st.Phase, strconv.Itoa(seq()))
-		e, err := schemas.NewStatus(p.source, id, &st)
+		msg, err := schemas.NewStatusMsg(p.source, id, &st)
 		if err == nil {
-			msg, merr := schemas.ToMsg(subject, e)
-			if merr != nil {
-				err = merr
-			} else {
-				var fut jetstream.PubAckFuture
-				fut, err = p.js.PublishMsgAsync(msg)
-				if err == nil {
-					futs = append(futs, fut)
-				}
+			var fut jetstream.PubAckFuture
+			fut, err = p.js.PublishMsgAsync(msg)
+			if err == nil {
+				futs = append(futs, fut)
 			}
 		}
 		if err != nil {

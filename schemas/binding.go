@@ -42,6 +42,24 @@ func ToMsg(subject string, e event.Event) (*nats.Msg, error) {
 	if err != nil {
 		return nil, err
 	}
+	return toMsg(subject, e, p)
+}
+
+// NewStatusMsg is NewStatus encoded as a NATS message on its status subject,
+// without a second validation pass.
+func NewStatusMsg(source, id string, st *Status) (*nats.Msg, error) {
+	e, err := NewStatus(source, id, st)
+	if err != nil {
+		return nil, err
+	}
+	subject, err := StatusSubject(st.Workflow, st.Target())
+	if err != nil {
+		return nil, err
+	}
+	return toMsg(subject, e, st)
+}
+
+func toMsg(subject string, e event.Event, p Payload) (*nats.Msg, error) {
 	if err := checkPublishSubject(subject, p); err != nil {
 		return nil, err
 	}

@@ -394,6 +394,16 @@ func TestNewStatusMatchesTheSchema(t *testing.T) {
 			p, err := Decode(e)
 			require.NoError(t, err, "phase %s: NewStatus built an event the schema refuses", phase)
 			require.Equal(t, st, p)
+			m, err := NewStatusMsg("drover/test", "id-"+phase, st)
+			require.NoError(t, err)
+			want, err := StatusSubject(st.Workflow, st.Target())
+			require.NoError(t, err)
+			require.Equal(t, want, m.Subject)
+			back, err := FromHeaders(m.Header, m.Data)
+			require.NoError(t, err)
+			p, err = Decode(back)
+			require.NoError(t, err, "phase %s: NewStatusMsg built a message the schema refuses", phase)
+			require.Equal(t, st, p)
 		}
 	}
 	_, err := NewStatus("s", "i", &Status{Operation: "o", Workflow: WorkflowRecovery, Node: "node-1", Phase: "Exploded"})
