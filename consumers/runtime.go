@@ -110,7 +110,10 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 	if nc == nil {
 		return nil, errors.New("runtime needs a NATS connection")
 	}
-	js, err := jetstream.New(nc)
+	// Asynchronous publishes (record creation, lease release, progress,
+	// status) give up like any other call instead of waiting forever for an
+	// answer a reconnect lost.
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(4*cfg.CallTimeout+5*time.Second))
 	if err != nil {
 		return nil, fmt.Errorf("jetstream context: %w", err)
 	}
@@ -1059,7 +1062,7 @@ func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 	d.log.Error().Str("reason", reason).Msg("message dead-lettered")
 	if rec.State == StateFailed {
 		if d.op == nil {
-			d.op = &Operation{progress: newProgressBook(r.js, rec.Key)}
+			d.op = &Operation{progress: newProgressBook(r.js, r.progKV, rec.Key)}
 		}
 		r.trail(d, rec, "", 0, settle, ResultDeadLettered)
 		return
