@@ -236,15 +236,12 @@ func (b *progressBook) learnUncertain(ctx context.Context, gen, attempt int) err
 }
 
 // purgeProgress removes every target of an operation (a new generation starts clean).
-func purgeProgress(ctx context.Context, kv jetstream.KeyValue, op string) error {
-	lister, err := kv.ListKeysFiltered(ctx, op+".*")
+func purgeProgress(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, op string) error {
+	keys, err := BucketKeys(ctx, js, BucketProgress, op+".*")
 	if err != nil {
-		if errors.Is(err, jetstream.ErrNoKeysFound) {
-			return nil
-		}
 		return fmt.Errorf("list progress of %s: %w", op, err)
 	}
-	for key := range lister.Keys() {
+	for _, key := range keys {
 		if err := kv.Purge(ctx, key); err != nil {
 			return fmt.Errorf("purge progress %s: %w", key, err)
 		}
