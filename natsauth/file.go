@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 	"sigs.k8s.io/yaml"
 )
@@ -164,4 +165,31 @@ func confList(subjects []string) string {
 		q[i] = fmt.Sprintf("%q", s)
 	}
 	return "[" + strings.Join(q, ", ") + "]"
+}
+
+// SeedOptions are the connection options of the user whose nkey seed is in
+// path: sign the server's challenge with it, and take replies on the user's
+// own inbox (InboxPrefix), the only one its permissions let it read.
+func SeedOptions(path string) ([]nats.Option, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("nkey seed: %w", err)
+	}
+	kp, err := nkeys.ParseDecoratedNKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("nkey seed %s: %w", path, err)
+	}
+	defer kp.Wipe()
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("nkey seed %s: %w", path, err)
+	}
+	if !nkeys.IsValidPublicUserKey(pub) {
+		return nil, fmt.Errorf("nkey seed %s: not a user seed (SU...)", path)
+	}
+	sign, err := nats.NkeyOptionFromSeed(path)
+	if err != nil {
+		return nil, fmt.Errorf("nkey seed %s: %w", path, err)
+	}
+	return []nats.Option{sign, nats.CustomInboxPrefix(InboxPrefix(pub))}, nil
 }

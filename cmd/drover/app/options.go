@@ -22,6 +22,10 @@ type Options struct {
 	NATSURL string `json:"natsURL"`
 	// NATSListen is where the embedded server listens for clients.
 	NATSListen string `json:"natsListen"`
+	// NATSAuthFile lists the users the embedded server accepts and their
+	// roles (natsauth); without it the server accepts anyone, so it may
+	// listen only on a loopback address.
+	NATSAuthFile string `json:"natsAuthFile"`
 	// DataDir holds the embedded server's JetStream store.
 	DataDir string `json:"dataDir"`
 	// Kubeconfig is the cluster to act on; empty: in-cluster config if
@@ -147,6 +151,7 @@ func (o *Options) fields() []field {
 	}
 	add("nats-url", "NATS server URL(s) to join; empty runs an embedded JetStream server", func() (func(string) error, func() string) { return str(&o.NATSURL) })
 	add("nats-listen", "client listen address of the embedded NATS server", func() (func(string) error, func() string) { return str(&o.NATSListen) })
+	add("nats-auth-file", "users (nkeys) and roles the embedded NATS server accepts; required to listen beyond loopback", func() (func(string) error, func() string) { return str(&o.NATSAuthFile) })
 	add("data-dir", "directory of the embedded server's JetStream store", func() (func(string) error, func() string) { return str(&o.DataDir) })
 	add("kubeconfig", "kubeconfig of the cluster to act on", func() (func(string) error, func() string) { return str(&o.Kubeconfig) })
 	add("http-listen", "address serving /metrics, /healthz and /readyz", func() (func(string) error, func() string) { return str(&o.HTTPListen) })
@@ -263,6 +268,14 @@ func (o Options) validate() error {
 	var errs []error
 	if o.NATSURL == "" && o.DataDir == "" {
 		errs = append(errs, errors.New("data-dir must be set when NATS is embedded"))
+	}
+	if o.NATSURL != "" && o.NATSAuthFile != "" {
+		errs = append(errs, errors.New("nats-auth-file configures the embedded NATS server; with nats-url the NATS cluster's own configuration says who may do what (drover auth server-config prints it)"))
+	}
+	if o.NATSURL == "" && o.NATSAuthFile == "" {
+		if err := checkUnauthenticatedListen(o.NATSListen); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if o.Replicas != 1 && o.Replicas != 3 && o.Replicas != 5 {
 		errs = append(errs, fmt.Errorf("replicas must be 1, 3 or 5, got %d", o.Replicas))

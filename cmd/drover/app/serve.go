@@ -26,6 +26,7 @@ import (
 	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
 	"github.com/drover-io/drover/handlers/recovery"
+	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/schemas"
 )
 
@@ -84,16 +85,30 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		return err
 	}
 	if url == "" {
-		ns, err := startEmbedded(o.NATSListen, o.DataDir)
+		var auth *natsauth.File
+		if o.NATSAuthFile != "" {
+			if auth, err = natsauth.LoadFile(o.NATSAuthFile); err != nil {
+				return err
+			}
+		}
+		ns, svc, err := startEmbedded(o.NATSListen, o.DataDir, auth)
 		if err != nil {
 			return err
 		}
 		cleanups = append(cleanups, func() error { ns.Shutdown(); ns.WaitForShutdown(); return nil })
 		url = ns.ClientURL()
-		natsOpts = []nats.Option{nats.Name("drover-serve"), nats.InProcessServer(ns)}
+		natsOpts = append([]nats.Option{nats.Name("drover-serve"), nats.InProcessServer(ns)}, svc...)
 		log.Info().Str("url", url).Str("dataDir", o.DataDir).Msg("embedded NATS JetStream server started")
+		if auth == nil {
+			log.Warn().Str("listen", o.NATSListen).Msg("embedded NATS server is unauthenticated: any local process can publish any request, node.fenced included; pass --nats-auth-file to require credentials")
+		} else {
+			log.Info().Str("authFile", o.NATSAuthFile).Interface("users", auth.Count()).Msg("embedded NATS server accepts only the auth file's users, each with its role's permissions")
+		}
 	}
 	natsOpts = append(natsOpts, nats.MaxReconnects(-1),
+		// A refused subject is a configuration error (the drover role on an
+		// external server), not something a retry fixes: say so.
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { log.Error().Err(err).Msg("NATS error") }),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn().Err(err).Msg("NATS disconnected") }),
 		nats.ReconnectHandler(func(c *nats.Conn) { log.Info().Str("url", c.ConnectedUrl()).Msg("NATS reconnected") }))
 	nc, err := nats.Connect(url, natsOpts...)
