@@ -6,6 +6,9 @@ CACHE := $(CURDIR)/.cache
 BIN := $(CURDIR)/bin
 TOOLS := $(CACHE)/tools
 export DROVER_TEST_BIN ?= $(CACHE)/bin
+# nats-server built from the module go.mod pins, for tests that run it as a separate process.
+NATS_SERVER := $(CACHE)/bin/nats-server
+export DROVER_NATS_SERVER ?= $(NATS_SERVER)
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/drover-io/drover/cmd/drover/app.Version=$(VERSION)
 STATICCHECK_VERSION := v0.6.1
@@ -27,12 +30,18 @@ build:
 test: test-unit test-integration
 
 ## test-unit: tests that need no control plane (race detector on)
-test-unit:
+test-unit: nats-server
 	$(GO) test -race -count=1 $(GOTESTFLAGS) $(UNIT_PKGS)
 
 ## test-integration: the control plane, the simulator and the end-to-end tests (builds kube-apiserver and etcd first when missing)
 test-integration: controlplane
 	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) ./integration/...
+
+## nats-server: build nats-server from the version go.mod pins into .cache/bin (tests run it as a separate process)
+nats-server: $(NATS_SERVER)
+
+$(NATS_SERVER): go.mod go.sum
+	$(GO) build -trimpath -o $@ github.com/nats-io/nats-server/v2
 
 ## bench: benchmarks that print figures (runtime vs raw JetStream, event encoding); asserts nothing about time
 bench:
@@ -65,6 +74,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build test test-unit test-integration bench bench-sim demo lint verify clean
+.PHONY: help build test test-unit test-integration nats-server bench bench-sim demo lint verify clean
 
 -include integration/integration.mk

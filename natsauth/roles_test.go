@@ -45,7 +45,11 @@ type rig struct {
 	users map[natsauth.Role]cred
 }
 
-func startRig(t *testing.T) *rig {
+func startRig(t *testing.T) *rig { t.Helper(); return startRigAccounts(t, true) }
+
+// startRigAccounts starts the rig with drover's two accounts, or with every
+// user in one account, permissions alone (to show what they do not stop).
+func startRigAccounts(t *testing.T, accounts bool) *rig {
 	t.Helper()
 	r := &rig{users: map[natsauth.Role]cred{}}
 	f := &natsauth.File{}
@@ -55,10 +59,19 @@ func startRig(t *testing.T) *rig {
 		f.Users = append(f.Users, natsauth.User{Name: "u-" + string(role), NKey: c.pub, Role: role})
 	}
 	svc := newCred(t)
-	users, err := f.NkeyUsers()
+	conf, err := f.ServerConfig(svc.pub)
 	require.NoError(t, err)
 	s := natstest.StartWith(t, func(o *server.Options) {
-		o.Nkeys = append(users, &server.NkeyUser{Nkey: svc.pub})
+		if accounts {
+			require.NoError(t, o.ProcessConfigString(conf))
+			return
+		}
+		o.Nkeys = []*server.NkeyUser{{Nkey: svc.pub}}
+		for _, u := range f.Users {
+			g, err := natsauth.For(u.Role, u.NKey)
+			require.NoError(t, err)
+			o.Nkeys = append(o.Nkeys, &server.NkeyUser{Nkey: u.NKey, Permissions: g.Permissions()})
+		}
 	})
 	r.url = s.ClientURL()
 	nc := natstest.Connect(t, r.url, nats.Nkey(svc.pub, svc.kp.Sign))
@@ -324,4 +337,66 @@ func TestConsumerDeliversAnywhere(t *testing.T) {
 		st, err := js.Stream(ctx, consumers.StreamRequests)
 		return err == nil && st.CachedInfo().State.Msgs == 1
 	}, 5*time.Second, 20*time.Millisecond, "the status event reaches the request stream on %s", fenced)
+}
+
+// TestRepliesStayInTheClientAccount: the server does not check a reply
+// subject against permissions, so in one account any user allowed a single
+// request (a fencer asking who it is) has the answer stored wherever it
+// likes: over a lease, an operation record, on a request subject. With
+// drover's two accounts the answer goes back to the clients account, where
+// no stream listens.
+func TestRepliesStayInTheClientAccount(t *testing.T) {
+	for _, accounts := range []bool{false, true} {
+		name := map[bool]string{false: "one account: replies land", true: "two accounts: replies stay with the client"}[accounts]
+		t.Run(name, func(t *testing.T) {
+			r := startRigAccounts(t, accounts)
+			ctx := context.Background()
+			key := "maintenance.node-1.seeded"
+			r.seed(t, key)
+			ops, err := r.svc.KeyValue(ctx, consumers.BucketOps)
+			require.NoError(t, err)
+			locks, err := r.svc.KeyValue(ctx, consumers.BucketLocks)
+			require.NoError(t, err)
+			rec, err := ops.Get(ctx, key)
+			require.NoError(t, err)
+			requests := func() uint64 {
+				s, err := r.svc.Stream(ctx, consumers.StreamRequests)
+				require.NoError(t, err)
+				return s.CachedInfo().State.LastSeq
+			}
+			before := requests()
+			fenced, err := schemas.RequestSubject(schemas.KindNodeFenced, "node-4")
+			require.NoError(t, err)
+			c := r.connect(t, natsauth.RoleFencer)
+			for _, reply := range []string{"$KV." + consumers.BucketLocks + "." + consumers.NodeLock("node-1"), "$KV." + consumers.BucketOps + "." + key, fenced} {
+				require.NoError(t, c.nc.PublishMsg(&nats.Msg{Subject: natsauth.UserInfoSubject, Reply: reply}))
+			}
+			// Barrier: the server answers in order, and each stream stores
+			// in order, so once these are stored the answers above are too.
+			_, err = c.nc.Request(natsauth.UserInfoSubject, nil, 5*time.Second)
+			require.NoError(t, err)
+			_, err = locks.Put(ctx, "barrier", []byte("b"))
+			require.NoError(t, err)
+			_, err = ops.Put(ctx, "barrier", []byte("b"))
+			require.NoError(t, err)
+			_, err = r.svc.Publish(ctx, "drover.req.node-ready.barrier", nil)
+			require.NoError(t, err)
+			_, d := c.denied()
+			require.False(t, d, "asking who one is is allowed")
+
+			_, lockErr := locks.Get(ctx, consumers.NodeLock("node-1"))
+			now, err := ops.Get(ctx, key)
+			require.NoError(t, err)
+			stored := requests() - before - 1 // minus the barrier
+			if !accounts {
+				require.NoError(t, lockErr, "a lease was written by a fencer")
+				require.NotEqual(t, rec.Revision(), now.Revision(), "an operation record was overwritten by a fencer")
+				require.EqualValues(t, 1, stored, "a message reached %s", fenced)
+				return
+			}
+			require.ErrorIs(t, lockErr, jetstream.ErrKeyNotFound, "no lease appears")
+			require.Equal(t, rec.Revision(), now.Revision(), "the operation record is untouched")
+			require.Zero(t, stored, "nothing reached the request stream")
+		})
+	}
 }

@@ -16,10 +16,10 @@ import (
 
 // startEmbedded runs a JetStream server inside the process, storing under
 // dataDir and listening for clients on listen (host:port; port 0 picks one).
-// With auth it accepts only auth's users, each with its role's permissions,
-// and returns the options of the service's own, unrestricted, in-process
-// connection; without auth it accepts anyone and so refuses to listen
-// beyond loopback.
+// With auth it accepts only auth's users, each with its role's permissions
+// in drover's two accounts (natsauth.ServerConfig), and returns the options
+// of the service's own, unrestricted, in-process connection; without auth it
+// accepts anyone and so refuses to listen beyond loopback.
 func startEmbedded(listen, dataDir string, auth *natsauth.File) (*server.Server, []nats.Option, error) {
 	host, portStr, err := net.SplitHostPort(listen)
 	if err != nil {
@@ -36,28 +36,15 @@ func startEmbedded(listen, dataDir string, auth *natsauth.File) (*server.Server,
 	if err != nil {
 		return nil, nil, err
 	}
-	opts := &server.Options{
-		ServerName: "drover-embedded",
-		Host:       host,
-		Port:       port,
-		JetStream:  true,
-		StoreDir:   filepath.Join(dir, "jetstream"),
-		NoSigs:     true,
-		NoLog:      true,
-		// Requests are small; refuse anything that could not be an event.
-		MaxPayload: 1 << 20,
-	}
+	opts := &server.Options{}
 	var connect []nats.Option
 	if auth == nil {
 		if err := checkUnauthenticatedListen(listen); err != nil {
 			return nil, nil, err
 		}
 	} else {
-		if opts.Nkeys, err = auth.NkeyUsers(); err != nil {
-			return nil, nil, err
-		}
 		// The service signs in with a key pair made now and kept in memory
-		// only; its user has no permission limits.
+		// only; its user, in the service account, has no permission limits.
 		kp, err := nkeys.CreateUser()
 		if err != nil {
 			return nil, nil, fmt.Errorf("service nkey: %w", err)
@@ -66,9 +53,21 @@ func startEmbedded(listen, dataDir string, auth *natsauth.File) (*server.Server,
 		if err != nil {
 			return nil, nil, fmt.Errorf("service nkey: %w", err)
 		}
-		opts.Nkeys = append(opts.Nkeys, &server.NkeyUser{Nkey: pub})
+		conf, err := auth.ServerConfig(pub)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := opts.ProcessConfigString(conf); err != nil {
+			return nil, nil, fmt.Errorf("embedded NATS accounts: %w", err)
+		}
 		connect = append(connect, nats.Nkey(pub, kp.Sign))
 	}
+	opts.ServerName = "drover-embedded"
+	opts.Host, opts.Port = host, port
+	opts.JetStream, opts.StoreDir = true, filepath.Join(dir, "jetstream")
+	opts.NoSigs, opts.NoLog = true, true
+	// Requests are small; refuse anything that could not be an event.
+	opts.MaxPayload = 1 << 20
 	ns, err := server.NewServer(opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("embedded NATS: %w", err)
