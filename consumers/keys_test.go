@@ -14,15 +14,22 @@ import (
 	"github.com/drover-io/drover/schemas"
 )
 
-// TestBucketKeys lists keys from the stream's subject index, filtered, and
-// creates no consumer doing it (see natsauth: readers get none).
-func TestBucketKeys(t *testing.T) {
+// buckets is a server with drover's streams and buckets and no runtime.
+func buckets(t *testing.T) (jetstream.JetStream, *consumers.Resources) {
+	t.Helper()
 	s := natstest.Start(t)
 	js, err := jetstream.New(natstest.Connect(t, s.ClientURL()))
 	require.NoError(t, err)
-	ctx := context.Background()
-	res, err := consumers.Setup(ctx, js, consumers.Config{})
+	res, err := consumers.Setup(context.Background(), js, consumers.Config{})
 	require.NoError(t, err)
+	return js, res
+}
+
+// TestBucketKeys lists keys from the stream's subject index, filtered, and
+// creates no consumer doing it (see natsauth: readers get none).
+func TestBucketKeys(t *testing.T) {
+	js, res := buckets(t)
+	ctx := context.Background()
 	for _, k := range []string{"maintenance.node-1.r1", "maintenance.node-1.r2", "maintenance.node-2.r1", "recovery.node-1.i1", consumers.NodeStateKey("node-1")} {
 		_, err := res.Ops.Put(ctx, k, []byte(`{"key":"`+k+`"}`))
 		require.NoError(t, err)
@@ -56,12 +63,8 @@ func TestBucketKeys(t *testing.T) {
 // the last one (listed through the subject index), and other operations keep
 // theirs.
 func TestRetryPurgesProgress(t *testing.T) {
-	s := natstest.Start(t)
-	js, err := jetstream.New(natstest.Connect(t, s.ClientURL()))
-	require.NoError(t, err)
+	js, res := buckets(t)
 	ctx := context.Background()
-	res, err := consumers.Setup(ctx, js, consumers.Config{})
-	require.NoError(t, err)
 	key, other := consumers.MaintenanceOperationKey("node-1", "r1"), consumers.MaintenanceOperationKey("node-2", "r1")
 	e, err := schemas.New("test", "e1", &schemas.MaintenanceRequested{Node: "node-1", RequestID: "r1", Reason: "x", RequestedBy: "t", Mode: schemas.ModeLiveMigrate})
 	require.NoError(t, err)

@@ -147,13 +147,6 @@ func (r *rig) seed(t *testing.T, key string) {
 	require.NoError(t, err)
 }
 
-func (r *rig) deadLetters(t *testing.T) uint64 {
-	t.Helper()
-	s, err := r.svc.Stream(context.Background(), consumers.StreamDLQ)
-	require.NoError(t, err)
-	return s.CachedInfo().State.Msgs
-}
-
 func publishKind(kind string) func(*client) error {
 	return func(c *client) error {
 		subject, err := schemas.RequestSubject(kind, "node-1")

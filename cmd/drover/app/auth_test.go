@@ -1,7 +1,6 @@
 package app
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -103,13 +101,16 @@ func TestServeRefusesOpenUnauthenticatedNATS(t *testing.T) {
 }
 
 func TestServeSaysItIsUnauthenticated(t *testing.T) {
-	var logs syncBuffer
+	logFile := filepath.Join(t.TempDir(), "drover.log")
+	f, err := os.Create(logFile) // a file: Serve's goroutines may still write while the test reads
+	require.NoError(t, err)
+	defer f.Close()
 	o := DefaultOptions()
 	o.NATSListen, o.HTTPListen, o.DataDir = "127.0.0.1:0", "127.0.0.1:0", t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	ready := make(chan Info, 1)
-	go func() { done <- Serve(ctx, o, zerolog.New(&logs), func(i Info) { ready <- i }) }()
+	go func() { done <- Serve(ctx, o, zerolog.New(f), func(i Info) { ready <- i }) }()
 	select {
 	case <-ready:
 	case err := <-done:
@@ -117,28 +118,11 @@ func TestServeSaysItIsUnauthenticated(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("serve not ready within 30s")
 	}
+	logs, err := os.ReadFile(logFile)
+	require.NoError(t, err)
+	require.Contains(t, string(logs), `{"level":"warn","listen":"127.0.0.1:0","message":"embedded NATS server is unauthenticated`)
 	cancel()
 	require.NoError(t, <-done)
-	require.Contains(t, logs.String(), `"level":"warn"`)
-	require.Contains(t, logs.String(), "embedded NATS server is unauthenticated")
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // authSetup is drover with an authenticated NATS and one user per client role.
@@ -206,7 +190,7 @@ func TestRolesOnExternalNATS(t *testing.T) {
 	s.admin, err = jetstream.New(s.connect(t, natsauth.RoleDrover))
 	require.NoError(t, err)
 	roleScenario(t, s)
-	for _, l := range strings.Split(logs.String(), "\n") {
+	for _, l := range strings.Split(logs(), "\n") {
 		if strings.Contains(l, "Violation") && strings.Contains(l, "drover-serve") {
 			t.Errorf("the server refused the drover role something the service uses: %s", l)
 		}
@@ -231,15 +215,14 @@ func natsServerBin(t *testing.T) string {
 
 // startNATSServerProcess runs nats-server as its own process on a random
 // loopback port with JetStream under dir and extra configuration, and
-// returns its URL and its log.
-func startNATSServerProcess(t *testing.T, dir, extra string) (string, *syncBuffer) {
+// returns its URL and a function reading its log so far.
+func startNATSServerProcess(t *testing.T, dir, extra string) (string, func() string) {
 	t.Helper()
-	conf := filepath.Join(dir, "server.conf")
+	conf, logFile := filepath.Join(dir, "server.conf"), filepath.Join(dir, "nats-server.log")
 	require.NoError(t, os.WriteFile(conf, []byte("server_name: drover-ext\nhost: 127.0.0.1\nport: -1\n"+
 		"jetstream { store_dir: \""+filepath.Join(dir, "js")+"\" }\n"+extra), 0o600))
-	logs := &syncBuffer{}
-	cmd := exec.Command(natsServerBin(t), "-c", conf, "--ports_file_dir", dir)
-	cmd.Stdout, cmd.Stderr = logs, logs
+	logs := func() string { b, _ := os.ReadFile(logFile); return string(b) }
+	cmd := exec.Command(natsServerBin(t), "-c", conf, "--ports_file_dir", dir, "--log", logFile)
 	require.NoError(t, cmd.Start())
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
@@ -257,7 +240,7 @@ func startNATSServerProcess(t *testing.T, dir, extra string) (string, *syncBuffe
 	require.Eventually(t, func() bool {
 		select {
 		case err := <-exited:
-			t.Fatalf("nats-server exited: %v\n%s", err, logs.String())
+			t.Fatalf("nats-server exited: %v\n%s", err, logs())
 		default:
 		}
 		b, err := os.ReadFile(ports)
@@ -267,7 +250,7 @@ func startNATSServerProcess(t *testing.T, dir, extra string) (string, *syncBuffe
 		}
 		url = p.Nats[0]
 		return true
-	}, 15*time.Second, 20*time.Millisecond, "nats-server wrote no ports file\n%s", logs.String())
+	}, 15*time.Second, 20*time.Millisecond, "nats-server wrote no ports file")
 	return url, logs
 }
 
