@@ -13,7 +13,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/drover-io/drover/cmd/drover/app.Version=$(VERSION)
 STATICCHECK_VERSION := v0.6.1
 # Packages that need no control plane: run with the race detector.
-UNIT_PKGS := ./schemas/... ./consumers/... ./producers/... ./handlers/... ./cmd/... ./integration/natstest/...
+UNIT_PKGS := ./schemas/... ./natsauth/... ./consumers/... ./producers/... ./handlers/... ./cmd/... ./integration/natstest/...
 GOTESTFLAGS ?=
 
 .DEFAULT_GOAL := help
