@@ -26,6 +26,9 @@ type Options struct {
 	// roles (natsauth); without it the server accepts anyone, so it may
 	// listen only on a loopback address.
 	NATSAuthFile string `json:"natsAuthFile"`
+	// IngressTokensFile turns on POST /events (the HTTP CloudEvents ingress)
+	// for the tokens it lists.
+	IngressTokensFile string `json:"ingressTokensFile"`
 	// DataDir holds the embedded server's JetStream store.
 	DataDir string `json:"dataDir"`
 	// Kubeconfig is the cluster to act on; empty: in-cluster config if
@@ -151,6 +154,7 @@ func (o *Options) fields() []field {
 	}
 	add("nats-url", "NATS server URL(s) to join; empty runs an embedded JetStream server", func() (func(string) error, func() string) { return str(&o.NATSURL) })
 	add("nats-listen", "client listen address of the embedded NATS server", func() (func(string) error, func() string) { return str(&o.NATSListen) })
+	add("ingress-tokens-file", "bearer tokens (SHA-256) and the event types each may POST to /events; without it the HTTP ingress is off", func() (func(string) error, func() string) { return str(&o.IngressTokensFile) })
 	add("nats-auth-file", "users (nkeys) and roles the embedded NATS server accepts; required to listen beyond loopback", func() (func(string) error, func() string) { return str(&o.NATSAuthFile) })
 	add("data-dir", "directory of the embedded server's JetStream store", func() (func(string) error, func() string) { return str(&o.DataDir) })
 	add("kubeconfig", "kubeconfig of the cluster to act on", func() (func(string) error, func() string) { return str(&o.Kubeconfig) })

@@ -26,6 +26,8 @@ import (
 	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
 	"github.com/drover-io/drover/handlers/recovery"
+	"github.com/drover-io/drover/producers"
+	"github.com/drover-io/drover/producers/ingress"
 	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/schemas"
 )
@@ -148,6 +150,20 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	producerMetrics := producers.NewMetrics(reg)
+	if o.IngressTokensFile != "" {
+		tokens, err := ingress.NewTokenSource(o.IngressTokensFile, func(err error) { log.Error().Err(err).Msg("ingress tokens") })
+		if err != nil {
+			return usageError{err}
+		}
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return err
+		}
+		mux.Handle("/events", &ingress.Handler{Publisher: &producers.Publisher{JS: js}, Tokens: tokens.Tokens,
+			Metrics: producerMetrics, Log: log.With().Str("producer", ingress.Source).Logger()})
+		log.Info().Str("tokens", o.IngressTokensFile).Msg("HTTP CloudEvents ingress on /events")
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !nc.IsConnected() {
