@@ -43,6 +43,11 @@ nats-server: $(NATS_SERVER)
 $(NATS_SERVER): go.mod go.sum
 	$(GO) build -trimpath -o $@ github.com/nats-io/nats-server/v2
 
+## chromium: install Debian's chromium for the web page test when it is missing (needs root and apt)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the web page test" >&2; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 ## bench: benchmarks that print figures (runtime vs raw JetStream, event encoding); asserts nothing about time
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./consumers/
@@ -74,6 +79,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build test test-unit test-integration nats-server bench bench-sim demo lint verify clean
+.PHONY: help build test test-unit test-integration nats-server chromium bench bench-sim demo lint verify clean
 
 -include integration/integration.mk

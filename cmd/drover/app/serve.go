@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/drover-io/drover/cmd/drover/app/web"
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
@@ -151,19 +152,23 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	producerMetrics := producers.NewMetrics(reg)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	page := &web.Server{NC: nc, JS: js, Log: log.With().Str("component", "web").Logger()}
 	if o.IngressTokensFile != "" {
 		tokens, err := ingress.NewTokenSource(o.IngressTokensFile, func(err error) { log.Error().Err(err).Msg("ingress tokens") })
 		if err != nil {
 			return usageError{err}
 		}
-		js, err := jetstream.New(nc)
-		if err != nil {
-			return err
-		}
 		mux.Handle("/events", &ingress.Handler{Publisher: &producers.Publisher{JS: js}, Tokens: tokens.Tokens,
 			Metrics: producerMetrics, Log: log.With().Str("producer", ingress.Source).Logger()})
+		// The page is behind the same tokens: any of them may read it.
+		page.Authorize = func(tok string) bool { _, _, ok := tokens.Tokens().Lookup(tok); return tok != "" && ok }
 		log.Info().Str("tokens", o.IngressTokensFile).Msg("HTTP CloudEvents ingress on /events")
 	}
+	mux.Handle("/", page.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !nc.IsConnected() {
