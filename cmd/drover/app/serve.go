@@ -27,9 +27,9 @@ import (
 	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
 	"github.com/drover-io/drover/handlers/recovery"
+	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/producers"
 	"github.com/drover-io/drover/producers/ingress"
-	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/schemas"
 )
 
