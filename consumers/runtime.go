@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
@@ -96,6 +97,8 @@ type Runtime struct {
 	leases *leaseStore
 	status *statusPublisher
 
+	bound atomic.Bool // consumers bound and workers fetching (readiness)
+
 	mu         sync.Mutex
 	inflight   map[string]*Operation // by operation key
 	unfinished map[string][]byte     // operation records (raw) kept by watchRequests; finished ones are pruned by Reconcile
@@ -157,6 +160,11 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 		status:   &statusPublisher{js: js, source: cfg.Source, log: log}}, nil
 }
 
+// Bound reports whether the runtime has bound its consumers and its workers
+// are fetching (until it starts shutting down): the consumers' part of
+// readiness.
+func (r *Runtime) Bound() bool { return r.bound.Load() }
+
 // ID identifies this runtime as a lease holder.
 func (r *Runtime) ID() string { return r.id }
 
@@ -200,7 +208,9 @@ func (r *Runtime) Start(ctx context.Context) error {
 		}
 	}
 	r.log.Info().Str("runtime", r.id).Strs("workflows", names).Dur("leaseTTL", r.cfg.LeaseTTL).Msg("consumers started")
+	r.bound.Store(true)
 	<-ctx.Done()
+	r.bound.Store(false)
 	r.log.Info().Dur("grace", r.cfg.ShutdownGrace).Msg("shutting down: no new messages; waiting for in-flight handlers")
 
 	done := make(chan struct{})

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -170,9 +171,20 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 	mux.Handle("/", page.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+	apiReady := kubeReadiness(kube)
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		var problems []string
 		if !nc.IsConnected() {
-			http.Error(w, "NATS not connected", http.StatusServiceUnavailable)
+			problems = append(problems, "NATS not connected")
+		}
+		if !rt.Bound() {
+			problems = append(problems, "consumers not bound")
+		}
+		if err := apiReady(r.Context()); err != nil {
+			problems = append(problems, "Kubernetes API: "+err.Error())
+		}
+		if len(problems) > 0 {
+			http.Error(w, strings.Join(problems, "; "), http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = io.WriteString(w, "ok\n")
@@ -223,6 +235,30 @@ func waitForStreams(ctx context.Context, nc *nats.Conn) error {
 		case <-ctx.Done():
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+}
+
+// kubeReadiness returns a check of the Kubernetes API server's /readyz,
+// answered from a cache for a few seconds so that probes do not hammer it.
+// Without a cluster it always passes.
+func kubeReadiness(kube kubernetes.Interface) func(context.Context) error {
+	if kube == nil {
+		return func(context.Context) error { return nil }
+	}
+	var mu sync.Mutex
+	var last time.Time
+	var lastErr error
+	return func(ctx context.Context) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if time.Since(last) < 5*time.Second {
+			return lastErr
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		_, lastErr = kube.Discovery().RESTClient().Get().AbsPath("/readyz").Do(cctx).Raw()
+		last = time.Now()
+		return lastErr
 	}
 }
 
