@@ -22,9 +22,14 @@ GOTESTFLAGS ?=
 help:
 	@grep -hE '^## ' $(MAKEFILE_LIST) | sed 's/^## /  /'
 
-## build: build the drover binary into bin/
+## build: build the drover binary into bin/ (static: CGO off, as in the image)
 build:
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/drover ./cmd/drover
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/drover ./cmd/drover
+
+## image: build the OCI image without a Docker daemon into bin/drover-image.tar (docker/podman load, crane push)
+image:
+	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/drover-linux-amd64 ./cmd/drover
+	$(GO) run ./cmd/drover-image --binary $(BIN)/drover-linux-amd64 --tag drover:$(VERSION) --version $(VERSION) --out $(BIN)/drover-image.tar
 
 ## test: every test: unit tests with -race, then the integration tests against a real kube-apiserver, etcd and nats-server
 test: test-unit test-integration
@@ -79,6 +84,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build test test-unit test-integration nats-server chromium bench bench-sim demo lint verify clean
+.PHONY: help build image test test-unit test-integration nats-server chromium bench bench-sim demo lint verify clean
 
 -include integration/integration.mk
