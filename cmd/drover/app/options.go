@@ -26,6 +26,8 @@ type Options struct {
 	// roles (natsauth); without it the server accepts anyone, so it may
 	// listen only on a loopback address.
 	NATSAuthFile string `json:"natsAuthFile"`
+	// NodeMaintenanceCRD turns on the NodeMaintenance resource watcher.
+	NodeMaintenanceCRD bool `json:"nodemaintenanceCRD"`
 	// IngressTokensFile turns on POST /events (the HTTP CloudEvents ingress)
 	// for the tokens it lists.
 	IngressTokensFile string `json:"ingressTokensFile"`
@@ -168,6 +170,7 @@ func (o *Options) fields() []field {
 	add("lease-ttl", "how long a node lease outlives its last renewal (default: --ack-wait)", func() (func(string) error, func() string) { return dur(&o.LeaseTTL) })
 	add("max-attempts", "handler runs of one operation before it is dead-lettered (waiting for a lease or a pre-emption does not count)", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
 	add("max-deliver", "deprecated: the former name of --max-attempts", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
+	add("nodemaintenance-crd", "watch medik8s NodeMaintenance resources and run their maintenance (true/false; the CRD must be installed)", func() (func(string) error, func() string) { return boolean(&o.NodeMaintenanceCRD) })
 	add("reconfigure", "write this replica's --ack-wait and --lease-ttl over the values the NATS server holds (true/false); without it a replica adopts the server's", func() (func(string) error, func() string) { return boolean(&o.Reconfigure) })
 	add("duplicate-window", "JetStream de-duplication window of requests", func() (func(string) error, func() string) { return dur(&o.DuplicateWindow) })
 	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", func() (func(string) error, func() string) { return dur(&o.ShutdownGrace) })

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/drover-io/drover/integration/natstest"
@@ -34,4 +35,16 @@ func TestReadinessFollowsNATS(t *testing.T) {
 	natstest.StartDir(t, dir, port)
 	require.Eventually(t, func() bool { return ready() == http.StatusOK }, 30*time.Second, 50*time.Millisecond,
 		"ready again once NATS is back")
+}
+
+// Watching NodeMaintenance resources needs a cluster: without one serve
+// refuses at start instead of running a watcher that can only fail.
+func TestServeNodeMaintenanceNeedsACluster(t *testing.T) {
+	o := DefaultOptions()
+	o.NATSListen, o.HTTPListen, o.DataDir = "127.0.0.1:0", "127.0.0.1:0", t.TempDir()
+	o.NodeMaintenanceCRD = true
+	err := Serve(t.Context(), o, zerolog.New(zerolog.NewTestWriter(t)), nil)
+	var u usageError
+	require.ErrorAs(t, err, &u)
+	require.ErrorContains(t, err, "nodemaintenance-crd needs a Kubernetes cluster")
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/producers"
 	"github.com/drover-io/drover/producers/ingress"
+	"github.com/drover-io/drover/producers/nodemaintenance"
 	"github.com/drover-io/drover/schemas"
 )
 
@@ -78,6 +79,9 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	kube, dyn, err := connectKube(ctx, o.Kubeconfig)
 	if err != nil {
 		return err
+	}
+	if o.NodeMaintenanceCRD && dyn == nil {
+		return usageError{errors.New("nodemaintenance-crd needs a Kubernetes cluster (--kubeconfig or in-cluster)")}
 	}
 	if kube == nil {
 		log.Warn().Msg("no Kubernetes API configured: events are recorded, no cluster is inspected or changed")
@@ -204,6 +208,14 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 
 	errc := make(chan error, 1)
 	go func() { errc <- rt.Start(ctx) }()
+	if o.NodeMaintenanceCRD {
+		nmw := &nodemaintenance.Watcher{Dynamic: dyn, JS: js, Publisher: &producers.Publisher{JS: js},
+			Metrics: producerMetrics, Log: log.With().Str("producer", nodemaintenance.Source).Logger()}
+		nmDone := make(chan struct{})
+		go func() { defer close(nmDone); _ = nmw.Start(ctx) }()
+		cleanups = append(cleanups, func() error { <-nmDone; return nil })
+		log.Info().Msg("watching NodeMaintenance resources")
+	}
 	if ready != nil {
 		// Start declares the streams first; wait until they exist so that a
 		// caller may publish as soon as ready returns.

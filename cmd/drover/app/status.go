@@ -82,8 +82,7 @@ func vmCounts(r consumers.Record) string {
 	}
 	done := 0
 	for phase, n := range r.Summary {
-		switch phase {
-		case "Running", "Succeeded", "Done", "Completed", "Stopped", "Skipped":
+		if consumers.TargetDone(phase) {
 			done += n
 		}
 	}

@@ -34,6 +34,7 @@ var static embed.FS
 //	GET /api/operations/{key}     one operation with every target's progress
 //	GET /api/deadletters          dead letters with their reasons
 //	GET /api/events               status events as server-sent events
+//	GET /api/phases               the VM phases that count as done
 type Server struct {
 	NC *nats.Conn
 	JS jetstream.JetStream
@@ -58,6 +59,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /api/operations/{key}", s.operation)
 	mux.HandleFunc("GET /api/deadletters", s.deadLetters)
 	mux.HandleFunc("GET /api/events", s.events)
+	mux.HandleFunc("GET /api/phases", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, map[string][]string{"done": consumers.DonePhases()})
+	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if s.Authorize != nil && !s.Authorize(token(r)) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="drover"`)

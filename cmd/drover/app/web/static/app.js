@@ -11,6 +11,8 @@ const ops = new Map();      // key -> {rec, vms: Map(target -> progress), open}
 const phaseOfState = {pending: "Pending", running: "Running", waiting: "Waiting", suspended: "Suspended",
   succeeded: "Succeeded", failed: "Failed", cancelled: "Cancelled"};
 const finished = (phase) => phase === "Succeeded" || phase === "Failed" || phase === "Cancelled";
+let donePhases = ["Running", "Succeeded"]; // replaced from api/phases at start
+const isDone = (phase) => donePhases.includes(phase);
 
 async function getJSON(path) {
   const r = await fetch(withToken(path));
@@ -32,6 +34,7 @@ async function loadOperation(key) {
 }
 
 async function loadAll() {
+  donePhases = (await getJSON("api/phases")).done;
   const recs = await getJSON("api/operations");
   for (const rec of recs) {
     const o = op(rec.key);
@@ -76,9 +79,9 @@ function counts(o) {
   let total = 0, done = 0;
   for (const [phase, n] of Object.entries(s)) {
     total += n;
-    if (["Running", "Succeeded", "Done", "Completed", "Stopped", "Skipped"].includes(phase)) done += n;
+    if (isDone(phase)) done += n;
   }
-  if (o.vms.size > total) { total = o.vms.size; done = [...o.vms.values()].filter((p) => ["Running", "Succeeded", "Done", "Completed", "Stopped", "Skipped"].includes(p.phase)).length; }
+  if (o.vms.size > total) { total = o.vms.size; done = [...o.vms.values()].filter((p) => isDone(p.phase)).length; }
   return total ? done + "/" + total : "";
 }
 
