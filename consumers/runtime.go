@@ -495,8 +495,17 @@ func (r *Runtime) waitForLease(d *delivery, lk Lock, cur leaseValue) {
 	// reconciler knows the message is alive and people see why it waits.
 	if err == nil && (!found || rec.Seq != d.ev.StreamSeq || time.Since(rec.LastSeen) > r.cfg.OrphanAfter/4 || rec.WaitReason != why) {
 		_, werr := r.ops.Mutate(d.ctx, k.Operation, func(rec *Record) error {
-			if rec.State.Terminal() || rec.State == StateRunning {
+			if rec.State.Terminal() {
 				return errNoChange
+			}
+			if rec.State == StateRunning {
+				if rec.Seq != d.ev.StreamSeq {
+					return errNoChange // a duplicate of a running operation: its own message is the one to follow
+				}
+				// Its own message again: the holder died or stalls. Say
+				// the message is alive; the holder's fields stay.
+				rec.LastSeen, rec.Due = time.Now().UTC(), time.Now().Add(delay).UTC()
+				return nil
 			}
 			rec.Workflow, rec.Target = d.wf.Name, k.Target
 			if rec.State != StateSuspended {
@@ -1121,16 +1130,21 @@ func (r *Runtime) settled(d *delivery, result string) {
 // operations the reconciler works from. If the watch fails, the heartbeat's
 // read of the record still finds the requests.
 func (r *Runtime) watchRequests(ctx context.Context) {
+	var lastErr string
 	for ctx.Err() == nil {
 		w, err := r.opsKV.WatchAll(ctx)
 		if err != nil {
-			r.log.Warn().Err(err).Msg("cannot watch operation records; cancel and yield requests are seen at the next heartbeat")
+			if err.Error() != lastErr {
+				r.log.Warn().Err(err).Msg("cannot watch operation records; cancel and yield requests are seen at the next heartbeat")
+			}
+			lastErr = err.Error()
 			select {
 			case <-ctx.Done():
 			case <-time.After(time.Second):
 			}
 			continue
 		}
+		lastErr = ""
 		// The index keeps raw values: decoding every write of every replica
 		// would cost more than the reconciler's pass, which decodes them.
 		fresh := map[string][]byte{}
