@@ -894,17 +894,31 @@ func (r *Runtime) finish(d *delivery, fn func(rec *Record)) (Record, error) {
 	return rec, err
 }
 
-// succeed records the operation finished, then gives the leases back, acks
-// the message and publishes the final status, in the background: the worker
-// goes on with its next message meanwhile (at most two settles behind).
-// The leases go back only after the record says finished, so that a
-// duplicate delivered meanwhile waits and is then skipped.
+// succeed records the operation finished and acknowledges its message at
+// the same time, then gives the leases back and publishes the final status,
+// in the background: the worker goes on with its next message meanwhile (at
+// most two settles behind). The leases go back only after the record says
+// finished, so that a duplicate delivered meanwhile waits and is then
+// skipped. Should the process die between the ack and the record, the
+// reconciler finds the operation running without a holder or a message and
+// publishes its request again: the (idempotent) handler runs once more.
 func (r *Runtime) succeed(d *delivery) {
 	d.trailSlot <- struct{}{}
 	r.trailing.Add(1)
 	go func() {
 		defer r.trailing.Done()
 		defer func() { <-d.trailSlot }()
+		for _, l := range d.leases {
+			if !l.Valid() {
+				d.log.Warn().Str("lease", l.key).Msg("lease ran out before the success was recorded; message left for redelivery")
+				r.settled(d, ResultAbandoned)
+				return
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+		defer cancel()
+		acked := make(chan error, 1)
+		go func() { acked <- d.msg.DoubleAck(ctx) }()
 		rec, err := r.finish(d, func(rec *Record) {
 			rec.State = StateSucceeded
 			if rec.CancelRequested || isClosed(d.op.Cancelled()) {
@@ -912,19 +926,20 @@ func (r *Runtime) succeed(d *delivery) {
 			}
 			rec.LastError, rec.WaitReason, rec.Finished, rec.Due = "", "", time.Now().UTC(), time.Time{}
 		})
+		if ackErr := <-acked; ackErr != nil {
+			d.log.Warn().Err(ackErr).Msg("ack not confirmed; a redelivery finds the operation finished and is skipped")
+		}
 		if err != nil {
-			if errors.Is(err, ErrFenced) {
-				d.log.Warn().Err(err).Msg("attempt fenced before it could record success; message left for redelivery")
-				r.settled(d, ResultAbandoned)
-				return
-			}
-			// Without the record a redelivery would not know the work is done;
-			// retry rather than ack (handlers are idempotent).
-			r.retry(d, fmt.Errorf("record success: %w", err))
+			d.log.Error().Err(err).Msg("the work is done but its record could not say so; the reconciler will run the operation once more")
+			r.releaseAll(d, "", 0)
+			r.settled(d, ResultAcked)
 			return
 		}
-		d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; acknowledging")
-		r.trail(d, rec, "", 0, func(ctx context.Context) error { return d.msg.DoubleAck(ctx) }, ResultAcked)
+		r.settled(d, ResultAcked)
+		d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; message acknowledged")
+		futs := r.status.publish(rec, phaseOf[rec.State], statusNote(rec, ""), d.op.nextStatusSeq, vmDeltas(d.op, d.op.progress.takeUnsent()))
+		r.releaseAsync(d, "", 0)(ctx)
+		r.status.wait(ctx, rec.Key, futs)
 	}()
 }
 
