@@ -39,7 +39,7 @@ test-unit: nats-server
 	$(GO) test -race -count=1 $(GOTESTFLAGS) $(UNIT_PKGS)
 
 ## test-integration: the control plane, the simulator and the end-to-end tests (builds kube-apiserver and etcd first when missing)
-test-integration: controlplane
+test-integration: controlplane alertmanager
 	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) ./integration/...
 
 ## nats-server: build nats-server from the version go.mod pins into .cache/bin (tests run it as a separate process)

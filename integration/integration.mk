@@ -5,4 +5,8 @@
 controlplane:
 	integration/tools/build.sh $(DROVER_TEST_BIN)
 
-.PHONY: controlplane
+## alertmanager: build the real Alertmanager (v0.28.1, pinned in integration/tools/alertmanager) into DROVER_TEST_BIN; skipped when up to date
+alertmanager:
+	integration/tools/build.sh $(DROVER_TEST_BIN) alertmanager
+
+.PHONY: controlplane alertmanager

@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# Builds the control-plane binaries the integration tests use into $1
-# (default .cache/bin at the repository root). Skips a binary that is already
-# there and was built from the same go.sum, so a warm cache costs nothing.
+# Builds the binaries the integration tests run into $1 (default .cache/bin at
+# the repository root): kube-apiserver and etcd (this module), or, when the
+# second argument is "alertmanager", the real Alertmanager (its own module in
+# alertmanager/). Skips a binary that is already there and was built from the
+# same go.mod and go.sum, so a warm cache costs nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/../../.cache/bin"}
+what=${2:-controlplane}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-stamp=$(sha256sum "$here/go.sum" "$here/go.mod" | sha256sum | cut -c1-16)
+# build NAME MODULE_DIR PACKAGE
 build() {
-  local name=$1
+  local name=$1 dir=$2 pkg=$3
+  local stamp
+  stamp=$(sha256sum "$dir/go.sum" "$dir/go.mod" | sha256sum | cut -c1-16)
   if [ -x "$out/$name" ] && [ "$(cat "$out/$name.stamp" 2>/dev/null)" = "$stamp" ]; then
     return 0
   fi
   echo "building $name into $out (first build takes a few minutes)" >&2
-  (cd "$here" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$out/$name.tmp" "./$name")
+  (cd "$dir" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$out/$name.tmp" "$pkg")
   mv "$out/$name.tmp" "$out/$name"
   echo "$stamp" > "$out/$name.stamp"
 }
-build etcd
-build kube-apiserver
+case "$what" in
+controlplane)
+  build etcd "$here" ./etcd
+  build kube-apiserver "$here" ./kube-apiserver
+  ;;
+alertmanager)
+  build alertmanager "$here/alertmanager" github.com/prometheus/alertmanager/cmd/alertmanager
+  ;;
+*)
+  echo "build.sh: unknown target $what (controlplane or alertmanager)" >&2
+  exit 2
+  ;;
+esac
