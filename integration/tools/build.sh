@@ -14,7 +14,7 @@ out=$(cd "$out" && pwd)
 build() {
   local name=$1 dir=$2 pkg=$3
   local stamp
-  stamp=$(sha256sum "$dir/go.sum" "$dir/go.mod" | sha256sum | cut -c1-16)
+  stamp=$(cat "$dir/go.sum" "$dir/go.mod" | sha256sum | cut -c1-16) # not the paths: any checkout shares a cache
   if [ -x "$out/$name" ] && [ "$(cat "$out/$name.stamp" 2>/dev/null)" = "$stamp" ]; then
     return 0
   fi
