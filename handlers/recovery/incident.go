@@ -42,8 +42,14 @@ type Incident struct {
 var _ consumers.Resolver = (*Incident)(nil)
 
 // Resolve implements consumers.Resolver. Errors reading the API are
-// returned for a retry.
+// returned for a retry. A node.ready event that the live cluster
+// contradicts (the node is not Ready, or its Lease is stale: Alertmanager's
+// KubeNodeNotReady resolves as soon as a dead node is cordoned) cancels no
+// recovery.
 func (i *Incident) Resolve(ctx context.Context, e consumers.Event, keys consumers.Keys) (consumers.Keys, error) {
+	if r, ok := e.Payload.(*schemas.NodeReady); ok {
+		return i.resolveReady(ctx, r, keys)
+	}
 	p, ok := e.Payload.(*schemas.NodeNotReady)
 	if !ok {
 		return keys, nil
@@ -87,4 +93,36 @@ func (i *Incident) name(node *corev1.Node, lease *coordinationv1.Lease, since ti
 		}
 	}
 	return string(node.UID) + "-" + strconv.FormatInt(start.UTC().Unix(), 10)
+}
+
+func (i *Incident) resolveReady(ctx context.Context, p *schemas.NodeReady, keys consumers.Keys) (consumers.Keys, error) {
+	if keys.Cancels == "" {
+		return keys, nil
+	}
+	node, err := i.Kube.CoreV1().Nodes().Get(ctx, p.Node, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		keys.Cancels = ""
+		return keys, nil
+	}
+	if err != nil {
+		return keys, fmt.Errorf("read node %s to check its node.ready: %w", p.Node, err)
+	}
+	lease, err := i.Kube.CoordinationV1().Leases(corev1.NamespaceNodeLease).Get(ctx, p.Node, metav1.GetOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return keys, fmt.Errorf("read lease of node %s to check its node.ready: %w", p.Node, err)
+	}
+	if err != nil {
+		lease = nil
+	}
+	timeout, now := i.LeaseTimeout, time.Now
+	if timeout <= 0 {
+		timeout = DefaultLeaseTimeout
+	}
+	if i.Now != nil {
+		now = i.Now
+	}
+	if !Health(node, lease, now(), timeout).Healthy {
+		keys.Cancels = ""
+	}
+	return keys, nil
 }
