@@ -233,27 +233,45 @@ func (c cluster) vmsOn(ctx context.Context, node string) ([]VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	all, err := c.vms(ctx, map[string][]corev1.Pod{node: pods}, node)
+	return all[node], err
+}
+
+// vms lists the VMs that run on a node, by node: on every node when only
+// is "", else on that one. pods are the pods of the nodes concerned.
+func (c cluster) vms(ctx context.Context, pods map[string][]corev1.Pod, only string) (map[string][]VM, error) {
 	byVMI, byDeckhouse := map[string]*corev1.Pod{}, map[string]*corev1.Pod{}
-	for i := range pods {
-		p := &pods[i]
-		if uid := p.Labels[kvv1.CreatedByLabel]; uid != "" && p.Labels[labelKubeVirt] == componentLauncher {
-			byVMI[uid] = p
-		}
-		if name := p.Labels[labelDeckhouseVM]; name != "" {
-			byDeckhouse[p.Namespace+"/"+name] = p
+	for _, list := range pods {
+		for i := range list {
+			p := &list[i]
+			if uid := p.Labels[kvv1.CreatedByLabel]; uid != "" && p.Labels[labelKubeVirt] == componentLauncher {
+				byVMI[uid] = p
+			}
+			if name := p.Labels[labelDeckhouseVM]; name != "" {
+				byDeckhouse[p.Namespace+"/"+name] = p
+			}
 		}
 	}
-	var out []VM
+	out := map[string][]VM{}
 	vmis, err := c.list(ctx, VMIResource)
 	if err != nil {
 		return nil, err
+	}
+	kvms, err := c.list(ctx, VMResource)
+	if err != nil {
+		return nil, err
+	}
+	vmByKey := map[string]*unstructured.Unstructured{}
+	for i := range kvms {
+		vmByKey[kvms[i].GetNamespace()+"/"+kvms[i].GetName()] = &kvms[i]
 	}
 	for _, u := range vmis {
 		var vmi kvv1.VirtualMachineInstance
 		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &vmi); err != nil {
 			return nil, fmt.Errorf("decode vmi %s/%s: %w", u.GetNamespace(), u.GetName(), err)
 		}
-		if vmi.Status.NodeName != node || vmi.IsFinal() {
+		node := vmi.Status.NodeName
+		if node == "" || (only != "" && node != only) || vmi.IsFinal() {
 			continue
 		}
 		owner := metav1.GetControllerOf(&vmi)
@@ -262,12 +280,7 @@ func (c cluster) vmsOn(ctx context.Context, node string) ([]VM, error) {
 		}
 		v := VM{Namespace: vmi.Namespace, Name: vmi.Name, Platform: PlatformKubeVirt, UID: string(vmi.UID), RunPolicy: "none (no VirtualMachine)"}
 		if owner != nil && owner.Kind == "VirtualMachine" {
-			vm, err := c.dyn.Resource(VMResource).Namespace(vmi.Namespace).Get(ctx, owner.Name, metav1.GetOptions{})
-			switch {
-			case apierrors.IsNotFound(err):
-			case err != nil:
-				return nil, fmt.Errorf("read vm %s/%s: %w", vmi.Namespace, owner.Name, err)
-			default:
+			if vm := vmByKey[vmi.Namespace+"/"+owner.Name]; vm != nil {
 				v.Name = owner.Name
 				v.RunPolicy = runStrategy(vm)
 				v.Priority = priority(vm)
@@ -282,7 +295,7 @@ func (c cluster) vmsOn(ctx context.Context, node string) ([]VM, error) {
 			v.Memory = vmi.Spec.Domain.Resources.Requests.Memory().Value()
 			v.NodeSelector, v.Tolerations = vmi.Spec.NodeSelector, vmi.Spec.Tolerations
 		}
-		out = append(out, v)
+		out[node] = append(out[node], v)
 	}
 	dvms, err := c.list(ctx, DeckhouseVMResource)
 	if err != nil {
@@ -290,7 +303,8 @@ func (c cluster) vmsOn(ctx context.Context, node string) ([]VM, error) {
 	}
 	for i := range dvms {
 		u := &dvms[i]
-		if n, _, _ := unstructured.NestedString(u.Object, "status", "nodeName"); n != node {
+		node, _, _ := unstructured.NestedString(u.Object, "status", "nodeName")
+		if node == "" || (only != "" && node != only) {
 			continue
 		}
 		policy, _, _ := unstructured.NestedString(u.Object, "spec", "runPolicy")
@@ -312,7 +326,7 @@ func (c cluster) vmsOn(ctx context.Context, node string) ([]VM, error) {
 				v.CPU = cores * 1000
 			}
 		}
-		out = append(out, v)
+		out[node] = append(out[node], v)
 	}
 	return out, nil
 }

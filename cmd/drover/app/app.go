@@ -28,6 +28,7 @@ usage:
   drover vm migrate NAMESPACE/NAME [--node-selector k=v[,k=v]]
   drover vm cancel NAMESPACE/NAME
   drover node fenced NODE --method TEXT
+  drover recovery pause [--reason TEXT] | resume | status
   drover status [--watch] [-o table|json]
   drover dlq list [-o table|json]
   drover dlq replay SEQ
@@ -66,6 +67,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		err = c.vm(args[1:])
 	case "node":
 		err = c.node(args[1:])
+	case "recovery":
+		err = c.recovery(args[1:])
 	case "status":
 		err = c.status(args[1:])
 	case "dlq":

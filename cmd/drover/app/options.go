@@ -1,6 +1,8 @@
 package app
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -12,6 +14,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/handlers/recovery"
+	"github.com/drover-io/drover/producers/alertmanager"
 )
 
 // Options configure `drover serve`. Every field can be set in the YAML
@@ -61,6 +65,26 @@ type Options struct {
 	LogFormat string `json:"logFormat"`
 	// NATS client credentials when joining an external server.
 	Client ClientOptions `json:"client"`
+
+	// NodeWatch runs the node watcher (with a cluster configured).
+	NodeWatch bool `json:"nodewatch"`
+	// NodeLeaseTimeout: a kubelet Lease this old makes its node not ready.
+	NodeLeaseTimeout time.Duration `json:"nodeLeaseTimeout"`
+	// Fencing, WatchdogTimeout and WatchdogMargin are the default recovery
+	// policy; RecoveryPolicies (config file key recovery.policies) set
+	// others by node selector.
+	Fencing          string            `json:"fencing"`
+	WatchdogTimeout  time.Duration     `json:"watchdogTimeout"`
+	WatchdogMargin   time.Duration     `json:"watchdogMargin"`
+	RecoveryPolicies []recovery.Policy `json:"recoveryPolicies,omitempty"`
+	// StormMaxUnhealthy is the storm guard's limit: "30%" or a number of nodes.
+	StormMaxUnhealthy string `json:"stormMaxUnhealthy"`
+	// Alertmanager receiver: mapped alert names (comma-separated), the
+	// label naming the node, and the file holding the shared token
+	// (the receiver refuses every request without one).
+	AlertmanagerAlerts    string `json:"alertmanagerAlerts"`
+	AlertmanagerNodeLabel string `json:"alertmanagerNodeLabel"`
+	AlertmanagerTokenFile string `json:"alertmanagerTokenFile"`
 }
 
 // DefaultOptions are the defaults of `drover serve`.
@@ -77,7 +101,42 @@ func DefaultOptions() Options {
 		ShutdownGrace:   20 * time.Second,
 		LogLevel:        "info",
 		LogFormat:       "json",
+
+		NodeWatch:             true,
+		NodeLeaseTimeout:      recovery.DefaultLeaseTimeout,
+		Fencing:               recovery.FencingTaint,
+		WatchdogTimeout:       recovery.DefaultWatchdogTimeout,
+		WatchdogMargin:        recovery.DefaultWatchdogMargin,
+		StormMaxUnhealthy:     "30%",
+		AlertmanagerAlerts:    strings.Join(alertmanager.DefaultAlerts, ","),
+		AlertmanagerNodeLabel: alertmanager.DefaultNodeLabel,
 	}
+}
+
+// RecoveryConfig maps the options onto the recovery handler's configuration.
+func (o Options) RecoveryConfig() (recovery.Config, error) {
+	storm, err := recovery.ParseStormLimit(o.StormMaxUnhealthy)
+	if err != nil {
+		return recovery.Config{}, err
+	}
+	cfg := recovery.Config{
+		LeaseTimeout: o.NodeLeaseTimeout,
+		Default:      recovery.Policy{Fencing: o.Fencing, WatchdogTimeout: o.WatchdogTimeout, WatchdogMargin: o.WatchdogMargin},
+		Policies:     o.RecoveryPolicies,
+		Storm:        storm,
+	}
+	return cfg, cfg.Validate()
+}
+
+// AlertNames are the Alertmanager alert names mapped to node events.
+func (o Options) AlertNames() []string {
+	var out []string
+	for _, n := range strings.Split(o.AlertmanagerAlerts, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // WorkflowConcurrency is the number of worker slots of one workflow.
@@ -181,6 +240,15 @@ func (o *Options) fields() []field {
 	add("nats-ca", "CA file to verify the NATS server", func() (func(string) error, func() string) { return str(&o.Client.CA) })
 	add("nats-cert", "client certificate file for NATS TLS", func() (func(string) error, func() string) { return str(&o.Client.Cert) })
 	add("nats-key", "client key file for NATS TLS", func() (func(string) error, func() string) { return str(&o.Client.Key) })
+	add("nodewatch", "watch Nodes and kubelet Leases and publish node.notready/node.ready/node.fenced (true/false; needs a cluster)", func() (func(string) error, func() string) { return boolean(&o.NodeWatch) })
+	add("node-lease-timeout", "a node whose kubelet Lease is this old is not ready", func() (func(string) error, func() string) { return dur(&o.NodeLeaseTimeout) })
+	add("fencing", "default fencing gate of recoveries: taint, watchdog or none (none is unsafe)", func() (func(string) error, func() string) { return str(&o.Fencing) })
+	add("watchdog-timeout", "the nodes' watchdog timeout (fencing watchdog)", func() (func(string) error, func() string) { return dur(&o.WatchdogTimeout) })
+	add("watchdog-margin", "added to the watchdog timeout before a silent node counts as fenced", func() (func(string) error, func() string) { return dur(&o.WatchdogMargin) })
+	add("storm-max-unhealthy", "storm guard: most nodes unhealthy at once before recoveries stop (30% or a number)", func() (func(string) error, func() string) { return str(&o.StormMaxUnhealthy) })
+	add("alertmanager-alerts", "Alertmanager alert names that become node events (comma-separated)", func() (func(string) error, func() string) { return str(&o.AlertmanagerAlerts) })
+	add("alertmanager-node-label", "the alert label naming the node", func() (func(string) error, func() string) { return str(&o.AlertmanagerNodeLabel) })
+	add("alertmanager-token-file", "file holding the token Alertmanager sends (bearer or basic-auth password) to POST /alertmanager; without it the receiver refuses every request", func() (func(string) error, func() string) { return str(&o.AlertmanagerTokenFile) })
 	return fs
 }
 
@@ -211,7 +279,7 @@ func LoadOptions(args []string, getenv func(string) string) (Options, error) {
 		if err != nil {
 			return o, usageError{fmt.Errorf("read config: %w", err)}
 		}
-		if err := applyFile(path, b, fields); err != nil {
+		if err := applyFile(path, b, &o, fields); err != nil {
 			return o, usageError{err}
 		}
 	}
@@ -240,7 +308,7 @@ func LoadOptions(args []string, getenv func(string) string) (Options, error) {
 
 // applyFile sets options from a YAML file whose keys are the flag names
 // (nats-url, ack-wait: 40s, ...). Unknown keys are errors, not silently ignored.
-func applyFile(path string, b []byte, fields []field) error {
+func applyFile(path string, b []byte, o *Options, fields []field) error {
 	var m map[string]any
 	if err := yaml.Unmarshal(b, &m); err != nil {
 		return fmt.Errorf("config %s: %w", path, err)
@@ -251,6 +319,10 @@ func applyFile(path string, b []byte, fields []field) error {
 	}
 	var errs []error
 	for k, v := range m {
+		if k == "recovery" {
+			errs = append(errs, applyRecovery(path, v, o))
+			continue
+		}
 		f, ok := byName[k]
 		if !ok {
 			errs = append(errs, fmt.Errorf("config %s: unknown key %q (keys are the flag names, e.g. nats-url)", path, k))
@@ -271,8 +343,33 @@ func applyFile(path string, b []byte, fields []field) error {
 	return errors.Join(errs...)
 }
 
+// applyRecovery reads the file's recovery section: recovery.policies, a
+// list of {nodeSelector, fencing, watchdogTimeout, watchdogMargin}.
+func applyRecovery(path string, v any, o *Options) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("config %s: recovery: %w", path, err)
+	}
+	var sec struct {
+		Policies []recovery.Policy `json:"policies"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&sec); err != nil {
+		return fmt.Errorf("config %s: recovery (keys: policies): %w", path, err)
+	}
+	o.RecoveryPolicies = sec.Policies
+	return nil
+}
+
 func (o Options) validate() error {
 	var errs []error
+	if _, err := o.RecoveryConfig(); err != nil {
+		errs = append(errs, err)
+	}
+	if o.NodeLeaseTimeout < time.Second {
+		errs = append(errs, fmt.Errorf("node-lease-timeout must be at least 1s, got %s", o.NodeLeaseTimeout))
+	}
 	if o.NATSURL == "" && o.DataDir == "" {
 		errs = append(errs, errors.New("data-dir must be set when NATS is embedded"))
 	}

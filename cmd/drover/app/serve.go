@@ -18,10 +18,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
 
 	"github.com/drover-io/drover/cmd/drover/app/web"
 	"github.com/drover-io/drover/consumers"
@@ -30,10 +34,23 @@ import (
 	"github.com/drover-io/drover/handlers/recovery"
 	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/producers"
+	"github.com/drover-io/drover/producers/alertmanager"
 	"github.com/drover-io/drover/producers/ingress"
 	"github.com/drover-io/drover/producers/nodemaintenance"
+	"github.com/drover-io/drover/producers/nodewatch"
 	"github.com/drover-io/drover/schemas"
 )
+
+// eventRecorder sends Kubernetes Events through the API server.
+func eventRecorder(kube kubernetes.Interface, log zerolog.Logger) record.EventBroadcaster {
+	b := record.NewBroadcaster()
+	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")})
+	b.StartEventWatcher(func(e *corev1.Event) {
+		log.Debug().Str("object", e.InvolvedObject.Kind+" "+e.InvolvedObject.Namespace+"/"+e.InvolvedObject.Name).
+			Str("reason", e.Reason).Msg(e.Message)
+	})
+	return b
+}
 
 // Version is set at build time (-ldflags -X).
 var Version = "dev"
@@ -129,6 +146,19 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := consumers.NewMetrics(reg)
 
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	rcfg, err := o.RecoveryConfig()
+	if err != nil {
+		return usageError{err}
+	}
+	rmetrics := recovery.NewMetrics(reg)
+	settings, err := settingsBucket(ctx, js, o.Replicas)
+	if err != nil {
+		return err
+	}
 	h := &observe.Handler{Kube: kube, Dynamic: dyn}
 	var wfs []consumers.Workflow
 	for _, name := range schemas.Workflows() {
@@ -138,7 +168,14 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 			// is one recovery whoever reports it; a migration holds its VM's node.
 			switch name {
 			case schemas.WorkflowRecovery:
-				wf.Resolver = &recovery.Incident{Kube: kube}
+				events := eventRecorder(kube, log)
+				cleanups = append(cleanups, func() error { events.Shutdown(); return nil })
+				wf.Resolver = &recovery.Incident{Kube: kube, LeaseTimeout: o.NodeLeaseTimeout}
+				wf.Handler = &recovery.Handler{Kube: kube, Dynamic: dyn, Config: rcfg, Pause: kvPauser{settings},
+					Metrics: rmetrics, Events: events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "drover"})}
+				if rcfg.Default.Fencing == recovery.FencingNone {
+					log.Warn().Msg("UNSAFE: --fencing none: recoveries release a failed node's VMs without proof that the node is dead; a partitioned node's VMs can run twice")
+				}
 			case schemas.WorkflowMigration:
 				wf.Resolver = &migration.NodeLock{Dynamic: dyn}
 			}
@@ -150,6 +187,36 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		return err
 	}
 
+	pub := &producers.Publisher{JS: js}
+	var token []byte
+	if o.AlertmanagerTokenFile != "" {
+		b, err := os.ReadFile(o.AlertmanagerTokenFile)
+		if err != nil {
+			return usageError{fmt.Errorf("alertmanager-token-file: %w", err)}
+		}
+		token = []byte(strings.TrimSpace(string(b)))
+	} else {
+		log.Info().Msg("no --alertmanager-token-file: POST " + alertmanager.Path + " refuses every request")
+	}
+	receiver := &alertmanager.Receiver{Publisher: pub, Token: token, Alerts: o.AlertNames(), NodeLabel: o.AlertmanagerNodeLabel,
+		Log: log.With().Str("component", "alertmanager").Logger(), Metrics: alertmanager.NewMetrics(reg)}
+	var runners []func(context.Context) error
+	if kube != nil && o.NodeWatch {
+		w := &nodewatch.Watcher{Kube: kube, Publisher: pub, LeaseTimeout: o.NodeLeaseTimeout,
+			Log: log.With().Str("component", "nodewatch").Logger(), Metrics: nodewatch.NewMetrics(reg)}
+		runners = append(runners, w.Start)
+	}
+	if kube != nil {
+		capacity := &recovery.Capacity{Kube: kube, Dynamic: dyn, LeaseTimeout: o.NodeLeaseTimeout, Metrics: rmetrics,
+			Log: log.With().Str("component", "capacity").Logger(),
+			Report: func(ctx context.Context, n int, at time.Time) {
+				if err := putJSON(ctx, settings, keyFailoverCapacity, capacityReport{Nodes: n, At: at.UTC(), By: rt.ID()}); err != nil && ctx.Err() == nil {
+					log.Debug().Err(err).Msg("could not store the failover capacity")
+				}
+			}}
+		runners = append(runners, capacity.Start)
+	}
+
 	ln, err := net.Listen("tcp", o.HTTPListen)
 	if err != nil {
 		return fmt.Errorf("http-listen %s: %w", o.HTTPListen, err)
@@ -157,10 +224,6 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	producerMetrics := producers.NewMetrics(reg)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
 	page := &web.Server{NC: nc, JS: js, Log: log.With().Str("component", "web").Logger()}
 	if o.IngressTokensFile != "" {
 		tokens, err := ingress.NewTokenSource(o.IngressTokensFile, func(err error) { log.Error().Err(err).Msg("ingress tokens") })
@@ -174,6 +237,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		log.Info().Str("tokens", o.IngressTokensFile).Msg("HTTP CloudEvents ingress on /events")
 	}
 	mux.Handle("/", page.Handler())
+	mux.Handle(alertmanager.Path, receiver)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	apiReady := kubeReadiness(kube)
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
@@ -208,6 +272,22 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 
 	errc := make(chan error, 1)
 	go func() { errc <- rt.Start(ctx) }()
+	// Start declares the streams first; producers and the caller publish
+	// once they exist.
+	if err := waitForStreams(ctx, nc); err != nil {
+		return errors.Join(err, <-errc)
+	}
+	var producersWG sync.WaitGroup
+	for _, run := range runners {
+		producersWG.Add(1)
+		go func() {
+			defer producersWG.Done()
+			if err := run(ctx); err != nil {
+				log.Error().Err(err).Msg("producer stopped")
+			}
+		}()
+	}
+	cleanups = append(cleanups, func() error { producersWG.Wait(); return nil })
 	if o.NodeMaintenanceCRD {
 		nmw := &nodemaintenance.Watcher{Dynamic: dyn, JS: js, Publisher: &producers.Publisher{JS: js},
 			Metrics: producerMetrics, Log: log.With().Str("producer", nodemaintenance.Source).Logger()}
@@ -217,11 +297,6 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		log.Info().Msg("watching NodeMaintenance resources")
 	}
 	if ready != nil {
-		// Start declares the streams first; wait until they exist so that a
-		// caller may publish as soon as ready returns.
-		if err := waitForStreams(ctx, nc); err != nil {
-			return errors.Join(err, <-errc)
-		}
 		ready(Info{NATSURL: url, HTTPAddr: ln.Addr().String()})
 	}
 	err = <-errc
