@@ -153,7 +153,11 @@ func (h *Handler) beforeGate(ctx context.Context, op *consumers.Operation, c clu
 	if node != nil {
 		hl := Health(node, lease, now, cfg.LeaseTimeout)
 		switch {
-		case hl.Healthy:
+		case hl.Healthy && !hl.Ready:
+			// Not Ready for less than the lease timeout (starting up): not
+			// an incident yet, and not over either; look again.
+			return true, consumers.Wait(cfg.GatePoll, fmt.Sprintf("node %s is not Ready (%s) but renews its Lease: not an incident unless it stays so for %s", st.Node, hl.Detail, cfg.LeaseTimeout))
+		case hl.Ready:
 			return true, h.finishEarly(ctx, op, st, "stale", fmt.Sprintf("stale: node %s is Ready again and renews its Lease; nothing done", st.Node))
 		case st.NodeUID == "":
 			st.NodeUID, st.SpellStart = string(node.UID), hl.SpellStart
@@ -213,7 +217,7 @@ func (h *Handler) beforeGate(ctx context.Context, op *consumers.Operation, c clu
 			in.LeaseRenewed = lease.Spec.RenewTime.Time
 		}
 	}
-	if in.Fenced, err = h.evidence(ctx, op, st); err != nil {
+	if in.Fenced, err = h.evidence(ctx, op, st, in.LeaseRenewed); err != nil {
 		return true, err
 	}
 	g := Gate(in)
@@ -314,8 +318,10 @@ func (h *Handler) cancelled(ctx context.Context, op *consumers.Operation, st *in
 }
 
 // evidence finds a node.fenced event recorded for the node since its spell
-// started: an acknowledgement from a fencing agent or a person.
-func (h *Handler) evidence(ctx context.Context, op *consumers.Operation, st *incident) (*Evidence, error) {
+// started and since its kubelet last renewed its Lease (a node that renewed
+// it after the fencing has come back to life since): an acknowledgement
+// from a fencing agent or a person.
+func (h *Handler) evidence(ctx context.Context, op *consumers.Operation, st *incident, renewed time.Time) (*Evidence, error) {
 	recs, err := op.RelatedList(ctx, fencedFilter(st.Node))
 	if err != nil {
 		return nil, fmt.Errorf("read fencing evidence of %s: %w", st.Node, err)
@@ -324,9 +330,12 @@ func (h *Handler) evidence(ctx context.Context, op *consumers.Operation, st *inc
 	if since.IsZero() {
 		since = st.Detected
 	}
+	if renewed.After(since) {
+		since = renewed
+	}
 	var best *Evidence
 	for _, r := range recs {
-		if r.Created.Before(since) || len(r.Request) == 0 {
+		if !r.Created.After(since) || len(r.Request) == 0 {
 			continue
 		}
 		var ce event.Event
@@ -761,7 +770,7 @@ func (h *Handler) release(ctx context.Context, op *consumers.Operation, c cluste
 		return true, fmt.Sprintf("node %s no longer exists: nothing to do", name), nil
 	}
 	hl := Health(node, lease, h.now(), h.Config.LeaseTimeout)
-	if !hl.Healthy {
+	if !hl.Ready {
 		return true, fmt.Sprintf("node %s is not Ready in the API (%s): nothing to do", name, hl.Detail), nil
 	}
 	if node.Annotations[AnnotationTaintedBy] == "" {

@@ -121,7 +121,7 @@ func (i *Incident) resolveReady(ctx context.Context, p *schemas.NodeReady, keys 
 	if i.Now != nil {
 		now = i.Now
 	}
-	if !Health(node, lease, now(), timeout).Healthy {
+	if !Health(node, lease, now(), timeout).Ready {
 		keys.Cancels = ""
 	}
 	return keys, nil

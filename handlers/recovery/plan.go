@@ -17,7 +17,12 @@ import (
 // NodeHealth is what drover concludes about a node from its Node object and
 // kubelet Lease.
 type NodeHealth struct {
+	// Healthy is false during an incident: the Lease stale, or the Ready
+	// condition not True for the lease timeout (a kubelet starting up
+	// reports NotReady for seconds: that is no incident).
 	Healthy bool
+	// Ready: the Ready condition is True and the Lease fresh.
+	Ready bool
 	// SpellStart is when the current spell of ill health started: the last
 	// Lease renewal of a node whose Lease stopped, else the Ready
 	// condition's last transition.
@@ -31,7 +36,8 @@ type NodeHealth struct {
 }
 
 // Health judges a node: unhealthy when its Lease has not been renewed for
-// leaseTimeout or its Ready condition is not True. lease may be nil.
+// leaseTimeout or its Ready condition has not been True for leaseTimeout.
+// lease may be nil.
 func Health(node *corev1.Node, lease *coordinationv1.Lease, now time.Time, leaseTimeout time.Duration) NodeHealth {
 	var h NodeHealth
 	ready := corev1.ConditionUnknown
@@ -51,7 +57,7 @@ func Health(node *corev1.Node, lease *coordinationv1.Lease, now time.Time, lease
 		h.SpellStart = h.LeaseRenewed
 		h.Reason = "LeaseExpired"
 		h.Detail = fmt.Sprintf("kubelet Lease last renewed %s ago (timeout %s); Ready=%s", now.Sub(h.LeaseRenewed).Round(time.Second), leaseTimeout, ready)
-	case ready != corev1.ConditionTrue:
+	case ready != corev1.ConditionTrue && (readyCond == nil || now.Sub(readyCond.LastTransitionTime.Time) >= leaseTimeout):
 		h.Reason = "NodeNotReady"
 		h.Detail = "Ready=" + string(ready)
 		if readyCond != nil {
@@ -67,9 +73,11 @@ func Health(node *corev1.Node, lease *coordinationv1.Lease, now time.Time, lease
 		}
 	default:
 		h.Healthy = true
+		h.Ready = ready == corev1.ConditionTrue
 		if readyCond != nil {
 			h.SpellStart = readyCond.LastTransitionTime.Time
 		}
+		h.Detail = "Ready=" + string(ready)
 	}
 	return h
 }

@@ -36,7 +36,8 @@ func TestHealth(t *testing.T) {
 		{name: "lease stale, still Ready (inside the 50 s grace)", node: node(corev1.ConditionTrue, t0.Add(-time.Hour)), lease: lease(t0.Add(-41 * time.Second)),
 			spell: t0.Add(-41 * time.Second), reason: "LeaseExpired"},
 		{name: "lease just under the timeout", node: node(corev1.ConditionTrue, t0.Add(-time.Hour)), lease: lease(t0.Add(-39 * time.Second)), healthy: true, spell: t0.Add(-time.Hour)},
-		{name: "kubelet renews but reports NotReady", node: node(corev1.ConditionFalse, t0.Add(-20*time.Second)), lease: lease(t0), spell: t0.Add(-20 * time.Second), reason: "R"},
+		{name: "kubelet renews but reports NotReady", node: node(corev1.ConditionFalse, t0.Add(-40*time.Second)), lease: lease(t0), spell: t0.Add(-40 * time.Second), reason: "R"},
+		{name: "a kubelet starting up reports NotReady for seconds: no incident", node: node(corev1.ConditionFalse, t0.Add(-5*time.Second)), lease: lease(t0), healthy: true, spell: t0.Add(-5 * time.Second)},
 		{name: "Unknown and stale: the spell starts at the last renewal", node: node(corev1.ConditionUnknown, t0.Add(-10*time.Second)), lease: lease(t0.Add(-60 * time.Second)),
 			spell: t0.Add(-60 * time.Second), reason: "LeaseExpired"},
 		{name: "no lease, Ready", node: node(corev1.ConditionTrue, t0.Add(-time.Hour)), healthy: true, spell: t0.Add(-time.Hour)},
@@ -46,6 +47,7 @@ func TestHealth(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := Health(tc.node, tc.lease, t0, 40*time.Second)
 			require.Equal(t, tc.healthy, h.Healthy, h.Detail)
+			require.Equal(t, tc.healthy && tc.node.Status.Conditions != nil && tc.node.Status.Conditions[0].Status == corev1.ConditionTrue, h.Ready)
 			require.True(t, tc.spell.Equal(h.SpellStart), "spell %s, want %s", h.SpellStart, tc.spell)
 			if !tc.healthy {
 				require.Equal(t, tc.reason, h.Reason)

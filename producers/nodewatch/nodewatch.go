@@ -215,7 +215,7 @@ func (w *Watcher) sync(ctx context.Context, name string) (recheck time.Duration,
 			}
 			cur.notReady = id
 		}
-	case cur.notReady != "" || node.Annotations[recovery.AnnotationTaintedBy] != "":
+	case h.Ready && (cur.notReady != "" || node.Annotations[recovery.AnnotationTaintedBy] != ""):
 		// Back from a spell this replica saw, or carrying the taint a
 		// recovery left (a replica that started since): drover's
 		// node.ready handler takes it off once the node is clean.
@@ -233,6 +233,12 @@ func (w *Watcher) sync(ctx context.Context, name string) (recheck time.Duration,
 	w.mu.Unlock()
 	if h.Healthy && !h.LeaseRenewed.IsZero() {
 		recheck = h.LeaseRenewed.Add(w.LeaseTimeout).Sub(now) + 10*time.Millisecond
+	}
+	if h.Healthy && !h.Ready && !h.SpellStart.IsZero() {
+		// Not Ready, not for long yet: look again when it would count.
+		if d := h.SpellStart.Add(w.LeaseTimeout).Sub(now) + 10*time.Millisecond; d > 0 && (recheck <= 0 || d < recheck) {
+			recheck = d
+		}
 	}
 	return recheck, nil
 }

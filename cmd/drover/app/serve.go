@@ -370,6 +370,11 @@ func connectKube(ctx context.Context, kubeconfig string) (kubernetes.Interface, 
 		return nil, nil, nil
 	}
 	cfg.Timeout = kubeCheckTimeout
+	if cfg.QPS == 0 {
+		// client-go's default (5/s, bursts of 10) would make the clean-up of
+		// a node with 50 VMs take seconds; recovery is latency-bound.
+		cfg.QPS, cfg.Burst = 100, 200
+	}
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("kubernetes client for %s: %w", cfg.Host, err)
