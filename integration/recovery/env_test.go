@@ -532,4 +532,3 @@ func (e *env) publishNotReady(node string, since time.Time) {
 	_, err = e.js.PublishMsg(e.ctx, msg)
 	require.NoError(e.t, err)
 }
-
