@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	cloudevent "github.com/cloudevents/sdk-go/v2/event"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
@@ -33,6 +34,7 @@ import (
 	"github.com/drover-io/drover/integration/cluster"
 	"github.com/drover-io/drover/integration/natstest"
 	"github.com/drover-io/drover/integration/sim"
+	"github.com/drover-io/drover/producers"
 	"github.com/drover-io/drover/schemas"
 )
 
@@ -87,7 +89,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 	if o.KubeVirtPods != nil {
 		opts.KubeVirtPods = *o.KubeVirtPods
 	}
-	simLog := log.With().Str("component", "sim").Logger().Level(max(lvl, zerolog.WarnLevel))
+	simLog := log.With().Str("component", "sim").Logger().Level(max(lvl, simLevel()))
 	opts.Logger = &simLog
 	if o.Sim != nil {
 		o.Sim(&opts)
@@ -531,4 +533,21 @@ func (e *env) publishNotReady(node string, since time.Time) {
 	require.NoError(e.t, err)
 	_, err = e.js.PublishMsg(e.ctx, msg)
 	require.NoError(e.t, err)
+}
+
+// publish publishes an event as a producer does.
+func publish(t *testing.T, e *env, ev cloudevent.Event) producers.Result {
+	t.Helper()
+	res, err := (&producers.Publisher{JS: e.js}).Publish(e.ctx, ev)
+	require.NoError(t, err)
+	return res
+}
+
+// simLevel is the simulator's log level: warnings, or everything with
+// DROVER_TEST_SIM_LOG set.
+func simLevel() zerolog.Level {
+	if os.Getenv("DROVER_TEST_SIM_LOG") != "" {
+		return zerolog.DebugLevel
+	}
+	return zerolog.WarnLevel
 }

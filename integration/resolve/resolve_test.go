@@ -82,6 +82,14 @@ func TestResolvers(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, consumers.RecoveryOperationKey("sick-1", string(n.UID)+"-"+itoa(now.Add(-30*time.Second).Unix())), got.Operation)
 	})
+	t.Run("a node Ready again: the event's own spell (a stale event, or one redelivered after the node came back)", func(t *testing.T) {
+		n := node(t, kube, "fine-1", corev1.ConditionTrue, now.Add(-time.Second), now)
+		since := now.Add(-time.Minute)
+		ev, keys := event(t, &schemas.NodeNotReady{Node: "fine-1", Since: since, Reason: "test"}, "e")
+		got, err := inc.Resolve(ctx, ev, keys)
+		require.NoError(t, err)
+		require.Equal(t, consumers.RecoveryOperationKey("fine-1", string(n.UID)+"-"+itoa(since.Unix())), got.Operation)
+	})
 	t.Run("a node the cloud controller deleted keeps the event's key", func(t *testing.T) {
 		ev, keys := event(t, &schemas.NodeNotReady{Node: "gone-1", Since: now, Reason: "test"}, "e")
 		got, err := inc.Resolve(ctx, ev, keys)
