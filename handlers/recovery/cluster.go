@@ -141,6 +141,15 @@ func (v *view) rooms(now time.Time, leaseTimeout time.Duration, failed string) [
 
 func excluded(n *corev1.Node) bool { return n.Labels[LabelExclude] == "true" }
 
+// droverTainted: drover left one of its taints on n.
+func droverTainted(n *corev1.Node) bool {
+	return n.Annotations[AnnotationTaintedBy] != "" || hasTaint(n, TaintRecovering)
+}
+
+// DroverTainted reports whether drover left one of its taints on n (the node
+// watcher publishes node.ready for such a node once it is Ready).
+func DroverTainted(n *corev1.Node) bool { return droverTainted(n) }
+
 func hasTaint(n *corev1.Node, key string) bool {
 	for _, t := range n.Spec.Taints {
 		if t.Key == key {
@@ -473,25 +482,30 @@ func (c cluster) volumesOf(ctx context.Context, pods []corev1.Pod) (map[string]b
 	return out, nil
 }
 
-// taint puts the out-of-service taint on node and names the operation that
-// added it. A taint already there (a person's, a fencing agent's) is left as
-// it is, and not claimed.
-func (c cluster) taint(ctx context.Context, node, op string) (added bool, err error) {
+// taint puts t on node. The out-of-service taint also names the operation
+// that added it (AnnotationTaintedBy); one already there (a person's, a
+// fencing agent's) is left as it is, and not claimed.
+func (c cluster) taint(ctx context.Context, node string, t corev1.Taint, op string) (added bool, err error) {
 	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		n, err := c.kube.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
-		if hasTaint(n, TaintOutOfService) {
-			added = n.Annotations[AnnotationTaintedBy] != ""
+		if hasTaint(n, t.Key) {
+			added = t.Key == TaintOutOfService && n.Annotations[AnnotationTaintedBy] != ""
 			return nil
 		}
 		now := metav1.Now()
-		n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: TaintOutOfService, Value: "nodeshutdown", Effect: corev1.TaintEffectNoExecute, TimeAdded: &now})
-		if n.Annotations == nil {
-			n.Annotations = map[string]string{}
+		if t.Effect == corev1.TaintEffectNoExecute {
+			t.TimeAdded = &now
 		}
-		n.Annotations[AnnotationTaintedBy] = op
+		n.Spec.Taints = append(n.Spec.Taints, t)
+		if t.Key == TaintOutOfService {
+			if n.Annotations == nil {
+				n.Annotations = map[string]string{}
+			}
+			n.Annotations[AnnotationTaintedBy] = op
+		}
 		_, err = c.kube.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{})
 		added = err == nil
 		return err
@@ -500,26 +514,28 @@ func (c cluster) taint(ctx context.Context, node, op string) (added bool, err er
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("taint node %s out of service: %w", node, err)
+		return false, fmt.Errorf("taint node %s %s: %w", node, t.Key, err)
 	}
 	return added, nil
 }
 
-// untaint removes the out-of-service taint from node if drover added it.
+// untaint removes the taints drover added from node: the out-of-service
+// taint if it was drover's, and TaintRecovering.
 func (c cluster) untaint(ctx context.Context, node string) (removed bool, err error) {
 	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		n, err := c.kube.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
-		if n.Annotations[AnnotationTaintedBy] == "" {
+		if !droverTainted(n) {
 			return nil
 		}
 		var keep []corev1.Taint
 		for _, t := range n.Spec.Taints {
-			if t.Key != TaintOutOfService {
-				keep = append(keep, t)
+			if t.Key == TaintRecovering || (t.Key == TaintOutOfService && n.Annotations[AnnotationTaintedBy] != "") {
+				continue
 			}
+			keep = append(keep, t)
 		}
 		n.Spec.Taints = keep
 		delete(n.Annotations, AnnotationTaintedBy)

@@ -36,6 +36,11 @@ const (
 	// when the remaining nodes cannot hold every VM, higher restarts first.
 	// An annotation of the same name is read when the label is absent.
 	LabelRestartPriority = "drover.io/restart-priority"
+	// TaintRecovering (NoSchedule) keeps the scheduler from placing the
+	// released VMs back on the failed node: a node whose Lease stopped looks
+	// schedulable until the node lifecycle controller marks it unreachable
+	// (50 s), and the out-of-service taint comes only after the clean-up.
+	TaintRecovering = "drover.io/recovering"
 	// AnnotationTaintedBy on a Node names the recovery that put the
 	// out-of-service taint there: drover removes only a taint it added.
 	AnnotationTaintedBy = "drover.io/out-of-service-by"

@@ -424,6 +424,17 @@ func (h *Handler) cleanup(ctx context.Context, op *consumers.Operation, c cluste
 		}
 	}
 
+	// 0. No VM may be scheduled back onto the failed node: until the node
+	// lifecycle controller marks it unreachable it looks schedulable.
+	if _, err := c.taint(ctx, st.Node, corev1.Taint{Key: TaintRecovering, Value: "true", Effect: corev1.TaintEffectNoSchedule}, op.Key()); err != nil {
+		return err
+	}
+	if _, err := op.UpdateNodeState(ctx, st.Node, func(ns *consumers.NodeState) error {
+		ns.Taints = appendTaint(ns.Taints, consumers.Taint{Key: TaintRecovering, Value: "true", Effect: string(corev1.TaintEffectNoSchedule)})
+		return nil
+	}); err != nil {
+		return err
+	}
 	pods, err := c.podsOn(ctx, st.Node)
 	if err != nil {
 		return err
@@ -494,7 +505,7 @@ func (h *Handler) cleanup(ctx context.Context, op *consumers.Operation, c cluste
 	}
 	// 4. The out-of-service taint: Kubernetes releases what else was there.
 	if st.AddTaint && !st.Tainted {
-		added, err := c.taint(ctx, st.Node, op.Key())
+		added, err := c.taint(ctx, st.Node, corev1.Taint{Key: TaintOutOfService, Value: "nodeshutdown", Effect: corev1.TaintEffectNoExecute}, op.Key())
 		if err != nil {
 			return err
 		}
@@ -664,13 +675,15 @@ func (h *Handler) waitRunning(ctx context.Context, op *consumers.Operation, c cl
 		if len(pending) == 0 {
 			break
 		}
-		if st.Tainted && time.Since(lastRelease) > 10*h.Config.RunningPoll {
+		if time.Since(lastRelease) > 10*h.Config.RunningPoll {
 			lastRelease = time.Now()
 			if _, _, err := h.release(ctx, op, c, st.Node); err != nil {
 				log.Warn().Err(err).Msg("could not release the node that came back")
 			}
 		}
-		if time.Now().After(deadline) {
+		if time.Now().After(deadline) || onlyNoRoom(pending, st) {
+			// Without room, waiting here holds a worker for nothing: look
+			// again later (a node may come back, a VM may be stopped).
 			return consumers.Wait(5*h.Config.GatePoll, fmt.Sprintf("waiting for %d VMs to run elsewhere: %s%s", len(pending), vmNames(pending), noRoomNote(st)))
 		}
 		select {
@@ -704,6 +717,15 @@ func (h *Handler) waitRunning(ctx context.Context, op *consumers.Operation, c cl
 	h.Metrics.finished("recovered")
 	log.Info().Msg(msg)
 	return nil
+}
+
+func onlyNoRoom(pending []VM, st *incident) bool {
+	for _, vm := range pending {
+		if !contains(st.NoRoom, vm.Key()) {
+			return false
+		}
+	}
+	return true
 }
 
 func noRoomNote(st *incident) string {
@@ -773,8 +795,8 @@ func (h *Handler) release(ctx context.Context, op *consumers.Operation, c cluste
 	if !hl.Ready {
 		return true, fmt.Sprintf("node %s is not Ready in the API (%s): nothing to do", name, hl.Detail), nil
 	}
-	if node.Annotations[AnnotationTaintedBy] == "" {
-		return true, fmt.Sprintf("node %s is Ready; it carries no out-of-service taint of drover's", name), nil
+	if !droverTainted(node) {
+		return true, fmt.Sprintf("node %s is Ready; it carries no taint of drover's", name), nil
 	}
 	pods, err := c.podsOn(ctx, name)
 	if err != nil {
@@ -797,7 +819,7 @@ func (h *Handler) release(ctx context.Context, op *consumers.Operation, c cluste
 		if _, err := op.UpdateNodeState(ctx, name, func(ns *consumers.NodeState) error {
 			var keep []consumers.Taint
 			for _, t := range ns.Taints {
-				if t.Key != TaintOutOfService {
+				if t.Key != TaintOutOfService && t.Key != TaintRecovering {
 					keep = append(keep, t)
 				}
 			}
@@ -807,9 +829,9 @@ func (h *Handler) release(ctx context.Context, op *consumers.Operation, c cluste
 			return false, "", err
 		}
 		h.event(&corev1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: name, UID: node.UID}, corev1.EventTypeNormal,
-			"OutOfServiceTaintRemoved", "node is Ready again and runs none of its VM pods from before: drover removed the out-of-service taint it added")
+			"OutOfServiceTaintRemoved", "node is Ready again and runs none of its VM pods from before: drover removed the taints it added")
 	}
-	return true, fmt.Sprintf("node %s is Ready and clean: drover's out-of-service taint removed", name), nil
+	return true, fmt.Sprintf("node %s is Ready and clean: drover's taints removed", name), nil
 }
 
 func nodeRef(st *incident) *corev1.ObjectReference {

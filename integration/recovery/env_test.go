@@ -551,3 +551,24 @@ func simLevel() zerolog.Level {
 	}
 	return zerolog.WarnLevel
 }
+
+// vmOn creates a VM and has it start on node: the other schedulable nodes
+// are cordoned meanwhile (a node selector would keep it from restarting
+// elsewhere).
+func (e *env) vmOn(name, node string, o sim.VMOptions) {
+	e.t.Helper()
+	nodes, err := e.s.Kube.CoreV1().Nodes().List(e.ctx, metav1.ListOptions{})
+	require.NoError(e.t, err)
+	var cordoned []string
+	for _, n := range nodes.Items {
+		if n.Name != node && !n.Spec.Unschedulable {
+			e.updateNode(n.Name, func(n *corev1.Node) { n.Spec.Unschedulable = true })
+			cordoned = append(cordoned, n.Name)
+		}
+	}
+	e.vm(name, o)
+	require.Equal(e.t, node, e.running(name, 30*time.Second).Status.NodeName)
+	for _, n := range cordoned {
+		e.updateNode(n, func(n *corev1.Node) { n.Spec.Unschedulable = false })
+	}
+}

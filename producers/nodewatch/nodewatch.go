@@ -215,7 +215,7 @@ func (w *Watcher) sync(ctx context.Context, name string) (recheck time.Duration,
 			}
 			cur.notReady = id
 		}
-	case h.Ready && (cur.notReady != "" || node.Annotations[recovery.AnnotationTaintedBy] != ""):
+	case h.Ready && (cur.notReady != "" || recovery.DroverTainted(node)):
 		// Back from a spell this replica saw, or carrying the taint a
 		// recovery left (a replica that started since): drover's
 		// node.ready handler takes it off once the node is clean.
