@@ -94,6 +94,7 @@ type incident struct {
 	GateMode   string    `json:"gateMode,omitempty"`
 	GateBy     string    `json:"gateBy,omitempty"`
 	Unsafe     bool      `json:"unsafe,omitempty"`
+	Deckhouse  bool      `json:"deckhouse,omitempty"` // Deckhouse's watchdog fencing was armed on the node
 	AddTaint   bool      `json:"addTaint,omitempty"`
 	VMs        []VM      `json:"vms,omitempty"`
 	NoRoom     []string  `json:"noRoom,omitempty"`
@@ -165,6 +166,7 @@ func (h *Handler) beforeGate(ctx context.Context, op *consumers.Operation, c clu
 			return true, h.finishEarly(ctx, op, st, "stale", fmt.Sprintf("stale: node %s has come back and failed again since (spell from %s): a newer incident handles it",
 				st.Node, hl.SpellStart.UTC().Format(time.RFC3339)))
 		}
+		st.Deckhouse = st.Deckhouse || deckhouseFencing(node)
 		if excluded(node) {
 			return true, h.finishEarly(ctx, op, st, "excluded", fmt.Sprintf("excluded: node %s has %s=true; nothing done", st.Node, LabelExclude))
 		}
@@ -565,9 +567,9 @@ func (h *Handler) deckhouseReport(st *incident, pods []corev1.Pod) string {
 			left++
 		}
 	}
-	who := "Deckhouse's fencing controller"
-	if st.GateMode == GateDeleted {
-		who = "the Node's deletion"
+	who := "the Node's deletion"
+	if st.Deckhouse {
+		who = "Deckhouse's fencing controller"
 	}
 	return fmt.Sprintf("%s had released %d of the %d VMs' pods before drover looked", who, max(len(st.VMs)-left, 0), len(st.VMs))
 }
