@@ -3,6 +3,7 @@ package recovery
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -448,13 +449,18 @@ func (h *Handler) cleanup(ctx context.Context, op *consumers.Operation, c cluste
 	// 1. KubeVirt's own control plane: if both virt-controller replicas
 	// were there, nothing restarts until they are gone and recreated.
 	var cp []string
+	var errs []error
 	for i := range pods {
 		if isControlPlane(&pods[i]) {
 			if err := c.forceDelete(ctx, &pods[i]); err != nil {
-				return err
+				errs = append(errs, err)
+				continue
 			}
 			cp = append(cp, pods[i].Namespace+"/"+pods[i].Name)
 		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
 	if len(cp) > 0 {
 		report = append(report, fmt.Sprintf("force-deleted KubeVirt control-plane pods %s", strings.Join(cp, ", ")))
@@ -589,6 +595,7 @@ func (h *Handler) releaseBatch(ctx context.Context, c cluster, st *incident, vms
 	}
 	deleted := 0
 	var kept []corev1.Pod
+	var errs []error
 	for i := range pods {
 		p := &pods[i]
 		if !isLauncher(p) {
@@ -600,10 +607,17 @@ func (h *Handler) releaseBatch(ctx context.Context, c cluster, st *incident, vms
 			kept = append(kept, *p)
 			continue
 		}
+		// Release as many as can be: one refused deletion must not hold
+		// the others back.
 		if err := c.forceDelete(ctx, p); err != nil {
-			return deleted, 0, err
+			errs = append(errs, err)
+			kept = append(kept, *p)
+			continue
 		}
 		deleted++
+	}
+	if err := errors.Join(errs...); err != nil {
+		return deleted, 0, err
 	}
 	var keep map[string]bool
 	if vms != nil {
