@@ -62,6 +62,10 @@ bench:
 bench-sim: controlplane
 	$(GO) test -run '^$$' -bench BenchmarkScale100x1000 -benchtime 1x -timeout 30m ./integration/sim/
 
+## bench-recovery: a node with 10, then 50 VMs dies, in watchdog mode and with a fencing agent: phases and drover's overhead (asserts nothing about time; real-world timings, DROVER_BENCH_TIME_SCALE=10 runs the simulated world faster)
+bench-recovery: controlplane
+	$(GO) test -run '^$$' -bench BenchmarkRecovery -benchtime 1x -timeout 60m ./integration/recovery/
+
 ## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated (under 3 minutes once built)
 demo: controlplane
 	$(GO) run ./integration/cmd/drover-demo
@@ -84,6 +88,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build image test test-unit test-integration nats-server chromium bench bench-sim demo lint verify clean
+.PHONY: help build image test test-unit test-integration nats-server chromium bench bench-sim bench-recovery demo lint verify clean
 
 -include integration/integration.mk

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -392,6 +393,38 @@ func (c cluster) forceDelete(ctx context.Context, p *corev1.Pod) error {
 		return fmt.Errorf("force-delete pod %s/%s on %s: %w", p.Namespace, p.Name, p.Spec.NodeName, err)
 	}
 	return nil
+}
+
+// deleteFailure is a pod forceDeleteAll could not delete.
+type deleteFailure struct {
+	pod corev1.Pod
+	err error
+}
+
+// forceDeleteAll force-deletes pods, a few at a time, and returns the ones
+// it could not delete.
+func (c cluster) forceDeleteAll(ctx context.Context, pods []corev1.Pod) []deleteFailure {
+	var (
+		mu     sync.Mutex
+		failed []deleteFailure
+		wg     sync.WaitGroup
+	)
+	sem := make(chan struct{}, 16)
+	for i := range pods {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(p *corev1.Pod) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := c.forceDelete(ctx, p); err != nil {
+				mu.Lock()
+				failed = append(failed, deleteFailure{*p, err})
+				mu.Unlock()
+			}
+		}(&pods[i])
+	}
+	wg.Wait()
+	return failed
 }
 
 // migrationsFrom lists the unfinished migrations whose source is node.

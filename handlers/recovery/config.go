@@ -70,7 +70,7 @@ const (
 	// every 10 s; the node feeds its watchdog while it reaches the API), plus
 	// clock skew.
 	DefaultWatchdogMargin = 15 * time.Second
-	DefaultGatePoll       = time.Second
+	DefaultGatePoll       = 250 * time.Millisecond
 	DefaultRunningPoll    = 200 * time.Millisecond
 	DefaultRunningWait    = 2 * time.Minute
 )
@@ -201,8 +201,9 @@ type Config struct {
 	Policies []Policy
 	// Storm is the storm guard's limit (default 30%).
 	Storm StormLimit
-	// GatePoll is how often a recovery waiting for fencing, a storm or a
-	// pause looks again (DefaultGatePoll).
+	// GatePoll is how often a recovery waiting for fencing looks again
+	// (DefaultGatePoll: a fencing agent's answer opens the gate within it);
+	// one held by a storm or a pause looks every 8 GatePoll.
 	GatePoll time.Duration
 	// RunningPoll is how often the VMs are checked while waiting for them to
 	// run (DefaultRunningPoll); RunningWait bounds one handler run's wait,

@@ -172,11 +172,14 @@ func (h *Handler) beforeGate(ctx context.Context, op *consumers.Operation, c clu
 			return true, h.finishEarly(ctx, op, st, "excluded", fmt.Sprintf("excluded: node %s has %s=true; nothing done", st.Node, LabelExclude))
 		}
 	}
-	vms, err := c.vmsOn(ctx, st.Node)
-	if err != nil {
-		return true, err
-	}
-	if st.merge(vms) {
+	if st.Phase == "" {
+		// What ran there, before anything (Deckhouse's fencing controller) may
+		// release it; looked at again when the clean-up starts.
+		vms, err := c.vmsOn(ctx, st.Node)
+		if err != nil {
+			return true, err
+		}
+		st.merge(vms)
 		for _, v := range vms {
 			if err := op.Progress(ctx, v.Key(), consumers.TargetProgress{Phase: vmPending, Node: st.Node, Message: "waits for the fencing gate"}); err != nil {
 				return true, err
@@ -192,7 +195,7 @@ func (h *Handler) beforeGate(ctx context.Context, op *consumers.Operation, c clu
 		h.Metrics.paused(pause.Paused)
 		if pause.Paused {
 			return true, h.wait(ctx, op, st, "paused", fmt.Sprintf("recoveries paused cluster-wide by %s since %s (%s): `drover recovery resume` lets them go on",
-				orSomeone(pause.By), pause.Since.UTC().Format(time.RFC3339), pause.Reason), cfg.GatePoll)
+				orSomeone(pause.By), pause.Since.UTC().Format(time.RFC3339), pause.Reason), 8*cfg.GatePoll)
 		}
 	}
 	v, err := c.view(ctx, false)
@@ -207,7 +210,7 @@ func (h *Handler) beforeGate(ctx context.Context, op *consumers.Operation, c clu
 			h.event(nodeRef(st), corev1.EventTypeWarning, "RecoveryStormGuard", "storm guard: "+storm.String()+"; drover does nothing until it passes")
 		}
 		return true, h.wait(ctx, op, st, "storm", "storm guard: "+storm.String()+
-			"; that is what a partition or a control-plane fault looks like: no clean-up until it passes", cfg.GatePoll)
+			"; that is what a partition or a control-plane fault looks like: no clean-up until it passes", 8*cfg.GatePoll)
 	}
 
 	in := GateInput{Policy: cfg.PolicyFor(nil), NodeExists: node != nil, Now: now}
@@ -371,6 +374,8 @@ func (h *Handler) afterGate(ctx context.Context, op *consumers.Operation, c clus
 	if _, err := op.UpdateNodeState(ctx, st.Node, func(ns *consumers.NodeState) error {
 		ns.Recovery = op.Key()
 		ns.Note = "recovering: " + st.GateBy
+		// Recorded before the clean-up adds it.
+		ns.Taints = appendTaint(ns.Taints, consumers.Taint{Key: TaintRecovering, Value: "true", Effect: string(corev1.TaintEffectNoSchedule)})
 		return nil
 	}); err != nil {
 		return err
@@ -430,12 +435,6 @@ func (h *Handler) cleanup(ctx context.Context, op *consumers.Operation, c cluste
 	// 0. No VM may be scheduled back onto the failed node: until the node
 	// lifecycle controller marks it unreachable it looks schedulable.
 	if _, err := c.taint(ctx, st.Node, corev1.Taint{Key: TaintRecovering, Value: "true", Effect: corev1.TaintEffectNoSchedule}, op.Key()); err != nil {
-		return err
-	}
-	if _, err := op.UpdateNodeState(ctx, st.Node, func(ns *consumers.NodeState) error {
-		ns.Taints = appendTaint(ns.Taints, consumers.Taint{Key: TaintRecovering, Value: "true", Effect: string(corev1.TaintEffectNoSchedule)})
-		return nil
-	}); err != nil {
 		return err
 	}
 	pods, err := c.podsOn(ctx, st.Node)
@@ -501,10 +500,11 @@ func (h *Handler) cleanup(ctx context.Context, op *consumers.Operation, c cluste
 			}
 		}
 		st.Batches = i + 1
-		if err := h.checkpoint(ctx, op, st, "cleaning-up", fmt.Sprintf("cleaning up %s: launcher batch %d of %d released", st.Node, i+1, len(batches))); err != nil {
-			return err
-		}
 		if i < len(batches)-1 {
+			// A resumed attempt must not wait for this batch again.
+			if err := h.checkpoint(ctx, op, st, "cleaning-up", fmt.Sprintf("cleaning up %s: launcher batch %d of %d released", st.Node, i+1, len(batches))); err != nil {
+				return err
+			}
 			// Let the higher priorities take the room first.
 			if err := h.awaitRunning(ctx, op, c, st, batches[i], cfg.RunningWait); err != nil {
 				return err
@@ -593,28 +593,24 @@ func (h *Handler) releaseBatch(ctx context.Context, c cluster, st *incident, vms
 		want[v.Key()] = true
 		want["uid:"+v.UID] = true
 	}
-	deleted := 0
-	var kept []corev1.Pod
-	var errs []error
+	var kept, release []corev1.Pod
 	for i := range pods {
 		p := &pods[i]
-		if !isLauncher(p) {
-			kept = append(kept, *p)
-			continue
-		}
 		key := p.Namespace + "/" + p.Labels[labelDeckhouseVM]
-		if vms != nil && !want[key] && !want["uid:"+p.Labels[kvv1.CreatedByLabel]] {
+		if !isLauncher(p) || (vms != nil && !want[key] && !want["uid:"+p.Labels[kvv1.CreatedByLabel]]) {
 			kept = append(kept, *p)
 			continue
 		}
-		// Release as many as can be: one refused deletion must not hold
-		// the others back.
-		if err := c.forceDelete(ctx, p); err != nil {
-			errs = append(errs, err)
-			kept = append(kept, *p)
-			continue
-		}
-		deleted++
+		release = append(release, *p)
+	}
+	// Release as many as can be, in parallel: one refused deletion must not
+	// hold the others back.
+	failed := c.forceDeleteAll(ctx, release)
+	deleted := len(release) - len(failed)
+	var errs []error
+	for _, f := range failed {
+		kept = append(kept, f.pod)
+		errs = append(errs, f.err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return deleted, 0, err
@@ -700,7 +696,7 @@ func (h *Handler) waitRunning(ctx context.Context, op *consumers.Operation, c cl
 		if time.Now().After(deadline) || onlyNoRoom(pending, st) {
 			// Without room, waiting here holds a worker for nothing: look
 			// again later (a node may come back, a VM may be stopped).
-			return consumers.Wait(5*h.Config.GatePoll, fmt.Sprintf("waiting for %d VMs to run elsewhere: %s%s", len(pending), vmNames(pending), noRoomNote(st)))
+			return consumers.Wait(8*h.Config.GatePoll, fmt.Sprintf("waiting for %d VMs to run elsewhere: %s%s", len(pending), vmNames(pending), noRoomNote(st)))
 		}
 		select {
 		case <-ctx.Done():

@@ -43,7 +43,7 @@ const ns = "default"
 // env is one test's world: a cluster, the simulator on it, a NATS server
 // and the drover replicas serving against both.
 type env struct {
-	t     *testing.T
+	t     testing.TB
 	ctx   context.Context
 	c     *cluster.Cluster
 	s     *sim.Simulator
@@ -69,9 +69,11 @@ type envOptions struct {
 
 var setTimeFormat sync.Once
 
-func newEnv(t *testing.T, o envOptions) *env {
+func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
-	t.Parallel()
+	if pt, ok := t.(*testing.T); ok {
+		pt.Parallel()
+	}
 	if o.Scale == 0 {
 		o.Scale = 10
 	}
@@ -415,7 +417,7 @@ func (e *env) watchDeletions(node string) *deletions {
 }
 
 // incident decodes a recovery's checkpoint.
-func incidentOf(t *testing.T, r consumers.Record) map[string]any {
+func incidentOf(t testing.TB, r consumers.Record) map[string]any {
 	t.Helper()
 	var m map[string]any
 	require.NoError(t, jsonUnmarshal(r.Data, &m))
@@ -423,7 +425,7 @@ func incidentOf(t *testing.T, r consumers.Record) map[string]any {
 }
 
 // gateOpened is when the recovery opened its gate.
-func gateOpened(t *testing.T, r consumers.Record) time.Time {
+func gateOpened(t testing.TB, r consumers.Record) time.Time {
 	t.Helper()
 	s, _ := incidentOf(t, r)["gateOpened"].(string)
 	at, err := time.Parse(time.RFC3339Nano, s)

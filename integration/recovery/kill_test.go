@@ -30,7 +30,7 @@ var (
 )
 
 // droverBinary builds cmd/drover once per test binary.
-func droverBinary(t *testing.T) string {
+func droverBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "drover-bin-")
