@@ -67,7 +67,7 @@ bench-recovery: controlplane
 	$(GO) test -run '^$$' -bench BenchmarkRecovery -benchtime 1x -timeout 60m ./integration/recovery/
 
 ## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated (under 3 minutes once built)
-demo: controlplane
+demo: controlplane alertmanager
 	$(GO) run ./integration/cmd/drover-demo
 
 ## lint: go vet and staticcheck

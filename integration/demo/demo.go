@@ -31,7 +31,6 @@ import (
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/integration/cluster"
 	"github.com/drover-io/drover/integration/sim"
-	"github.com/drover-io/drover/producers"
 	"github.com/drover-io/drover/schemas"
 )
 
@@ -59,17 +58,24 @@ type Summary struct {
 	Violations []string
 	// Events maps each published event type to whether its operation finished.
 	Events map[string]consumers.State
+	// Recoveries are the final messages of the recoveries the demo ran.
+	Recoveries []string
 }
 
 type run struct {
-	o       Options
-	mu      sync.Mutex // serializes output
-	sum     Summary
-	c       *cluster.Cluster
-	s       *sim.Simulator
-	natsURL string
-	js      jetstream.JetStream
+	o          Options
+	mu         sync.Mutex // serializes output
+	sum        Summary
+	c          *cluster.Cluster
+	s          *sim.Simulator
+	natsURL    string
+	httpAddr   string
+	js         jetstream.JetStream
+	stopDrover func()
 }
+
+// scaled turns a real-world duration into the demo's time.
+func (r *run) scaled(d time.Duration) time.Duration { return time.Duration(float64(d) / r.o.TimeScale) }
 
 func (r *run) say(format string, args ...any) {
 	r.mu.Lock()
@@ -184,6 +190,9 @@ func Run(ctx context.Context, o Options) (sum Summary, err error) {
 	if err := r.nodeFailure(ctx, seed.Nodes[len(seed.Nodes)-1]); err != nil {
 		return sum, err
 	}
+	if err := r.alertmanager(ctx, log, &cleanups, seed.Nodes[len(seed.Nodes)-2]); err != nil {
+		return sum, err
+	}
 
 	stopWatch()
 	r.scene("Invariants (ground truth of the simulator)")
@@ -202,31 +211,48 @@ func Run(ctx context.Context, o Options) (sum Summary, err error) {
 }
 
 func (r *run) serve(ctx context.Context, log zerolog.Logger, cleanups *[]func()) error {
+	stop, err := r.serveWith(ctx, log, cleanups, nil)
+	r.stopDrover = stop
+	return err
+}
+
+// serveWith starts drover serve with the demo's options, changed by tweak,
+// and returns a function that stops it.
+func (r *run) serveWith(ctx context.Context, log zerolog.Logger, cleanups *[]func(), tweak func(*app.Options)) (func(), error) {
 	o := app.DefaultOptions()
 	o.NATSListen, o.HTTPListen, o.Kubeconfig = "127.0.0.1:0", "127.0.0.1:0", r.c.Kubeconfig
 	o.DataDir = filepath.Join(r.o.LogDir, "drover-data")
 	o.ShutdownGrace = 5 * time.Second
+	// The simulated world runs TimeScale times faster: so do drover's timeouts.
+	o.NodeLeaseTimeout = r.scaled(recoveryLeaseTimeout)
+	o.WatchdogTimeout = r.scaled(60 * time.Second)
+	o.WatchdogMargin = r.scaled(15 * time.Second)
+	if tweak != nil {
+		tweak(&o)
+	}
 	sctx, stop := context.WithCancel(ctx)
 	ready := make(chan app.Info, 1)
 	done := make(chan error, 1)
 	go func() {
 		done <- app.Serve(sctx, o, log.With().Str("component", "drover").Logger(), func(i app.Info) { ready <- i })
 	}()
-	*cleanups = append(*cleanups, func() { stop(); <-done })
+	var once sync.Once
+	stopFn := func() { once.Do(func() { stop(); <-done }) }
+	*cleanups = append(*cleanups, stopFn)
 	select {
 	case info := <-ready:
-		r.natsURL = info.NATSURL
+		r.natsURL, r.httpAddr = info.NATSURL, info.HTTPAddr
 		r.say("   NATS %s, metrics http://%s/metrics, logs %s", info.NATSURL, info.HTTPAddr, filepath.Join(r.o.LogDir, "drover.log"))
 	case err := <-done:
-		return fmt.Errorf("drover serve: %w", err)
+		return stopFn, fmt.Errorf("drover serve: %w", err)
 	}
 	nc, err := nats.Connect(r.natsURL)
 	if err != nil {
-		return err
+		return stopFn, err
 	}
 	*cleanups = append(*cleanups, nc.Close)
 	r.js, err = jetstream.New(nc)
-	return err
+	return stopFn, err
 }
 
 // drover runs one CLI command in-process and prints it like a shell session.
@@ -290,8 +316,8 @@ func (r *run) waitOps(ctx context.Context, filter string, n int) error {
 
 func (r *run) requests(ctx context.Context) error {
 	r.scene("4. Requests through the CLI: validated, de-duplicated, acknowledged only when handled")
-	r.say("   (no workflow acts on the cluster in this build yet: `serve` runs the observe handler, which")
-	r.say("    re-checks each target in the live cluster, records what it saw and changes nothing)")
+	r.say("   (the maintenance and migration workflows are not built yet: `serve` runs the observe handler for")
+	r.say("    them, which re-checks each target in the live cluster, records what it saw and changes nothing)")
 	start := time.Now()
 	key := consumers.MaintenanceOperationKey("node-1", "demo-1")
 	r.drover(ctx, "maintenance", "start", "node-1", "--reason", "BIOS update", "--request-id", "demo-1")
@@ -367,84 +393,6 @@ func (r *run) drainBaseline(ctx context.Context, node string) error {
 	}
 	r.say("   uncordoned %s", node)
 	return nil
-}
-
-// nodeFailure shows the problem the recovery workflow will solve.
-func (r *run) nodeFailure(ctx context.Context, node string) error {
-	r.scene(fmt.Sprintf("6. A node dies: %s loses power", node))
-	on, err := r.vmisOn(ctx, node)
-	if err != nil {
-		return err
-	}
-	r.say("   VMs on %s: %s", node, strings.Join(on, ", "))
-	start := time.Now()
-	if err := r.s.SetFault(ctx, node, "down"); err != nil {
-		return err
-	}
-	var since time.Time
-	if err := r.waitNode(ctx, func(n *corev1.Node) bool {
-		for _, c := range n.Status.Conditions {
-			if c.Type == corev1.NodeReady && c.Status != corev1.ConditionTrue {
-				since = c.LastTransitionTime.Time
-				return true
-			}
-		}
-		return false
-	}, node); err != nil {
-		return err
-	}
-	r.timed(fmt.Sprintf("%s powered off -> Ready=Unknown in the API (node monitor grace, scaled)", node), time.Since(start))
-
-	// What the node watcher will publish (the producer is not built yet).
-	e, err := schemas.New("drover/demo", schemas.DeterministicID(node, since.String()),
-		&schemas.NodeNotReady{Node: node, Since: since.UTC(), Reason: "NodeStatusUnknown", SourceDetail: "Ready=Unknown"})
-	if err != nil {
-		return err
-	}
-	res, err := (&producers.Publisher{JS: r.js}).Publish(ctx, e)
-	if err != nil {
-		return err
-	}
-	r.say("   published %s on %s", e.Type(), res.Subject)
-	if err := r.waitOps(ctx, "recovery."+mustToken(node)+".*", 1); err != nil {
-		return err
-	}
-	r.drover(ctx, "status")
-	truth := r.s.Truth()
-	stuck := 0
-	vmis, err := r.s.KubeVirt.VirtualMachineInstances(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
-	if err != nil {
-		return err
-	}
-	for _, v := range vmis.Items {
-		if v.Status.NodeName == node && v.Status.Phase == kvv1.Running && len(truth.GuestNodes(v.Namespace+"/"+v.Name)) == 0 {
-			stuck++
-		}
-	}
-	r.say("   The API still shows %d VMs Running on %s, but their guests are dead (simulator ground truth).", stuck, node)
-	r.say("   KubeVirt cannot tell a crash from a partition, so they stay that way until someone fences the node")
-	r.say("   and force-deletes their pods: the recovery workflow's job (not in this build).")
-	start = time.Now()
-	if err := r.s.SetFault(ctx, node, ""); err != nil {
-		return err
-	}
-	if err := r.waitNode(ctx, func(n *corev1.Node) bool {
-		for _, c := range n.Status.Conditions {
-			if c.Type == corev1.NodeReady && c.Status == corev1.ConditionTrue {
-				return true
-			}
-		}
-		return false
-	}, node); err != nil {
-		return err
-	}
-	r.timed(fmt.Sprintf("%s powered on -> Ready again", node), time.Since(start))
-	return nil
-}
-
-func mustToken(s string) string {
-	t, _ := schemas.EncodeToken(s)
-	return t
 }
 
 func (r *run) waitNode(ctx context.Context, cond func(*corev1.Node) bool, node string) error {
