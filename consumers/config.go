@@ -14,6 +14,9 @@ const (
 	BucketOps      = "drover-ops"
 	BucketProgress = "drover-progress"
 	BucketLocks    = "drover-locks"
+	// BucketSettings holds cluster-wide switches drover serve keeps (the
+	// recovery pause, the failover capacity); clients ask drover serve.
+	BucketSettings = "drover-settings"
 	// DLQSubjectPrefix prefixes dead letters: drover.dlq.<workflow>.
 	DLQSubjectPrefix = "drover.dlq."
 )

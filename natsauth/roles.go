@@ -40,8 +40,9 @@ func (r Role) Valid() bool { return slices.Contains(Roles(), r) }
 // Subjects outside the request and status streams.
 const (
 	// RecoveryControlSubjects is where an operator pauses and resumes
-	// recovery (drover.ctl.recovery.pause, .resume): reserved for issue 9,
-	// granted now so that credentials need not change when it lands.
+	// recovery and reads the pause and the failover capacity
+	// (drover.ctl.recovery.pause, .resume, .status: requests drover serve
+	// answers).
 	RecoveryControlSubjects = "drover.ctl.recovery.>"
 	// RoleSubjectPrefix names the role in a user's permissions: each user
 	// may subscribe to drover.role.<role>, on which nothing is ever
@@ -88,9 +89,11 @@ func For(role Role, user string) (Grants, error) {
 			Publish: []string{
 				"drover.>",
 				kvSubjects(consumers.BucketOps), kvSubjects(consumers.BucketProgress), kvSubjects(consumers.BucketLocks),
+				kvSubjects(consumers.BucketSettings),
 				"$JS.API.>", // streams, consumers, buckets, pull requests, direct gets
 				"$JS.ACK.>", // acks, InProgress, naks, terms
 				"$JS.FC.>",  // flow control replies of KV watchers
+				"_INBOX.>",  // answers to recovery control requests (only to inboxes)
 				UserInfoSubject,
 			},
 			Subscribe: []string{">", RoleSubjectPrefix + string(RoleDrover)},

@@ -1,9 +1,13 @@
 package app
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/recovery"
@@ -22,14 +26,24 @@ func (c *cli) recovery(args []string) error {
 		if _, err := cmd.parse(args[1:], 0); err != nil {
 			return err
 		}
-		return c.setPause(cmd, recovery.Pause{Paused: true, By: *by, Reason: *reason, Since: time.Now().UTC()})
+		resp, err := c.recoveryControl(cmd, subjectRecoveryPause, recovery.Pause{By: *by, Reason: *reason})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "recoveries paused cluster-wide by %s: new recoveries wait before their fencing gate; those past it finish\n", resp.Pause.By)
+		return nil
 	case "resume":
 		cmd := c.command("drover recovery resume")
 		by := cmd.fs.String("by", whoami(), "who resumes them")
 		if _, err := cmd.parse(args[1:], 0); err != nil {
 			return err
 		}
-		return c.setPause(cmd, recovery.Pause{Paused: false, By: *by, Since: time.Now().UTC()})
+		resp, err := c.recoveryControl(cmd, subjectRecoveryResume, recovery.Pause{By: *by})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "recoveries resumed by %s\n", resp.Pause.By)
+		return nil
 	case "status":
 		cmd := c.command("drover recovery status")
 		if _, err := cmd.parse(args[1:], 0); err != nil {
@@ -41,62 +55,59 @@ func (c *cli) recovery(args []string) error {
 	}
 }
 
-func (c *cli) setPause(cmd *command, p recovery.Pause) error {
-	nc, js, err := cmd.client.connect(c.ctx)
+// recoveryControl asks drover serve, which keeps the recovery switches.
+func (c *cli) recoveryControl(cmd *command, subject string, req recovery.Pause) (recoveryControl, error) {
+	var resp recoveryControl
+	nc, _, err := cmd.client.connect(c.ctx)
 	if err != nil {
-		return err
+		return resp, err
 	}
 	defer nc.Close()
-	kv, err := openSettings(c.ctx, js)
+	b, _ := json.Marshal(req)
+	m, err := nc.Request(subject, b, 10*time.Second)
+	if errors.Is(err, nats.ErrNoResponders) {
+		return resp, fmt.Errorf("%s: no drover serve answers on this NATS (is it running?)", subject)
+	}
 	if err != nil {
-		return err
+		return resp, fmt.Errorf("%s: %w", subject, err)
 	}
-	if err := putJSON(c.ctx, kv, keyRecoveryPause, p); err != nil {
-		return err
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return resp, fmt.Errorf("%s: malformed answer: %w", subject, err)
 	}
-	if p.Paused {
-		fmt.Fprintf(c.out, "recoveries paused cluster-wide by %s: new recoveries wait before their fencing gate; those past it finish\n", p.By)
-	} else {
-		fmt.Fprintf(c.out, "recoveries resumed by %s\n", p.By)
+	if resp.Error != "" {
+		return resp, fmt.Errorf("%s: %s", subject, resp.Error)
 	}
-	return nil
+	return resp, nil
 }
 
 func (c *cli) recoveryStatus(cmd *command) error {
-	nc, js, err := cmd.client.connect(c.ctx)
+	resp, err := c.recoveryControl(cmd, subjectRecoveryStatus, recovery.Pause{})
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	kv, err := openSettings(c.ctx, js)
-	if err != nil {
-		return err
-	}
-	p, err := readPause(c.ctx, kv)
-	if err != nil {
-		return err
-	}
-	if p.Paused {
+	if p := resp.Pause; p.Paused {
 		fmt.Fprintf(c.out, "recoveries: PAUSED by %s since %s (%s)\n", p.By, p.Since.Local().Format(time.DateTime), p.Reason)
 	} else {
 		fmt.Fprintln(c.out, "recoveries: active")
 	}
-	var capReport capacityReport
-	if ok, err := getJSON(c.ctx, kv, keyFailoverCapacity, &capReport); err != nil {
-		return err
-	} else if ok {
+	if cr := resp.Capacity; cr != nil {
 		warn := ""
-		if capReport.Nodes == 0 {
+		if cr.Nodes == 0 {
 			warn = " (WARNING: a failure of the largest node would leave VMs without room)"
 		}
 		fmt.Fprintf(c.out, "failover capacity: %d of the largest nodes could fail with every restartable VM still fitting elsewhere%s (computed %s)\n",
-			capReport.Nodes, warn, capReport.At.Local().Format(time.DateTime))
+			cr.Nodes, warn, cr.At.Local().Format(time.DateTime))
 	}
-	okv, err := js.KeyValue(c.ctx, consumers.BucketOps)
+	nc, js, err := cmd.client.connect(c.ctx)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", consumers.BucketOps, err)
+		return err
 	}
-	recs, err := consumers.NewOpStore(okv).List(c.ctx, "recovery.>")
+	defer nc.Close()
+	ops, err := consumers.OpenOpStore(c.ctx, js)
+	if err != nil {
+		return fmt.Errorf("%w (has drover serve run against this NATS?)", err)
+	}
+	recs, err := ops.List(c.ctx, "recovery.>")
 	if err != nil {
 		return err
 	}

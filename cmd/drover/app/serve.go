@@ -200,6 +200,11 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 	receiver := &alertmanager.Receiver{Publisher: pub, Token: token, Alerts: o.AlertNames(), NodeLabel: o.AlertmanagerNodeLabel,
 		Log: log.With().Str("component", "alertmanager").Logger(), Metrics: alertmanager.NewMetrics(reg)}
+	stopControl, err := serveRecoveryControl(ctx, nc, settings, log.With().Str("component", "recovery-control").Logger())
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, func() error { stopControl(); return nil })
 	var runners []func(context.Context) error
 	if kube != nil && o.NodeWatch {
 		w := &nodewatch.Watcher{Kube: kube, Publisher: pub, LeaseTimeout: o.NodeLeaseTimeout,
