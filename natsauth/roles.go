@@ -93,7 +93,8 @@ func For(role Role, user string) (Grants, error) {
 				"$JS.API.>", // streams, consumers, buckets, pull requests, direct gets
 				"$JS.ACK.>", // acks, InProgress, naks, terms
 				"$JS.FC.>",  // flow control replies of KV watchers
-				"_INBOX.>",  // answers to recovery control requests (only to inboxes)
+				"_INBOX.>",  // answers to recovery control requests (only to inboxes,
+				"_R_.>",     // or to the reply subject of the clients account's service import)
 				UserInfoSubject,
 			},
 			Subscribe: []string{">", RoleSubjectPrefix + string(RoleDrover)},

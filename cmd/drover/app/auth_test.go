@@ -316,6 +316,24 @@ func roleScenario(t *testing.T, s authSetup) {
 		refused(t, fencer, "$JS.API.STREAM.INFO.KV_drover-ops", "status")
 	})
 
+	t.Run("an operator pauses and resumes recoveries; no other role may", func(t *testing.T) {
+		code, out, errOut := s.as(t, operator, "recovery", "pause", "--reason", "switch upgrade", "--by", "ops")
+		require.Equal(t, ExitOK, code, errOut)
+		require.Contains(t, out, "recoveries paused cluster-wide by ops")
+		code, out, errOut = s.as(t, operator, "recovery", "status")
+		require.Equal(t, ExitOK, code, errOut)
+		require.Contains(t, out, "recoveries: PAUSED by ops")
+		refused(t, chatbot, "drover.ctl.recovery.resume", "recovery", "resume")
+		refused(t, observer, "drover.ctl.recovery.status", "recovery", "status")
+		refused(t, fencer, "drover.ctl.recovery.resume", "recovery", "resume")
+		code, out, errOut = s.as(t, operator, "recovery", "resume", "--by", "ops")
+		require.Equal(t, ExitOK, code, errOut)
+		require.Contains(t, out, "recoveries resumed by ops")
+		code, out, _ = s.as(t, operator, "recovery", "status")
+		require.Equal(t, ExitOK, code)
+		require.Contains(t, out, "recoveries: active")
+	})
+
 	t.Run("a chatbot requests maintenance and an observer reads it", func(t *testing.T) {
 		code, _, errOut := s.as(t, chatbot, "maintenance", "start", "node-2", "--reason", "firmware", "--request-id", "chg-1")
 		require.Equal(t, ExitOK, code, errOut)

@@ -1,6 +1,7 @@
 package app
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -64,7 +65,9 @@ func (c *cli) recoveryControl(cmd *command, subject string, req recovery.Pause) 
 	}
 	defer nc.Close()
 	b, _ := json.Marshal(req)
-	m, err := nc.Request(subject, b, 10*time.Second)
+	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
+	defer cancel()
+	m, err := nc.RequestWithContext(ctx, subject, b)
 	if errors.Is(err, nats.ErrNoResponders) {
 		return resp, fmt.Errorf("%s: no drover serve answers on this NATS (is it running?)", subject)
 	}

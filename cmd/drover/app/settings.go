@@ -76,8 +76,9 @@ func (p kvPauser) RecoveryPause(ctx context.Context) (recovery.Pause, error) {
 // serveRecoveryControl answers the recovery control requests until ctx ends.
 func serveRecoveryControl(ctx context.Context, nc *nats.Conn, kv jetstream.KeyValue, log zerolog.Logger) (func(), error) {
 	answer := func(m *nats.Msg) {
-		if !strings.HasPrefix(m.Reply, "_INBOX.") {
-			// The answer goes to an inbox only: a reply subject naming a
+		if !strings.HasPrefix(m.Reply, "_INBOX.") && !strings.HasPrefix(m.Reply, "_R_.") {
+			// The answer goes to an inbox only (or, across NATS accounts, the
+			// service import's reply subject): a reply subject naming a
 			// request subject would have the service publish there.
 			log.Warn().Str("subject", m.Subject).Str("reply", m.Reply).Msg("recovery control request without an inbox to answer; ignored")
 			return
