@@ -51,22 +51,15 @@ func freePort(t *testing.T) int {
 func startAlertmanager(t *testing.T, droverAddr, tokenFile string) string {
 	t.Helper()
 	dir := t.TempDir()
-	cfg := fmt.Sprintf(`route:
-  receiver: drover
-  group_by: [alertname, node]
-  group_wait: 0s
-  group_interval: 1s
-  repeat_interval: 2s
-receivers:
-- name: drover
-  webhook_configs:
-  - url: http://%s/alertmanager
-    send_resolved: true
-    http_config:
-      authorization:
-        type: Bearer
-        credentials_file: %s
-`, droverAddr, tokenFile)
+	// The shipped example, with this test's address, token and intervals.
+	b, err := os.ReadFile("../../deploy/alertmanager/receiver.yaml")
+	require.NoError(t, err)
+	cfg := strings.NewReplacer("http://drover.drover.svc:9090", "http://"+droverAddr,
+		"/etc/alertmanager/secrets/drover/token", tokenFile,
+		"group_interval: 1m", "group_interval: 1s", "repeat_interval: 4h", "repeat_interval: 2s").Replace(string(b))
+	for _, want := range []string{droverAddr, tokenFile, "group_interval: 1s", "repeat_interval: 2s"} {
+		require.Contains(t, cfg, want, "the example changed: adapt the test")
+	}
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "alertmanager.yml"), []byte(cfg), 0o600))
 	port := freePort(t)
 	ctx, cancel := context.WithCancel(context.Background())
