@@ -1,12 +1,8 @@
 package demo
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,7 +15,7 @@ import (
 	"github.com/drover-io/drover/cmd/drover/app"
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/recovery"
-	"github.com/drover-io/drover/integration/cluster"
+	"github.com/drover-io/drover/integration/amtest"
 )
 
 // recoveryLeaseTimeout is drover's --node-lease-timeout in the real world
@@ -119,13 +115,8 @@ func ready(n *corev1.Node) bool {
 // node with kubectl.
 func (r *run) alertmanager(ctx context.Context, log zerolog.Logger, cleanups *[]func(), node string) error {
 	r.scene(fmt.Sprintf("7. Alertmanager: a KubeNodeNotReady alert for %s starts its recovery", node))
-	binDir, err := cluster.ResolveBinDir("")
-	if err != nil {
+	if _, err := amtest.Binary(); err != nil {
 		return err
-	}
-	amBin := filepath.Join(binDir, "alertmanager")
-	if _, err := os.Stat(amBin); err != nil {
-		return fmt.Errorf("the real Alertmanager is missing (%v): run `make alertmanager`", err)
 	}
 	dir := filepath.Join(r.o.LogDir, "alertmanager")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -164,15 +155,12 @@ receivers:
         type: Bearer
         credentials_file: %s
 `, r.httpAddr, token)
-	if err := os.WriteFile(filepath.Join(dir, "alertmanager.yml"), []byte(cfg), 0o600); err != nil {
-		return err
-	}
-	amURL, stopAM, err := startAlertmanager(ctx, amBin, dir)
-	*cleanups = append(*cleanups, stopAM)
+	am, err := amtest.Start(ctx, dir, cfg)
 	if err != nil {
 		return err
 	}
-	r.say("   Alertmanager %s with a webhook receiver:", amURL)
+	*cleanups = append(*cleanups, am.Stop)
+	r.say("   Alertmanager %s with a webhook receiver:", am.URL)
 	for _, l := range strings.Split(strings.TrimSpace(cfg), "\n") {
 		r.say("     | %s", l)
 	}
@@ -186,7 +174,7 @@ receivers:
 	r.timed(fmt.Sprintf("%s powered off -> Ready=Unknown (Prometheus's KubeNodeNotReady would fire 15 minutes later)", node), time.Since(start))
 	r.say("   Prometheus fires KubeNodeNotReady for %s (the demo posts it to Alertmanager's API):", node)
 	alert := time.Now()
-	if err := postAlert(ctx, amURL, "KubeNodeNotReady", node); err != nil {
+	if err := am.PostAlert(ctx, map[string]string{"alertname": "KubeNodeNotReady", "node": node, "severity": "warning"}); err != nil {
 		return err
 	}
 	if _, err := r.recoveryOf(ctx, node, time.Minute, atGate); err != nil {
@@ -210,72 +198,4 @@ receivers:
 	r.say("   Alertmanager repeats its notification; JetStream drops the same event id, nothing runs twice:")
 	r.drover(ctx, "recovery", "status")
 	return nil
-}
-
-// startAlertmanager runs the real Alertmanager from dir/alertmanager.yml.
-func startAlertmanager(ctx context.Context, bin, dir string) (string, func(), error) {
-	l, err := listenFree()
-	if err != nil {
-		return "", func() {}, err
-	}
-	actx, cancel := context.WithCancel(ctx)
-	cmd := exec.CommandContext(actx, bin, "--config.file="+filepath.Join(dir, "alertmanager.yml"), "--storage.path="+filepath.Join(dir, "data"),
-		"--web.listen-address="+l, "--cluster.listen-address=")
-	logf, err := os.Create(filepath.Join(dir, "alertmanager.log"))
-	if err != nil {
-		cancel()
-		return "", func() {}, err
-	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		cancel()
-		return "", func() {}, err
-	}
-	stop := func() { cancel(); _ = cmd.Wait(); _ = logf.Close() }
-	url := "http://" + l
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get(url + "/-/ready")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return url, stop, nil
-			}
-		}
-		if time.Now().After(deadline) {
-			return "", stop, fmt.Errorf("alertmanager not ready within 30s (log %s)", logf.Name())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func postAlert(ctx context.Context, am, name, node string) error {
-	body, _ := json.Marshal([]map[string]any{{
-		"labels":   map[string]string{"alertname": name, "node": node, "severity": "warning"},
-		"startsAt": time.Now().UTC().Format(time.RFC3339Nano),
-	}})
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, am+"/api/v2/alerts", bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("post alert: %s", resp.Status)
-	}
-	return nil
-}
-
-// listenFree returns a free loopback address.
-func listenFree() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
 }

@@ -1,15 +1,12 @@
 package recovery_test
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -21,21 +18,9 @@ import (
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/recovery"
-	"github.com/drover-io/drover/integration/cluster"
+	"github.com/drover-io/drover/integration/amtest"
 	"github.com/drover-io/drover/integration/sim"
 )
-
-// alertmanagerBinary is the real Alertmanager, built by `make alertmanager`.
-func alertmanagerBinary(t *testing.T) string {
-	t.Helper()
-	dir, err := cluster.ResolveBinDir("")
-	require.NoError(t, err)
-	p := filepath.Join(dir, "alertmanager")
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("the Alertmanager binary is missing (%v): run `make alertmanager`", err)
-	}
-	return p
-}
 
 func freePort(t *testing.T) int {
 	t.Helper()
@@ -45,13 +30,11 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// startAlertmanager runs the real Alertmanager with a webhook receiver
-// pointing at drover, authenticated with the token file, repeating every
-// two seconds; it returns its URL.
-func startAlertmanager(t *testing.T, droverAddr, tokenFile string) string {
+// startAlertmanager runs the real Alertmanager with the shipped receiver
+// configuration pointing at drover, authenticated with the token file,
+// repeating every two seconds.
+func startAlertmanager(t *testing.T, droverAddr, tokenFile string) *amtest.Server {
 	t.Helper()
-	dir := t.TempDir()
-	// The shipped example, with this test's address, token and intervals.
 	b, err := os.ReadFile("../../deploy/alertmanager/receiver.yaml")
 	require.NoError(t, err)
 	cfg := strings.NewReplacer("http://drover.drover.svc:9090", "http://"+droverAddr,
@@ -60,55 +43,21 @@ func startAlertmanager(t *testing.T, droverAddr, tokenFile string) string {
 	for _, want := range []string{droverAddr, tokenFile, "group_interval: 1s", "repeat_interval: 2s"} {
 		require.Contains(t, cfg, want, "the example changed: adapt the test")
 	}
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "alertmanager.yml"), []byte(cfg), 0o600))
-	port := freePort(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, alertmanagerBinary(t), "--config.file="+filepath.Join(dir, "alertmanager.yml"),
-		"--storage.path="+filepath.Join(dir, "data"), fmt.Sprintf("--web.listen-address=127.0.0.1:%d", port),
-		"--cluster.listen-address=", "--log.level=debug")
-	logf, err := os.Create(filepath.Join(dir, "alertmanager.log"))
+	am, err := amtest.Start(context.Background(), t.TempDir(), cfg)
 	require.NoError(t, err)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
 	t.Cleanup(func() {
-		cancel()
-		_ = cmd.Wait()
-		_ = logf.Close()
+		am.Stop()
 		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
+			b, _ := os.ReadFile(am.Log)
 			t.Logf("alertmanager log:\n%s", b)
 		}
 	})
-	url := fmt.Sprintf("http://127.0.0.1:%d", port)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get(url + "/-/ready")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return url
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("alertmanager not ready within 30s: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	return am
 }
 
-// postAlert fires an alert through Alertmanager's API, as Prometheus does.
-func postAlert(t *testing.T, am, name, node string) {
+func postAlert(t *testing.T, am *amtest.Server, name, node string) {
 	t.Helper()
-	body, err := json.Marshal([]map[string]any{{
-		"labels":   map[string]string{"alertname": name, "node": node, "severity": "warning"},
-		"startsAt": time.Now().UTC().Format(time.RFC3339Nano),
-	}})
-	require.NoError(t, err)
-	resp, err := http.Post(am+"/api/v2/alerts", "application/json", bytes.NewReader(body))
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	require.Equal(t, http.StatusOK, resp.StatusCode, string(b))
+	require.NoError(t, am.PostAlert(context.Background(), map[string]string{"alertname": name, "node": node, "severity": "warning"}))
 }
 
 // scrape returns the sum of the samples of a metric whose labels contain
@@ -205,7 +154,7 @@ func TestAlertmanager(t *testing.T) {
 		// Alertmanager goes on notifying (repeat_interval 2s): JetStream drops
 		// the same event id, the finished recovery is not run again.
 		e.eventually(30*time.Second, "repeated notifications", func() (bool, string) {
-			d := scrape(t, metrics, "drover_alertmanager_alerts_total", `result="duplicate"`)
+			d := scrape(t, metrics, "drover_events_duplicate_total", `source="alertmanager"`)
 			return d >= 2, fmt.Sprint(d)
 		})
 		recs := e.ops(consumers.RecoveryOperationFilter("n1"))
@@ -218,10 +167,10 @@ func TestAlertmanager(t *testing.T) {
 		e.stopDrovers()
 		e.fault("n2", sim.FaultDown)
 		e.eventually(30*time.Second, "n2 gone", func() (bool, string) { return e.leaseAge("n2") > o.NodeLeaseTimeout, "" })
-		before := scrape(t, am+"/metrics", "alertmanager_notifications_failed_total", `integration="webhook"`)
+		before := scrape(t, am.URL+"/metrics", "alertmanager_notifications_failed_total", `integration="webhook"`)
 		postAlert(t, am, "KubeNodeNotReady", "n2")
 		e.eventually(30*time.Second, "Alertmanager failing to notify", func() (bool, string) {
-			n := scrape(t, am+"/metrics", "alertmanager_notifications_failed_total", `integration="webhook"`)
+			n := scrape(t, am.URL+"/metrics", "alertmanager_notifications_failed_total", `integration="webhook"`)
 			return n >= before+2, fmt.Sprint(n)
 		})
 		require.Empty(t, e.ops(consumers.RecoveryOperationFilter("n2")))

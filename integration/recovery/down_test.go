@@ -3,7 +3,6 @@ package recovery_test
 import (
 	"encoding/json"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -142,5 +141,3 @@ func hasTaint(n *corev1.Node, key string) bool {
 	}
 	return false
 }
-
-func lines(s string) []string { return strings.Split(strings.TrimSpace(s), "\n") }

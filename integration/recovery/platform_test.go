@@ -92,10 +92,10 @@ func TestDeckhouse(t *testing.T) {
 		}
 	})
 	e.fault("n1", sim.FaultDown)
-	rec := e.recoveryOf("n1", 30*time.Second, "waiting for Deckhouse's timeout", func(r consumers.Record) bool {
+	e.recoveryOf("n1", 30*time.Second, "waiting for Deckhouse's timeout", func(r consumers.Record) bool {
 		return r.Phase == "gate" && strings.Contains(r.WaitReason, "Deckhouse watchdog fencing")
 	})
-	rec = e.recoveryOf("n1", 60*time.Second, "succeeded", succeeded)
+	rec := e.recoveryOf("n1", 60*time.Second, "succeeded", succeeded)
 	var deckhouseAt time.Time
 	select {
 	case deckhouseAt = <-acted:

@@ -21,7 +21,6 @@ import (
 
 	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/prometheus/alertmanager/template"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/model"
 	"github.com/rs/zerolog"
 
@@ -31,6 +30,9 @@ import (
 
 // Source is the CloudEvents source of the events the receiver publishes.
 const Source = "drover/alertmanager"
+
+// MetricsSource labels this producer's metrics (producers.Metrics).
+const MetricsSource = "alertmanager"
 
 // Path is where the receiver listens on drover's HTTP listener.
 const Path = "/alertmanager"
@@ -49,29 +51,6 @@ type Publisher interface {
 	Publish(ctx context.Context, e event.Event) (producers.Result, error)
 }
 
-// Metrics count requests and alerts.
-type Metrics struct {
-	// Requests by HTTP status code.
-	Requests *prometheus.CounterVec
-	// Alerts by result: published, duplicate, ignored (not mapped), skipped
-	// (no node label, bad node name).
-	Alerts *prometheus.CounterVec
-}
-
-// NewMetrics registers the receiver's metrics with reg (nil: not registered).
-func NewMetrics(reg prometheus.Registerer) *Metrics {
-	m := &Metrics{
-		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "drover", Subsystem: "alertmanager", Name: "requests_total",
-			Help: "Alertmanager webhook requests by HTTP status code."}, []string{"code"}),
-		Alerts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "drover", Subsystem: "alertmanager", Name: "alerts_total",
-			Help: "Alerts received by result: published, duplicate, ignored (alert not mapped), skipped (no usable node label)."}, []string{"result"}),
-	}
-	if reg != nil {
-		reg.MustRegister(m.Requests, m.Alerts)
-	}
-	return m
-}
-
 // Receiver is the webhook endpoint (an http.Handler).
 type Receiver struct {
 	Publisher Publisher
@@ -88,8 +67,20 @@ type Receiver struct {
 	// Timeout bounds the publishing of one payload (default 10s).
 	Timeout time.Duration
 	Log     zerolog.Logger
-	Metrics *Metrics
+	// Metrics, shared by the producers (source "alertmanager"); nil: not counted.
+	Metrics *producers.Metrics
 }
+
+var unregistered = producers.NewMetrics(nil)
+
+func (r *Receiver) metrics() *producers.Metrics {
+	if r.Metrics == nil {
+		return unregistered
+	}
+	return r.Metrics
+}
+
+func (r *Receiver) reject(reason string) { r.metrics().Rejected.WithLabelValues(MetricsSource, reason).Inc() }
 
 // Message is the webhook payload, version 4.
 type Message struct {
@@ -110,9 +101,6 @@ type Response struct {
 
 func (r *Receiver) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	code, resp := r.serve(req)
-	if r.Metrics != nil {
-		r.Metrics.Requests.WithLabelValues(fmt.Sprint(code)).Inc()
-	}
 	if code == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="drover", Basic realm="drover"`)
 	}
@@ -126,6 +114,7 @@ func (r *Receiver) serve(req *http.Request) (int, Response) {
 		return http.StatusMethodNotAllowed, Response{Error: "POST an Alertmanager webhook payload"}
 	}
 	if !r.authorized(req) {
+		r.reject("unauthenticated")
 		r.Log.Warn().Str("remote", req.RemoteAddr).Msg("alertmanager webhook: unauthorized request refused")
 		return http.StatusUnauthorized, Response{Error: "unauthorized: send the bearer token (or basic auth with it as the password)"}
 	}
@@ -136,19 +125,24 @@ func (r *Receiver) serve(req *http.Request) (int, Response) {
 	body, err := io.ReadAll(http.MaxBytesReader(nil, req.Body, limit))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
+		r.reject("too_large")
 		return http.StatusRequestEntityTooLarge, Response{Error: fmt.Sprintf("payload larger than %d bytes", limit)}
 	}
 	if err != nil {
+		r.reject("invalid")
 		return http.StatusBadRequest, Response{Error: "read payload: " + err.Error()}
 	}
 	var msg Message
 	if err := json.Unmarshal(body, &msg); err != nil {
+		r.reject("invalid")
 		return http.StatusBadRequest, Response{Error: "malformed payload: " + err.Error()}
 	}
 	if msg.Version != "4" {
+		r.reject("invalid")
 		return http.StatusBadRequest, Response{Error: fmt.Sprintf("payload version %q: this receiver takes version 4", msg.Version)}
 	}
 	if msg.Data == nil {
+		r.reject("invalid")
 		return http.StatusBadRequest, Response{Error: "malformed payload: no alerts"}
 	}
 	events, resp := r.events(msg)
@@ -161,16 +155,21 @@ func (r *Receiver) serve(req *http.Request) (int, Response) {
 	for _, e := range events {
 		res, err := r.Publisher.Publish(ctx, e)
 		if err != nil {
+			if errors.Is(err, producers.ErrBackPressure) {
+				r.reject("back_pressure")
+			} else {
+				r.reject("unavailable")
+			}
 			r.Log.Error().Err(err).Str("event", e.ID()).Msg("alertmanager webhook: publish failed; answering 503 so that Alertmanager retries")
 			resp.Error = "publish: " + err.Error()
 			return http.StatusServiceUnavailable, resp
 		}
+		r.metrics().Published.WithLabelValues(MetricsSource, e.Type()).Inc()
 		if res.Duplicate {
 			resp.Duplicates++
-			r.count("duplicate")
+			r.metrics().Duplicate.WithLabelValues(MetricsSource, e.Type()).Inc()
 		} else {
 			resp.Published++
-			r.count("published")
 		}
 		r.Log.Info().Str("type", e.Type()).Str("event", e.ID()).Bool("duplicate", res.Duplicate).Msg("alertmanager webhook: node event published")
 	}
@@ -198,7 +197,6 @@ func (r *Receiver) events(msg Message) ([]event.Event, Response) {
 		name := a.Labels["alertname"]
 		if !mapped[name] {
 			resp.Ignored++
-			r.count("ignored")
 			continue
 		}
 		fp := a.Fingerprint
@@ -207,7 +205,7 @@ func (r *Receiver) events(msg Message) ([]event.Event, Response) {
 		}
 		skip := func(why string) {
 			resp.Skipped = append(resp.Skipped, fmt.Sprintf("%s (fingerprint %s): %s", name, fp, why))
-			r.count("skipped")
+			r.reject("invalid")
 			r.Log.Warn().Str("alert", name).Str("fingerprint", fp).Str("labels", fmt.Sprint(a.Labels)).Msg("alertmanager webhook: alert skipped: " + why)
 		}
 		node := a.Labels[label]
@@ -238,15 +236,10 @@ func (r *Receiver) events(msg Message) ([]event.Event, Response) {
 			skip(err.Error())
 			continue
 		}
+		r.metrics().Received.WithLabelValues(MetricsSource, e.Type()).Inc()
 		out = append(out, e)
 	}
 	return out, resp
-}
-
-func (r *Receiver) count(result string) {
-	if r.Metrics != nil {
-		r.Metrics.Alerts.WithLabelValues(result).Inc()
-	}
 }
 
 // authorized compares the request's bearer token or basic-auth password

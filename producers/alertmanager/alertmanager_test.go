@@ -58,8 +58,7 @@ func bearer(tok string) func(*http.Request) {
 
 func TestReceiver(t *testing.T) {
 	js := jetStream(t)
-	reg := prometheus.NewRegistry()
-	r := &Receiver{Publisher: &producers.Publisher{JS: js}, Token: []byte("tok"), Log: zerolog.Nop(), Metrics: NewMetrics(reg)}
+	r := &Receiver{Publisher: &producers.Publisher{JS: js}, Token: []byte("tok"), Log: zerolog.Nop(), Metrics: producers.NewMetrics(prometheus.NewRegistry())}
 
 	code, body := post(t, r, bearer("tok"), payload)
 	require.Equal(t, http.StatusOK, code, body)
@@ -98,8 +97,9 @@ func TestReceiver(t *testing.T) {
 	info, err = s.Info(context.Background())
 	require.NoError(t, err)
 	require.Equal(t, uint64(3), info.State.Msgs)
-	require.Equal(t, 3.0, testutil.ToFloat64(r.Metrics.Alerts.WithLabelValues("duplicate")))
-	require.Equal(t, 2.0, testutil.ToFloat64(r.Metrics.Requests.WithLabelValues("200")))
+	require.Equal(t, 2.0, testutil.ToFloat64(r.Metrics.Duplicate.WithLabelValues(MetricsSource, schemas.TypeNodeNotReady)))
+	require.Equal(t, 4.0, testutil.ToFloat64(r.Metrics.Published.WithLabelValues(MetricsSource, schemas.TypeNodeNotReady)))
+	require.Equal(t, 2.0, testutil.ToFloat64(r.Metrics.Rejected.WithLabelValues(MetricsSource, "invalid")), "the unlabelled alert, twice")
 }
 
 func TestReceiverRefuses(t *testing.T) {

@@ -9,13 +9,13 @@ package nodewatch
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -41,22 +41,8 @@ type Publisher interface {
 
 var _ Publisher = (*producers.Publisher)(nil)
 
-// Metrics count what the watcher published.
-type Metrics struct {
-	// Events counts events by type (notready, ready, fenced) and result
-	// (published, duplicate, error).
-	Events *prometheus.CounterVec
-}
-
-// NewMetrics registers the watcher's metrics with reg (nil: not registered).
-func NewMetrics(reg prometheus.Registerer) *Metrics {
-	m := &Metrics{Events: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "drover", Subsystem: "nodewatch", Name: "events_total",
-		Help: "Node events the node watcher published, by type and result (published, duplicate, error)."}, []string{"type", "result"})}
-	if reg != nil {
-		reg.MustRegister(m.Events)
-	}
-	return m
-}
+// MetricsSource labels this producer's metrics (producers.Metrics).
+const MetricsSource = "nodewatch"
 
 // Watcher watches Nodes and their kubelet Leases and publishes node events.
 type Watcher struct {
@@ -66,7 +52,8 @@ type Watcher struct {
 	// (recovery.DefaultLeaseTimeout).
 	LeaseTimeout time.Duration
 	Log          zerolog.Logger
-	Metrics      *Metrics
+	// Metrics, shared by the producers (source "nodewatch"); nil: not counted.
+	Metrics *producers.Metrics
 	// Resync re-checks every node this often, whatever the informers say
 	// (default 30s).
 	Resync time.Duration
@@ -199,7 +186,7 @@ func (w *Watcher) sync(ctx context.Context, name string) (recheck time.Duration,
 		}
 		id := schemas.DeterministicID(uid, "fenced", unix(at))
 		if cur.fenced != id {
-			if err := w.publish(ctx, "fenced", id, &schemas.NodeFenced{Node: name, Method: "out-of-service-taint",
+			if err := w.publish(ctx, id, &schemas.NodeFenced{Node: name, Method: "out-of-service-taint",
 				By: "node.kubernetes.io/out-of-service taint (nodewatch)"}); err != nil {
 				return 0, err
 			}
@@ -210,7 +197,7 @@ func (w *Watcher) sync(ctx context.Context, name string) (recheck time.Duration,
 	case !h.Healthy:
 		id := schemas.DeterministicID(uid, unix(h.SpellStart))
 		if cur.notReady != id {
-			if err := w.publish(ctx, "notready", id, &schemas.NodeNotReady{Node: name, Since: h.SpellStart.UTC(), Reason: h.Reason, SourceDetail: h.Detail}); err != nil {
+			if err := w.publish(ctx, id, &schemas.NodeNotReady{Node: name, Since: h.SpellStart.UTC(), Reason: h.Reason, SourceDetail: h.Detail}); err != nil {
 				return 0, err
 			}
 			cur.notReady = id
@@ -221,7 +208,7 @@ func (w *Watcher) sync(ctx context.Context, name string) (recheck time.Duration,
 		// node.ready handler takes it off once the node is clean.
 		id := schemas.DeterministicID(uid, "ready", unix(h.SpellStart))
 		if cur.ready != id {
-			if err := w.publish(ctx, "ready", id, &schemas.NodeReady{Node: name, Since: h.SpellStart.UTC()}); err != nil {
+			if err := w.publish(ctx, id, &schemas.NodeReady{Node: name, Since: h.SpellStart.UTC()}); err != nil {
 				return 0, err
 			}
 			cur.ready = id
@@ -243,23 +230,29 @@ func (w *Watcher) sync(ctx context.Context, name string) (recheck time.Duration,
 	return recheck, nil
 }
 
-func (w *Watcher) publish(ctx context.Context, typ, id string, p schemas.Payload) error {
+func (w *Watcher) publish(ctx context.Context, id string, p schemas.Payload) error {
 	e, err := schemas.New(Source, id, p)
 	if err != nil {
 		return err
 	}
+	m := w.Metrics
+	if m == nil {
+		m = unregistered
+	}
+	m.Received.WithLabelValues(MetricsSource, e.Type()).Inc()
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	res, err := w.Publisher.Publish(pctx, e)
-	result := "published"
 	switch {
+	case errors.Is(err, producers.ErrBackPressure):
+		m.Rejected.WithLabelValues(MetricsSource, "back_pressure").Inc()
 	case err != nil:
-		result = "error"
-	case res.Duplicate:
-		result = "duplicate"
-	}
-	if w.Metrics != nil {
-		w.Metrics.Events.WithLabelValues(typ, result).Inc()
+		m.Rejected.WithLabelValues(MetricsSource, "unavailable").Inc()
+	default:
+		m.Published.WithLabelValues(MetricsSource, e.Type()).Inc()
+		if res.Duplicate {
+			m.Duplicate.WithLabelValues(MetricsSource, e.Type()).Inc()
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("publish %s of node %s: %w", e.Type(), p.Target(), err)
@@ -267,6 +260,8 @@ func (w *Watcher) publish(ctx context.Context, typ, id string, p schemas.Payload
 	w.Log.Info().Str("node", p.Target()).Str("type", e.Type()).Str("id", id).Bool("duplicate", res.Duplicate).Msg("node event published")
 	return nil
 }
+
+var unregistered = producers.NewMetrics(nil)
 
 func outOfService(n *corev1.Node) *corev1.Taint {
 	for i := range n.Spec.Taints {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/recovery"
@@ -106,11 +107,7 @@ func (c *cli) recoveryStatus(cmd *command) error {
 		return err
 	}
 	defer nc.Close()
-	ops, err := consumers.OpenOpStore(c.ctx, js)
-	if err != nil {
-		return fmt.Errorf("%w (has drover serve run against this NATS?)", err)
-	}
-	recs, err := ops.List(c.ctx, "recovery.>")
+	recs, err := listOperations(c.ctx, js, "recovery.>")
 	if err != nil {
 		return err
 	}
@@ -120,4 +117,13 @@ func (c *cli) recoveryStatus(cmd *command) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Key, r.Target, r.State, vmCounts(r), r.Updated.Local().Format("15:04:05"), summary(r))
 	}
 	return tw.Flush()
+}
+
+// listOperations reads the operation records matching filter.
+func listOperations(ctx context.Context, js jetstream.JetStream, filter string) ([]consumers.Record, error) {
+	ops, err := consumers.OpenOpStore(ctx, js)
+	if err != nil {
+		return nil, fmt.Errorf("%w (has drover serve run against this NATS?)", err)
+	}
+	return ops.List(ctx, filter)
 }

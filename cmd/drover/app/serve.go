@@ -188,6 +188,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 
 	pub := &producers.Publisher{JS: js}
+	producerMetrics := producers.NewMetrics(reg)
 	var token []byte
 	if o.AlertmanagerTokenFile != "" {
 		b, err := os.ReadFile(o.AlertmanagerTokenFile)
@@ -199,7 +200,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		log.Info().Msg("no --alertmanager-token-file: POST " + alertmanager.Path + " refuses every request")
 	}
 	receiver := &alertmanager.Receiver{Publisher: pub, Token: token, Alerts: o.AlertNames(), NodeLabel: o.AlertmanagerNodeLabel,
-		Log: log.With().Str("component", "alertmanager").Logger(), Metrics: alertmanager.NewMetrics(reg)}
+		Log: log.With().Str("component", "alertmanager").Logger(), Metrics: producerMetrics}
 	stopControl, err := serveRecoveryControl(ctx, nc, settings, log.With().Str("component", "recovery-control").Logger())
 	if err != nil {
 		return err
@@ -208,7 +209,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	var runners []func(context.Context) error
 	if kube != nil && o.NodeWatch {
 		w := &nodewatch.Watcher{Kube: kube, Publisher: pub, LeaseTimeout: o.NodeLeaseTimeout,
-			Log: log.With().Str("component", "nodewatch").Logger(), Metrics: nodewatch.NewMetrics(reg)}
+			Log: log.With().Str("component", "nodewatch").Logger(), Metrics: producerMetrics}
 		runners = append(runners, w.Start)
 	}
 	if kube != nil {
@@ -228,7 +229,6 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	producerMetrics := producers.NewMetrics(reg)
 	page := &web.Server{NC: nc, JS: js, Log: log.With().Str("component", "web").Logger()}
 	if o.IngressTokensFile != "" {
 		tokens, err := ingress.NewTokenSource(o.IngressTokensFile, func(err error) { log.Error().Err(err).Msg("ingress tokens") })

@@ -38,11 +38,7 @@ func (c *cli) status(args []string) error {
 		return err
 	}
 	defer nc.Close()
-	ops, err := consumers.OpenOpStore(c.ctx, js)
-	if err != nil {
-		return fmt.Errorf("%w (has drover serve run against this NATS?)", err)
-	}
-	recs, err := ops.List(c.ctx, ">")
+	recs, err := listOperations(c.ctx, js, ">")
 	if err != nil {
 		return err
 	}
