@@ -81,8 +81,8 @@ $(TOOLS)/staticcheck:
 ## verify: formatting, go.mod tidiness and lint; fails when a generated or tidied file would change
 verify: lint
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
-	$(GO) mod tidy && cd integration/tools && $(GO) mod tidy
-	git diff --exit-code -- go.mod go.sum integration/tools/go.mod integration/tools/go.sum
+	$(GO) mod tidy && (cd integration/tools && $(GO) mod tidy) && (cd integration/tools/alertmanager && $(GO) mod tidy)
+	git diff --exit-code -- go.mod go.sum integration/tools/go.mod integration/tools/go.sum integration/tools/alertmanager/go.mod integration/tools/alertmanager/go.sum
 
 ## clean: remove build outputs (keeps the control-plane cache)
 clean:
