@@ -80,7 +80,9 @@ func (r *Receiver) metrics() *producers.Metrics {
 	return r.Metrics
 }
 
-func (r *Receiver) reject(reason string) { r.metrics().Rejected.WithLabelValues(MetricsSource, reason).Inc() }
+func (r *Receiver) reject(reason string) {
+	r.metrics().Rejected.WithLabelValues(MetricsSource, reason).Inc()
+}
 
 // Message is the webhook payload, version 4.
 type Message struct {
