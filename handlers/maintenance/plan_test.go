@@ -175,7 +175,7 @@ func TestPlanCapacity(t *testing.T) {
 				node("node-2", 64), node("node-3", 64, func(n *Node) { n.Labels["zone"] = "b" })),
 			wantOK: true, wantRoom: map[string]string{"zoned": "node-3"}},
 		{name: "VMs that are shut down need no room",
-			in: input([]VM{vm("big", 40, func(v *VM) { v.Strategy = StrategyShutdown }), vm("small", 4)}, node("node-2", 32)),
+			in:     input([]VM{vm("big", 40, func(v *VM) { v.Strategy = StrategyShutdown }), vm("small", 4)}, node("node-2", 32)),
 			wantOK: true, wantRoom: map[string]string{"small": "node-2"}},
 		{name: "a rack: the VMs still on another node in maintenance take the room first",
 			in: func() Input {
@@ -185,7 +185,7 @@ func TestPlanCapacity(t *testing.T) {
 			}(),
 			wantOK: false, wantNoFit: []string{"default/mine"}, rejected: true},
 		{name: "used resources count",
-			in: input([]VM{vm("a", 8)}, node("node-2", 16, func(n *Node) { n.Used = Resources{MemoryBytes: 10 * gi, Pods: 5} })),
+			in:     input([]VM{vm("a", 8)}, node("node-2", 16, func(n *Node) { n.Used = Resources{MemoryBytes: 10 * gi, Pods: 5} })),
 			wantOK: false, wantNoFit: []string{"default/a"}, rejected: true},
 	}
 	for _, tt := range tests {
