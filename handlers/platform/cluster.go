@@ -73,6 +73,8 @@ type Options struct {
 	// RestartTime is the expected time to restart a VM elsewhere (default 20s).
 	RestartTime time.Duration
 	Log         zerolog.Logger
+	// Metrics, default unregistered ones.
+	Metrics *Metrics
 }
 
 // Cluster is the workflows' view of the cluster. Build it with New, run it
@@ -121,6 +123,9 @@ func New(cfg *rest.Config, opts Options) (*Cluster, error) {
 	}
 	if opts.RestartTime <= 0 {
 		opts.RestartTime = 20 * time.Second
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = NewMetrics(nil)
 	}
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {

@@ -322,8 +322,12 @@ func (c *Cluster) CreateMigration(ctx context.Context, vmi *kvv1.VirtualMachineI
 		return nil
 	}
 	if err != nil {
+		if strings.Contains(err.Error(), "admission webhook") {
+			c.opts.Metrics.MigrationsRefused.WithLabelValues(m.Platform).Inc()
+		}
 		return fmt.Errorf("create migration %s/%s of %s: %w", vmi.Namespace, name, vmi.Name, err)
 	}
+	c.opts.Metrics.MigrationsCreated.WithLabelValues(m.Platform).Inc()
 	c.expect.add(m.Platform+":"+m.Key(), m)
 	return nil
 }

@@ -50,6 +50,9 @@ type Options struct {
 	// LogLevel is debug, info, warn or error; LogFormat json or console.
 	LogLevel  string `json:"logLevel"`
 	LogFormat string `json:"logFormat"`
+	// Platform forces kubevirt or deckhouse; empty decides per VM (a VMI
+	// owned by a Deckhouse VirtualMachine is migrated with its operations).
+	Platform string `json:"platform"`
 	// NATS client credentials when joining an external server.
 	Client ClientOptions `json:"client"`
 }
@@ -164,6 +167,7 @@ func (o *Options) fields() []field {
 	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", func() (func(string) error, func() string) { return dur(&o.ShutdownGrace) })
 	add("log-level", "debug, info, warn or error", func() (func(string) error, func() string) { return str(&o.LogLevel) })
 	add("log-format", "json or console", func() (func(string) error, func() string) { return str(&o.LogFormat) })
+	add("platform", "kubevirt or deckhouse: force the virtualization platform (default: per VM, found by API discovery and the VM's owner)", func() (func(string) error, func() string) { return str(&o.Platform) })
 	add("nats-creds", "NATS credentials file", func() (func(string) error, func() string) { return str(&o.Client.Creds) })
 	add("nats-nkey", "NATS nkey seed file", func() (func(string) error, func() string) { return str(&o.Client.NKey) })
 	add("nats-ca", "CA file to verify the NATS server", func() (func(string) error, func() string) { return str(&o.Client.CA) })
@@ -286,6 +290,11 @@ func (o Options) validate() error {
 	}
 	if o.LeaseTTL != 0 && o.LeaseTTL < time.Second {
 		errs = append(errs, fmt.Errorf("lease-ttl must be at least 1s, got %s", o.LeaseTTL))
+	}
+	switch o.Platform {
+	case "", "kubevirt", "deckhouse":
+	default:
+		errs = append(errs, fmt.Errorf("platform must be kubevirt or deckhouse, got %q", o.Platform))
 	}
 	switch o.LogFormat {
 	case "json", "console":

@@ -23,8 +23,10 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/handlers/maintenance"
 	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
+	"github.com/drover-io/drover/handlers/platform"
 	"github.com/drover-io/drover/handlers/recovery"
 	"github.com/drover-io/drover/schemas"
 )
@@ -70,7 +72,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		}
 	}()
 
-	kube, dyn, err := connectKube(ctx, o.Kubeconfig)
+	kubeCfg, kube, dyn, err := connectKube(ctx, o.Kubeconfig)
 	if err != nil {
 		return err
 	}
@@ -107,10 +109,31 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	metrics := consumers.NewMetrics(reg)
 
 	h := &observe.Handler{Kube: kube, Dynamic: dyn}
+	var cluster *platform.Cluster
+	if kube != nil {
+		cluster, err = platform.New(kubeCfg, platform.Options{Platform: o.Platform, Metrics: platform.NewMetrics(reg),
+			Log: log.With().Str("component", "cluster").Logger()})
+		if err != nil {
+			return err
+		}
+		// The caches outlive ctx: handlers finishing within the shutdown
+		// grace still read them; the cleanup stops them after the runtime.
+		clusterCtx, stopCluster := context.WithCancel(context.WithoutCancel(ctx))
+		clusterDone := make(chan error, 1)
+		go func() { clusterDone <- cluster.Run(clusterCtx) }()
+		cleanups = append(cleanups, func() error { stopCluster(); return <-clusterDone })
+	}
+	mover := &platform.Mover{Cluster: cluster}
 	var wfs []consumers.Workflow
 	for _, name := range schemas.Workflows() {
 		wf := consumers.Workflow{Name: name, Concurrency: o.WorkflowConcurrency(name), Handler: h}
 		if kube != nil {
+			switch name {
+			case schemas.WorkflowMaintenance:
+				wf.Handler = &maintenance.Handler{Cluster: cluster, Mover: mover}
+			case schemas.WorkflowMigration:
+				wf.Handler = &migration.Handler{Cluster: cluster, Mover: mover}
+			}
 			// Operations named from the live cluster: one incident of a node
 			// is one recovery whoever reports it; a migration holds its VM's node.
 			switch name {
@@ -193,41 +216,41 @@ func waitForStreams(ctx context.Context, nc *nats.Conn) error {
 // connectKube builds clients from kubeconfig (or the in-cluster config when
 // kubeconfig is empty and drover runs in a pod) and checks the API answers.
 // With neither it returns nil clients.
-func connectKube(ctx context.Context, kubeconfig string) (kubernetes.Interface, dynamic.Interface, error) {
+func connectKube(ctx context.Context, kubeconfig string) (*rest.Config, kubernetes.Interface, dynamic.Interface, error) {
 	var cfg *rest.Config
 	var err error
 	switch {
 	case kubeconfig != "":
 		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
 		if err != nil {
-			return nil, nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
+			return nil, nil, nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
 		}
 	case os.Getenv("KUBERNETES_SERVICE_HOST") != "":
 		cfg, err = rest.InClusterConfig()
 		if err != nil {
-			return nil, nil, fmt.Errorf("in-cluster Kubernetes config: %w", err)
+			return nil, nil, nil, fmt.Errorf("in-cluster Kubernetes config: %w", err)
 		}
 	default:
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 	cfg.Timeout = kubeCheckTimeout
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
-		return nil, nil, fmt.Errorf("kubernetes client for %s: %w", cfg.Host, err)
+		return nil, nil, nil, fmt.Errorf("kubernetes client for %s: %w", cfg.Host, err)
 	}
 	cctx, cancel := context.WithTimeout(ctx, kubeCheckTimeout)
 	defer cancel()
 	if _, err := kube.Discovery().RESTClient().Get().AbsPath("/version").Do(cctx).Raw(); err != nil {
-		return nil, nil, fmt.Errorf("cannot reach the Kubernetes API server at %s: %w", cfg.Host, err)
+		return nil, nil, nil, fmt.Errorf("cannot reach the Kubernetes API server at %s: %w", cfg.Host, err)
 	}
 	cfg.Timeout = 0
 	kube, err = kubernetes.NewForConfig(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return kube, dyn, nil
+	return cfg, kube, dyn, nil
 }

@@ -83,7 +83,8 @@ func vmCounts(r consumers.Record) string {
 	done := 0
 	for phase, n := range r.Summary {
 		switch phase {
-		case "Running", "Succeeded", "Done", "Completed", "Stopped", "Skipped":
+		case "Running", "Succeeded", "Done", "Completed", "Stopped", "Skipped",
+			"Migrated", "Restarted", "Home", "Started", "Stayed":
 			done += n
 		}
 	}
