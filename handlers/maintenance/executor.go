@@ -640,4 +640,3 @@ func (h *Handler) abort(ctx context.Context, op *consumers.Operation, st *State)
 	h.Cluster.RecordNode(st.Request.Node, corev1.EventTypeNormal, "MaintenanceCancelled", st.Message)
 	return op.Checkpoint(ctx, "cancelled", st.Message, st)
 }
-

@@ -513,7 +513,9 @@ func (e *expectations) pending(seen func(key string) bool) []any {
 }
 
 // fieldNode is a field selector for pods on a node (used by direct reads).
-func fieldNode(node string) string { return fields.OneTermEqualSelector("spec.nodeName", node).String() }
+func fieldNode(node string) string {
+	return fields.OneTermEqualSelector("spec.nodeName", node).String()
+}
 
 // Options returns the options in effect, defaults filled in.
 func (c *Cluster) Options() Options { return c.opts }
