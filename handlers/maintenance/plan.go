@@ -75,11 +75,11 @@ func (r Resources) plus(o Resources) Resources {
 func (r Resources) fits(need Resources) string {
 	switch {
 	case need.Pods > r.Pods:
-		return "too many pods"
+		return "Too many pods"
 	case need.CPUMilli > r.CPUMilli:
-		return fmt.Sprintf("insufficient cpu (needs %dm, %dm free)", need.CPUMilli, r.CPUMilli)
+		return fmt.Sprintf("Insufficient cpu (needs %dm, %dm free)", need.CPUMilli, r.CPUMilli)
 	case need.MemoryBytes > r.MemoryBytes:
-		return fmt.Sprintf("insufficient memory (needs %s, %s free)", bytesText(need.MemoryBytes), bytesText(r.MemoryBytes))
+		return fmt.Sprintf("Insufficient memory (needs %s, %s free)", bytesText(need.MemoryBytes), bytesText(r.MemoryBytes))
 	}
 	return ""
 }

@@ -91,7 +91,7 @@ func Start(ctx context.Context, o Options) (e *Env, err error) {
 	}
 	e.cleanups = append(e.cleanups, func() { _ = e.Cluster.Stop() })
 	var sc *sim.Scenario
-	simOpts := sim.Options{TimeScale: o.TimeScale, Logger: ptr(log.With().Str("component", "sim").Logger())}
+	simOpts := sim.Options{TimeScale: o.TimeScale, Logger: ref(log.With().Str("component", "sim").Logger())}
 	if o.Scenario != "" {
 		sc, err = sim.ParseScenario([]byte(o.Scenario))
 		if err != nil {
@@ -154,7 +154,7 @@ func Start(ctx context.Context, o Options) (e *Env, err error) {
 	return e, nil
 }
 
-func ptr[T any](v T) *T { return &v }
+func ref[T any](v T) *T { return &v }
 
 // ServeOptions are the options of the drover serve an Env starts.
 func (e *Env) ServeOptions() app.Options {
