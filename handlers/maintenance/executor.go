@@ -231,6 +231,10 @@ func (h *Handler) planAndCordon(ctx context.Context, op *consumers.Operation, st
 	if err := h.cordon(ctx, op, req.Node, req.RequestID); err != nil {
 		return true, err
 	}
+	// The next request planned in this process must see this node out.
+	if err := h.waitTainted(ctx, req.Node, taintValue(req.RequestID)); err != nil {
+		return true, err
+	}
 	// Another replica may have cordoned a node of the same rack meanwhile:
 	// look again now that this node is out, and give it back if the two no
 	// longer fit together.
@@ -322,6 +326,29 @@ func (h *Handler) cordon(ctx context.Context, op *consumers.Operation, node, req
 		_, err = c.Kube.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{})
 		return err
 	})
+}
+
+// waitTainted waits until the caches show node cordoned with drover's taint.
+func (h *Handler) waitTainted(ctx context.Context, node, value string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if n := h.Cluster.Node(node); n != nil && n.Spec.Unschedulable {
+			for _, t := range n.Spec.Taints {
+				if t.Key == TaintKey && t.Value == value {
+					return nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("node %s: the cordon and taint did not show in the cache within 30s", node)
+		}
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-h.Cluster.Changed():
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // release removes drover's taint of this request and uncordons the node if

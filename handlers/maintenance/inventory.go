@@ -97,10 +97,19 @@ func vmOf(c *platform.Cluster, vmi *kvv1.VirtualMachineInstance, node string) VM
 	if dvm := c.DeckhouseVM(vmi.Namespace, vmi.Name); dvm != nil && dvm.GetLabels()[LabelStrategy] != "" {
 		v.Strategy = dvm.GetLabels()[LabelStrategy]
 	}
-	v.Placement = Placement{NodeSelector: vmi.Spec.NodeSelector, Affinity: vmi.Spec.Affinity, Tolerations: vmi.Spec.Tolerations}
+	if st := vmi.Status.MigrationState; st != nil && !st.Completed && st.TargetNode != "" && st.TargetNode != node {
+		v.Target = st.TargetNode
+	}
+	// Where the VM may go is what its VMI says, as KubeVirt renders it into a
+	// launcher pod (plus kubevirt.io/schedulable); the current pod may carry
+	// a migration's added selector or a pin to the node it left.
+	sel := map[string]string{kvv1.NodeSchedulable: "true"}
+	for k, val := range vmi.Spec.NodeSelector {
+		sel[k] = val
+	}
+	v.Placement = Placement{NodeSelector: sel, Affinity: withoutHostPinning(vmi.Spec.Affinity), Tolerations: vmi.Spec.Tolerations}
 	if pod := launcher(c, vmi, node); pod != nil {
 		v.Requests = podRequests(pod)
-		v.Placement = Placement{NodeSelector: pod.Spec.NodeSelector, Affinity: withoutHostPinning(pod.Spec.Affinity), Tolerations: pod.Spec.Tolerations}
 	} else {
 		v.Requests = Resources{Pods: 1}
 		if q, ok := vmi.Spec.Domain.Resources.Requests[corev1.ResourceMemory]; ok {
@@ -113,23 +122,35 @@ func vmOf(c *platform.Cluster, vmi *kvv1.VirtualMachineInstance, node string) VM
 	return v
 }
 
-// withoutHostPinning drops a required node affinity term that pins the pod
-// to one node by name (a migration target pod's, or a scheduler's): the
-// VM's next place is decided anew.
+// withoutHostPinning drops the requirements on a node's name from a pod's
+// required node affinity (a migration target pod must avoid its source, a
+// scheduler may pin): the VM's next place is decided anew. Terms left empty
+// are dropped, and the affinity with them when none is left.
 func withoutHostPinning(a *corev1.Affinity) *corev1.Affinity {
 	if a == nil || a.NodeAffinity == nil || a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution == nil {
 		return a
 	}
-	for _, t := range a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms {
+	out := a.DeepCopy()
+	req := out.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution
+	var terms []corev1.NodeSelectorTerm
+	for _, t := range req.NodeSelectorTerms {
+		var fields []corev1.NodeSelectorRequirement
 		for _, f := range t.MatchFields {
-			if f.Key == "metadata.name" {
-				out := a.DeepCopy()
-				out.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution = nil
-				return out
+			if f.Key != "metadata.name" {
+				fields = append(fields, f)
 			}
 		}
+		t.MatchFields = fields
+		if len(t.MatchExpressions) > 0 || len(t.MatchFields) > 0 {
+			terms = append(terms, t)
+		}
 	}
-	return a
+	if len(terms) == 0 {
+		out.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution = nil
+	} else {
+		req.NodeSelectorTerms = terms
+	}
+	return out
 }
 
 // launcher returns the VMI's virt-launcher pod on node, nil if none.

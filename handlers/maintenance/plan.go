@@ -111,6 +111,9 @@ type VM struct {
 	// Strategy is the value of LabelStrategy, "" when unset.
 	Strategy  string    `json:"strategy,omitempty"`
 	Placement Placement `json:"placement"`
+	// Target is the node a migration of the VM in flight already holds a
+	// pod on: its room is taken there already.
+	Target string `json:"target,omitempty"`
 }
 
 // Key is namespace/name.
@@ -507,6 +510,12 @@ func capacity(in Input, steps []Step, byKey map[string]VM) Verdict {
 		mine[vm.Key()] = true
 	}
 	for _, vm := range need {
+		if vm.Target != "" {
+			if mine[vm.Key()] {
+				v.placed[vm.Key()] = vm.Target
+			}
+			continue // its migration's target pod holds its room
+		}
 		pod := &corev1.Pod{Spec: corev1.PodSpec{NodeSelector: vm.Placement.NodeSelector, Affinity: vm.Placement.Affinity, Tolerations: vm.Placement.Tolerations}}
 		req := vm.Requests
 		if req.Pods == 0 {

@@ -184,6 +184,20 @@ func TestPlanCapacity(t *testing.T) {
 				return in
 			}(),
 			wantOK: false, wantNoFit: []string{"default/mine"}, rejected: true},
+		{name: "a VM whose migration already holds a target pod needs no more room",
+			in: func() Input {
+				in := input([]VM{vm("mine", 8)}, node("node-2", 16, func(n *Node) { n.Used = Resources{MemoryBytes: 12 * gi, Pods: 1} }))
+				in.Displaced = []VM{vm("theirs", 12, func(v *VM) { v.Target = "node-2" })}
+				return in
+			}(),
+			wantOK: false, wantNoFit: []string{"default/mine"}, rejected: true},
+		{name: "displaced VMs in flight are not counted twice",
+			in: func() Input {
+				in := input([]VM{vm("mine", 4)}, node("node-2", 16, func(n *Node) { n.Used = Resources{MemoryBytes: 12 * gi, Pods: 1} }))
+				in.Displaced = []VM{vm("theirs", 12, func(v *VM) { v.Target = "node-2" })}
+				return in
+			}(),
+			wantOK: true, wantRoom: map[string]string{"mine": "node-2"}},
 		{name: "used resources count",
 			in:     input([]VM{vm("a", 8)}, node("node-2", 16, func(n *Node) { n.Used = Resources{MemoryBytes: 10 * gi, Pods: 5} })),
 			wantOK: false, wantNoFit: []string{"default/a"}, rejected: true},
