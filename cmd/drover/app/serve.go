@@ -28,6 +28,7 @@ import (
 	"github.com/drover-io/drover/handlers/observe"
 	"github.com/drover-io/drover/handlers/platform"
 	"github.com/drover-io/drover/handlers/recovery"
+	"github.com/drover-io/drover/producers/gitops"
 	"github.com/drover-io/drover/schemas"
 )
 
@@ -164,6 +165,34 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		}
 		_, _ = io.WriteString(w, "ok\n")
 	})
+	if o.Git.URL != "" {
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return err
+		}
+		poller, err := gitops.New(gitops.Config{URL: o.Git.URL, Branch: o.Git.Branch, Path: o.Git.Path, Interval: o.Git.Interval,
+			TokenFile: o.Git.TokenFile, SSHKeyFile: o.Git.SSHKeyFile, KnownHostsFile: o.Git.KnownHostsFile,
+			WebhookSecretFile: o.Git.WebhookSecretFile, TrustedKeysFile: o.Git.TrustedKeysFile, Replicas: o.Replicas}, js, log)
+		if err != nil {
+			return usageError{err}
+		}
+		mux.Handle(gitops.WebhookPath, poller)
+		gctx, stopGit := context.WithCancel(ctx)
+		gitDone := make(chan error, 1)
+		go func() {
+			// Publish only once the streams exist.
+			if err := waitForStreams(gctx, nc); err != nil {
+				if gctx.Err() != nil {
+					err = nil
+				}
+				gitDone <- err
+				return
+			}
+			gitDone <- poller.Start(gctx)
+		}()
+		cleanups = append(cleanups, func() error { stopGit(); return ignoreCanceled(<-gitDone) })
+		log.Info().Str("repo", o.Git.URL).Str("branch", o.Git.Branch).Str("path", o.Git.Path).Msg("Git producer polling")
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -189,6 +218,13 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 	err = <-errc
 	log.Info().Err(err).Msg("drover stopped")
+	return err
+}
+
+func ignoreCanceled(err error) error {
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
 	return err
 }
 
