@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	kvclient "kubevirt.io/client-go/kubevirt/typed/core/v1"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/maintenance"
@@ -28,6 +29,8 @@ import (
 	"github.com/drover-io/drover/handlers/observe"
 	"github.com/drover-io/drover/handlers/platform"
 	"github.com/drover-io/drover/handlers/recovery"
+	"github.com/drover-io/drover/producers"
+	"github.com/drover-io/drover/producers/evacuation"
 	"github.com/drover-io/drover/producers/gitops"
 	"github.com/drover-io/drover/schemas"
 )
@@ -165,6 +168,32 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		}
 		_, _ = io.WriteString(w, "ok\n")
 	})
+	if kube != nil {
+		// drover is KubeVirt's External eviction handler: a drain of a VMI
+		// with evictionStrategy External becomes a migration request.
+		kv, err := kvclient.NewForConfig(kubeCfg)
+		if err != nil {
+			return err
+		}
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return err
+		}
+		w := &evacuation.Watcher{KubeVirt: kv, Publisher: &producers.Publisher{JS: js}, Log: log.With().Str("component", "evacuation").Logger()}
+		ectx, stopEvac := context.WithCancel(ctx)
+		evacDone := make(chan error, 1)
+		go func() {
+			if err := waitForStreams(ectx, nc); err != nil {
+				if ectx.Err() != nil {
+					err = nil
+				}
+				evacDone <- err
+				return
+			}
+			evacDone <- w.Start(ectx)
+		}()
+		cleanups = append(cleanups, func() error { stopEvac(); return ignoreCanceled(<-evacDone) })
+	}
 	if o.Git.URL != "" {
 		js, err := jetstream.New(nc)
 		if err != nil {
