@@ -43,6 +43,10 @@ bench:
 bench-sim: controlplane
 	$(GO) test -run '^$$' -bench BenchmarkScale100x1000 -benchtime 1x -timeout 30m ./integration/sim/
 
+## bench-evacuation: drover's evacuation of the busy node (20 mixed VMs) next to the plan's estimate and lower bound and plain kubectl drain, under KubeVirt's and Deckhouse's limits; asserts nothing
+bench-evacuation: controlplane
+	$(GO) run ./integration/cmd/bench-evacuation
+
 ## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated (under 3 minutes once built)
 demo: controlplane
 	$(GO) run ./integration/cmd/drover-demo
@@ -65,6 +69,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build test test-unit test-integration bench bench-sim demo lint verify clean
+.PHONY: help build test test-unit test-integration bench bench-sim bench-evacuation demo lint verify clean
 
 -include integration/integration.mk

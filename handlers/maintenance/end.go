@@ -85,7 +85,7 @@ func (h *Handler) end(ctx context.Context, op *consumers.Operation, req *schemas
 		default:
 		}
 		pending := 0
-		for _, v := range es.VMs {
+		for _, v := range retriesLast(es.VMs) {
 			if v.Final {
 				continue
 			}

@@ -440,7 +440,7 @@ func (h *Handler) evacuate(ctx context.Context, op *consumers.Operation, st *Sta
 			return consumers.Yield("checkpointed the evacuation of " + node)
 		}
 		pending := 0
-		for _, v := range st.VMs {
+		for _, v := range retriesLast(st.VMs) {
 			if v.Final {
 				continue
 			}
@@ -479,6 +479,15 @@ func (h *Handler) evacuate(ctx context.Context, op *consumers.Operation, st *Sta
 		return consumers.Wait(h.EvictionRetry, blocked)
 	}
 	return h.finish(ctx, op, st)
+}
+
+// retriesLast orders the VMs for the next pass: in plan order, but a VM
+// whose migration failed before goes after every VM not tried yet, so that a
+// guest that does not converge does not take the slots of the others.
+func retriesLast(vms []*VMState) []*VMState {
+	out := append([]*VMState(nil), vms...)
+	sort.SliceStable(out, func(i, j int) bool { return out[i].LastFailure.IsZero() && !out[j].LastFailure.IsZero() })
+	return out
 }
 
 // counts is a one-line summary of where the VMs stand.

@@ -99,6 +99,11 @@ func vmOf(c *platform.Cluster, vmi *kvv1.VirtualMachineInstance, node string) VM
 	}
 	if st := vmi.Status.MigrationState; st != nil && !st.Completed && st.TargetNode != "" && st.TargetNode != node {
 		v.Target = st.TargetNode
+	} else if st != nil && st.Completed && st.Failed && !st.AbortRequested {
+		v.LastMigrationFailed = st.FailureReason
+		if v.LastMigrationFailed == "" {
+			v.LastMigrationFailed = "failed"
+		}
 	}
 	// Where the VM may go is what its VMI says, as KubeVirt renders it into a
 	// launcher pod (plus kubevirt.io/schedulable); the current pod may carry

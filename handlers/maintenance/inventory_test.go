@@ -2,6 +2,7 @@ package maintenance
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
@@ -29,4 +30,14 @@ func TestWithoutHostPinning(t *testing.T) {
 			require.Equal(t, tt.want, withoutHostPinning(tt.in))
 		})
 	}
+}
+
+func TestRetriesLast(t *testing.T) {
+	failed := time.Now()
+	vms := []*VMState{{Name: "a", LastFailure: failed}, {Name: "b"}, {Name: "c", LastFailure: failed}, {Name: "d"}}
+	var order []string
+	for _, v := range retriesLast(vms) {
+		order = append(order, v.Name)
+	}
+	require.Equal(t, []string{"b", "d", "a", "c"}, order)
 }

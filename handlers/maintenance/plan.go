@@ -114,6 +114,10 @@ type VM struct {
 	// Target is the node a migration of the VM in flight already holds a
 	// pod on: its room is taken there already.
 	Target string `json:"target,omitempty"`
+	// LastMigrationFailed is why the VM's last migration failed ("" when it
+	// did not): such a VM is migrated after the others, so that a guest that
+	// may not converge does not hold a slot they could use.
+	LastMigrationFailed string `json:"lastMigrationFailed,omitempty"`
 }
 
 // Key is namespace/name.
@@ -213,6 +217,8 @@ type Step struct {
 	Room        string `json:"room,omitempty"`
 	GuestMemory int64  `json:"guestMemory"`
 	RunStrategy string `json:"runStrategy,omitempty"`
+	// Doubtful: its last migration failed; it goes after the others.
+	Doubtful bool `json:"doubtful,omitempty"`
 }
 
 // Key is namespace/name.
@@ -424,6 +430,10 @@ func Make(in Input) Plan {
 		switch a {
 		case ActionMigrate:
 			st.Expected = in.Model.MigrationTime(vm.GuestMemory)
+			if vm.LastMigrationFailed != "" {
+				st.Doubtful = true
+				st.Reason += "; its last migration failed (" + vm.LastMigrationFailed + "): after the others"
+			}
 		case ActionRestart, ActionShutdown, ActionShutdownRestartAfter:
 			st.Expected = in.Model.restartTime()
 		}
@@ -434,6 +444,9 @@ func Make(in Input) Plan {
 		a, b := p.Steps[i], p.Steps[j]
 		if rank[a.Action] != rank[b.Action] {
 			return rank[a.Action] < rank[b.Action]
+		}
+		if a.Doubtful != b.Doubtful {
+			return !a.Doubtful
 		}
 		if a.Expected != b.Expected {
 			return a.Expected > b.Expected

@@ -245,6 +245,12 @@ func TestPlanOrderAndEstimate(t *testing.T) {
 			wantEst: sec(29), wantBound: max(sec(18), sec(55)/2),
 		},
 		{
+			name:      "a VM whose last migration failed goes after the others",
+			in:        input([]VM{vm("a", 1), vm("big", 8, func(v *VM) { v.LastMigrationFailed = "Live migration stuck for 150 seconds" }), vm("c", 2)}),
+			wantOrder: []string{"c", "a", "big"}, wantSlots: 2,
+			wantEst: sec(29), wantBound: max(sec(18), sec(41)/2),
+		},
+		{
 			name: "one outbound migration per node (Deckhouse): serial",
 			in: func() Input {
 				in := input([]VM{vm("a", 1), vm("b", 8)})

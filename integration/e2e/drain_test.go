@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"os"
 	"os/exec"
 	"testing"
 	"time"
@@ -10,22 +9,6 @@ import (
 	"github.com/stretchr/testify/require"
 	kvv1 "kubevirt.io/api/core/v1"
 )
-
-// Kubectl is the kubectl binary the tests and the benchmark run: $KUBECTL,
-// else kubectl on PATH, else /usr/bin/kubectl. The machine image has it
-// (shared/DEPENDENCIES.md); the simulator's own drain tests rely on it too.
-func Kubectl() (string, error) {
-	if k := os.Getenv("KUBECTL"); k != "" {
-		return k, nil
-	}
-	if p, err := exec.LookPath("kubectl"); err == nil {
-		return p, nil
-	}
-	if _, err := os.Stat("/usr/bin/kubectl"); err != nil {
-		return "", err
-	}
-	return "/usr/bin/kubectl", nil
-}
 
 // TestKubectlDrainExternalEvictions: `kubectl drain` of a node whose VMIs
 // have evictionStrategy External: KubeVirt only marks them; drover migrates
