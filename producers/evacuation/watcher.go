@@ -66,7 +66,9 @@ func (w *Watcher) Start(ctx context.Context) error {
 			return w.KubeVirt.VirtualMachineInstances("").List(ctx, o)
 		}, w.KubeVirt.VirtualMachineInstances("").Watch), &kvv1.VirtualMachineInstance{}, 0, cache.Indexers{})
 	kvs := cache.NewSharedIndexInformer(lw(
-		func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return w.KubeVirt.KubeVirts("").List(ctx, o) },
+		func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return w.KubeVirt.KubeVirts("").List(ctx, o)
+		},
 		w.KubeVirt.KubeVirts("").Watch), &kvv1.KubeVirt{}, 0, cache.Indexers{})
 	q := workqueue.NewTypedRateLimitingQueueWithConfig(
 		workqueue.NewTypedItemExponentialFailureRateLimiter[string](500*time.Millisecond, time.Minute),
