@@ -69,8 +69,11 @@ func (h *Handler) migrate(ctx context.Context, op *consumers.Operation, req *sch
 	}
 	if st.VM.Name == "" {
 		vmi := c.VMI(req.Namespace, req.Name)
+		if vmi == nil && c.VM(req.Namespace, req.Name) == nil && c.DeckhouseVM(req.Namespace, req.Name) == nil {
+			return consumers.Terminalf("rejected: VM %s/%s does not exist", req.Namespace, req.Name)
+		}
 		if vmi == nil || vmi.Status.Phase != kvv1.Running {
-			return consumers.Terminalf("rejected: VM %s/%s has no running instance", req.Namespace, req.Name)
+			return consumers.Terminalf("rejected: VM %s/%s is not running", req.Namespace, req.Name)
 		}
 		if ok, why := platform.Migratable(vmi); !ok {
 			return consumers.Terminalf("rejected: VM %s/%s is not live-migratable: %s", req.Namespace, req.Name, why)
