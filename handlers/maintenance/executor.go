@@ -10,7 +10,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/rs/zerolog"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -130,8 +129,6 @@ func (h *Handler) Handle(ctx context.Context, op *consumers.Operation, e consume
 	}
 	return consumers.Terminalf("the maintenance workflow does not handle %s", e.CloudEvent.Type())
 }
-
-func (h *Handler) log(ctx context.Context) *zerolog.Logger { return zerolog.Ctx(ctx) }
 
 // taintValue is the request id as a taint value (a label value): as it is
 // when valid, else a hash of it.

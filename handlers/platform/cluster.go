@@ -19,7 +19,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
@@ -510,11 +509,6 @@ func (e *expectations) pending(seen func(key string) bool) []any {
 		out = append(out, x.obj)
 	}
 	return out
-}
-
-// fieldNode is a field selector for pods on a node (used by direct reads).
-func fieldNode(node string) string {
-	return fields.OneTermEqualSelector("spec.nodeName", node).String()
 }
 
 // Options returns the options in effect, defaults filled in.

@@ -9,12 +9,11 @@ import (
 // what drover measured on this cluster: the ratio of measured to predicted
 // time, averaged (exponentially, recent runs weigh more). It starts at 1.
 type Estimator struct {
-	mu             sync.Mutex
-	migration      float64
-	migrationN     int
-	restart        float64
-	restartN       int
-	lastMigrations []time.Duration
+	mu         sync.Mutex
+	migration  float64
+	migrationN int
+	restart    float64
+	restartN   int
 }
 
 // NewEstimator returns an estimator that has measured nothing.
