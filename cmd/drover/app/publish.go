@@ -12,6 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cloudevents/sdk-go/v2/event"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/drover-io/drover/consumers"
@@ -94,11 +97,7 @@ func whoami() string {
 
 // publishOne validates and publishes one event and prints what JetStream said.
 func (c *cli) publishOne(client ClientOptions, id string, p schemas.Payload) error {
-	e, err := schemas.New(cliSource, id, p)
-	if err != nil {
-		return usageError{err}
-	}
-	nc, js, err := client.connect(c.ctx)
+	e, nc, js, err := c.prepare(client, id, p)
 	if err != nil {
 		return err
 	}
@@ -116,6 +115,20 @@ func (c *cli) publishOne(client ClientOptions, id string, p schemas.Payload) err
 	fmt.Fprintf(c.out, "event:     %s\ntype:      %s\nsubject:   %s\nstream:    %s seq %d\nduplicate: %s\n",
 		res.ID, e.Type(), res.Subject, res.Stream, res.Sequence, dup)
 	return nil
+}
+
+// prepare builds and validates the event (a usage error when invalid) and
+// connects to NATS; the caller closes the connection.
+func (c *cli) prepare(client ClientOptions, id string, p schemas.Payload) (event.Event, *nats.Conn, jetstream.JetStream, error) {
+	e, err := schemas.New(cliSource, id, p)
+	if err != nil {
+		return e, nil, nil, usageError{err}
+	}
+	nc, js, err := client.connect(c.ctx)
+	if err != nil {
+		return e, nil, nil, err
+	}
+	return e, nc, js, nil
 }
 
 func checkNode(node string) error {

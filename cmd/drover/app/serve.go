@@ -180,19 +180,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 			return err
 		}
 		w := &evacuation.Watcher{KubeVirt: kv, Publisher: &producers.Publisher{JS: js}, Log: log.With().Str("component", "evacuation").Logger()}
-		ectx, stopEvac := context.WithCancel(ctx)
-		evacDone := make(chan error, 1)
-		go func() {
-			if err := waitForStreams(ectx, nc); err != nil {
-				if ectx.Err() != nil {
-					err = nil
-				}
-				evacDone <- err
-				return
-			}
-			evacDone <- w.Start(ectx)
-		}()
-		cleanups = append(cleanups, func() error { stopEvac(); return ignoreCanceled(<-evacDone) })
+		cleanups = append(cleanups, runWithStreams(ctx, nc, w.Start))
 	}
 	if o.Git.URL != "" {
 		js, err := jetstream.New(nc)
@@ -206,20 +194,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 			return usageError{err}
 		}
 		mux.Handle(gitops.WebhookPath, poller)
-		gctx, stopGit := context.WithCancel(ctx)
-		gitDone := make(chan error, 1)
-		go func() {
-			// Publish only once the streams exist.
-			if err := waitForStreams(gctx, nc); err != nil {
-				if gctx.Err() != nil {
-					err = nil
-				}
-				gitDone <- err
-				return
-			}
-			gitDone <- poller.Start(gctx)
-		}()
-		cleanups = append(cleanups, func() error { stopGit(); return ignoreCanceled(<-gitDone) })
+		cleanups = append(cleanups, runWithStreams(ctx, nc, poller.Start))
 		log.Info().Str("repo", o.Git.URL).Str("branch", o.Git.Branch).Str("path", o.Git.Path).Msg("Git producer polling")
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
@@ -250,11 +225,28 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	return err
 }
 
-func ignoreCanceled(err error) error {
-	if errors.Is(err, context.Canceled) {
+// runWithStreams runs a producer once the streams exist (it publishes),
+// until ctx ends or the returned cleanup stops it and waits for it.
+func runWithStreams(ctx context.Context, nc *nats.Conn, start func(context.Context) error) func() error {
+	pctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		if err := waitForStreams(pctx, nc); err != nil {
+			if pctx.Err() != nil {
+				err = nil
+			}
+			done <- err
+			return
+		}
+		done <- start(pctx)
+	}()
+	return func() error {
+		stop()
+		if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+			return err
+		}
 		return nil
 	}
-	return err
 }
 
 func waitForStreams(ctx context.Context, nc *nats.Conn) error {

@@ -38,11 +38,7 @@ func (c *cli) publishAndWait(client ClientOptions, id string, p schemas.Payload,
 	if f == nil {
 		return c.publishOne(client, id, p)
 	}
-	e, err := schemas.New(cliSource, id, p)
-	if err != nil {
-		return usageError{err}
-	}
-	nc, js, err := client.connect(c.ctx)
+	e, nc, js, err := c.prepare(client, id, p)
 	if err != nil {
 		return err
 	}
@@ -135,16 +131,7 @@ func (c *cli) printStatus(st *schemas.Status, at string) {
 	if st.Message != "" || len(st.VMs) == 0 || st.Phase != schemas.PhaseRunning {
 		fmt.Fprintf(c.out, "%s  %-9s %s%s %s\n", at, st.Phase, st.Target(), counts, oneLine(st.Message))
 	}
-	for _, vm := range st.VMs {
-		line := fmt.Sprintf("%s    %s/%s %s", at, vm.Namespace, vm.Name, vm.Phase)
-		if vm.Node != "" {
-			line += " on " + vm.Node
-		}
-		if vm.Message != "" {
-			line += ": " + oneLine(vm.Message)
-		}
-		fmt.Fprintln(c.out, line)
-	}
+	c.printVMs(st, at)
 }
 
 // conclude prints how the operation ended and maps it to the exit status.
