@@ -97,6 +97,14 @@ func vmOf(c *platform.Cluster, vmi *kvv1.VirtualMachineInstance, node string) VM
 	if dvm := c.DeckhouseVM(vmi.Namespace, vmi.Name); dvm != nil && dvm.GetLabels()[LabelStrategy] != "" {
 		v.Strategy = dvm.GetLabels()[LabelStrategy]
 	}
+	// A migration's target pod already bound to another node holds the VM's
+	// room there (before hand-off the VMI does not name it yet).
+	for _, p := range c.LauncherPods(vmi) {
+		if p.Spec.NodeName != "" && p.Spec.NodeName != node && p.DeletionTimestamp == nil &&
+			p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+			v.Target = p.Spec.NodeName
+		}
+	}
 	if st := vmi.Status.MigrationState; st != nil && !st.Completed && st.TargetNode != "" && st.TargetNode != node {
 		v.Target = st.TargetNode
 	} else if st != nil && st.Completed && st.Failed && !st.AbortRequested {

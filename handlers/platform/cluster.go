@@ -240,6 +240,32 @@ func (c *Cluster) start(ctx context.Context) error {
 		UpdateFunc: func(any, any) { c.poke() },
 		DeleteFunc: func(any) { c.poke() },
 	}
+	// A migration the cache has shown is no longer expected: its later
+	// deletion must not bring the expectation back.
+	seen := func(platform string) cache.ResourceEventHandlerFuncs {
+		observe := func(obj any) {
+			if key, err := cache.MetaNamespaceKeyFunc(obj); err == nil {
+				c.expect.observed(platform + ":" + key)
+			}
+		}
+		return cache.ResourceEventHandlerFuncs{AddFunc: observe, UpdateFunc: func(_, n any) { observe(n) }}
+	}
+	if _, err := c.vmims.AddEventHandler(seen(KubeVirt)); err != nil {
+		return err
+	}
+	if c.vmops != nil {
+		if _, err := c.vmops.AddEventHandler(seen(Deckhouse)); err != nil {
+			return err
+		}
+	}
+	if err := c.pods.AddIndexers(cache.Indexers{byVMI: func(obj any) ([]string, error) {
+		if p, ok := obj.(*corev1.Pod); ok && p.Labels[kvv1.CreatedByLabel] != "" {
+			return []string{p.Labels[kvv1.CreatedByLabel]}, nil
+		}
+		return nil, nil
+	}}); err != nil {
+		return err
+	}
 	var synced []cache.InformerSynced
 	for _, inf := range infs {
 		if _, err := inf.AddEventHandler(poke); err != nil {
@@ -340,6 +366,17 @@ func (c *Cluster) Pod(ns, name string) *corev1.Pod {
 		return nil
 	}
 	return obj.(*corev1.Pod)
+}
+
+// LauncherPods returns the virt-launcher pods of a VMI (by its UID), on any
+// node: its own and a migration's target.
+func (c *Cluster) LauncherPods(vmi *kvv1.VirtualMachineInstance) []*corev1.Pod {
+	objs, _ := c.pods.GetIndexer().ByIndex(byVMI, string(vmi.UID))
+	out := make([]*corev1.Pod, 0, len(objs))
+	for _, o := range objs {
+		out = append(out, o.(*corev1.Pod))
+	}
+	return out
 }
 
 // VMIsOn returns the VMIs whose status.nodeName is node, sorted.
@@ -493,6 +530,13 @@ func (e *expectations) add(key string, obj any) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.created[key] = expected{time.Now(), obj}
+}
+
+// observed forgets an expected object the cache has shown.
+func (e *expectations) observed(key string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.created, key)
 }
 
 // pending returns the expected objects the cache does not show yet;
