@@ -47,7 +47,7 @@ bench-sim: controlplane
 bench-evacuation: controlplane
 	$(GO) run ./integration/cmd/bench-evacuation
 
-## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated (under 3 minutes once built)
+## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated: maintenance from a chat command and from Git, the evacuation benchmark line (about 3 minutes once built)
 demo: controlplane
 	$(GO) run ./integration/cmd/drover-demo
 
