@@ -30,9 +30,12 @@ test: test-unit test-integration
 test-unit:
 	$(GO) test -race -count=1 $(GOTESTFLAGS) $(UNIT_PKGS)
 
+# The end-to-end tests (integration/e2e) run drover beside the simulator, several clusters at once:
+# they run after the other packages, so that they do not starve the simulator's timing-sensitive tests.
 ## test-integration: the control plane, the simulator and the end-to-end tests (builds kube-apiserver and etcd first when missing)
 test-integration: controlplane
-	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) ./integration/...
+	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) $$($(GO) list ./integration/... | grep -v '/integration/e2e$$')
+	$(GO) test -count=1 -timeout 20m $(GOTESTFLAGS) ./integration/e2e/
 
 ## bench: benchmarks that print figures (runtime vs raw JetStream, event encoding); asserts nothing about time
 bench:
