@@ -85,18 +85,7 @@ vms:
 	})
 	code, out := e.Drover(ctx, "maintenance", "start", "node-1", "--reason", "psu", "--request-id", "r1")
 	require.Equal(t, 0, code, out)
-	eventually(t, e, 2*time.Minute, "one VM moved, the next migrating", func() (bool, string) {
-		moved, migrating := 0, 0
-		for i := 1; i <= 4; i++ {
-			v := e.VMI(ctx, "default", fmt.Sprintf("vm-%d", i))
-			if v.Status.NodeName == "node-2" {
-				moved++
-			} else if st := v.Status.MigrationState; st != nil && !st.Completed {
-				migrating++
-			}
-		}
-		return moved >= 1 && migrating == 1, fmt.Sprintf("moved %d migrating %d", moved, migrating)
-	})
+	waitMidEvacuation(t, e, "node-1", "vm-1", "vm-2", "vm-3", "vm-4")
 	require.NoError(t, first.Process.Signal(syscall.SIGKILL))
 	_ = first.Wait()
 	rec, _ := e.Op(ctx, key)

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -157,3 +158,25 @@ var (
 	metav1GetOptions  = metav1.GetOptions{}
 	metav1ListOptions = metav1.ListOptions{}
 )
+
+// waitMidEvacuation waits until at least one of the VMs has left node and
+// exactly one is migrating from it: the middle of an evacuation.
+func waitMidEvacuation(t *testing.T, e *Env, node string, names ...string) {
+	t.Helper()
+	ctx := context.Background()
+	eventually(t, e, 2*time.Minute, "one VM moved, the next migrating", func() (bool, string) {
+		moved, migrating := 0, 0
+		for _, name := range names {
+			v := e.VMI(ctx, "default", name)
+			if v == nil {
+				continue
+			}
+			if v.Status.NodeName != node {
+				moved++
+			} else if st := v.Status.MigrationState; st != nil && !st.Completed {
+				migrating++
+			}
+		}
+		return moved >= 1 && migrating == 1, fmt.Sprintf("moved %d migrating %d", moved, migrating)
+	})
+}

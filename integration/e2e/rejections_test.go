@@ -181,18 +181,7 @@ vms:
 	}
 	code, out := e.Drover(ctx, "maintenance", "start", "node-1", "--reason", "ram", "--request-id", "r1")
 	require.Equal(t, 0, code, out)
-	eventually(t, e, 2*time.Minute, "one VM moved and the next migrating", func() (bool, string) {
-		moved, migrating := 0, 0
-		for name := range uids {
-			v := e.VMI(ctx, "default", name)
-			if v.Status.NodeName == "node-2" {
-				moved++
-			} else if st := v.Status.MigrationState; st != nil && !st.Completed {
-				migrating++
-			}
-		}
-		return moved >= 1 && migrating >= 1, fmt.Sprintf("moved %d migrating %d", moved, migrating)
-	})
+	waitMidEvacuation(t, e, "node-1", "vm-1", "vm-2", "vm-3", "vm-4", "vm-5")
 	code, out = e.Drover(ctx, "maintenance", "end", "node-1", "--wait")
 	t.Logf("end:\n%s", out)
 	require.Equal(t, 0, code, out)
