@@ -6,11 +6,14 @@ CACHE := $(CURDIR)/.cache
 BIN := $(CURDIR)/bin
 TOOLS := $(CACHE)/tools
 export DROVER_TEST_BIN ?= $(CACHE)/bin
+# nats-server built from the module go.mod pins, for tests that run it as a separate process.
+NATS_SERVER := $(CACHE)/bin/nats-server
+export DROVER_NATS_SERVER ?= $(NATS_SERVER)
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/drover-io/drover/cmd/drover/app.Version=$(VERSION)
 STATICCHECK_VERSION := v0.6.1
 # Packages that need no control plane: run with the race detector.
-UNIT_PKGS := ./schemas/... ./consumers/... ./producers/... ./handlers/... ./cmd/... ./integration/natstest/...
+UNIT_PKGS := ./schemas/... ./natsauth/... ./consumers/... ./producers/... ./handlers/... ./cmd/... ./integration/natstest/...
 GOTESTFLAGS ?=
 
 .DEFAULT_GOAL := help
@@ -19,15 +22,20 @@ GOTESTFLAGS ?=
 help:
 	@grep -hE '^## ' $(MAKEFILE_LIST) | sed 's/^## /  /'
 
-## build: build the drover binary into bin/
+## build: build the drover binary into bin/ (static: CGO off, as in the image)
 build:
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/drover ./cmd/drover
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/drover ./cmd/drover
+
+## image: build the OCI image without a Docker daemon into bin/drover-image.tar (docker/podman load, crane push)
+image:
+	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/drover-linux-amd64 ./cmd/drover
+	$(GO) run ./cmd/drover-image --binary $(BIN)/drover-linux-amd64 --tag drover:$(VERSION) --version $(VERSION) --out $(BIN)/drover-image.tar
 
 ## test: every test: unit tests with -race, then the integration tests against a real kube-apiserver, etcd and nats-server
 test: test-unit test-integration
 
 ## test-unit: tests that need no control plane (race detector on)
-test-unit:
+test-unit: nats-server
 	$(GO) test -race -count=1 $(GOTESTFLAGS) $(UNIT_PKGS)
 
 # The end-to-end tests (integration/e2e) run drover beside the simulator, several clusters at once:
@@ -36,6 +44,17 @@ test-unit:
 test-integration: controlplane
 	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) $$($(GO) list ./integration/... | grep -v '/integration/e2e$$')
 	$(GO) test -count=1 -timeout 20m $(GOTESTFLAGS) ./integration/e2e/
+
+## nats-server: build nats-server from the version go.mod pins into .cache/bin (tests run it as a separate process)
+nats-server: $(NATS_SERVER)
+
+$(NATS_SERVER): go.mod go.sum
+	$(GO) build -trimpath -o $@ github.com/nats-io/nats-server/v2
+
+## chromium: install Debian's chromium for the web page test when it is missing (needs root and apt)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the web page test" >&2; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 ## bench: benchmarks that print figures (runtime vs raw JetStream, event encoding); asserts nothing about time
 bench:
@@ -72,6 +91,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build test test-unit test-integration bench bench-sim bench-evacuation demo lint verify clean
+.PHONY: help build image test test-unit test-integration nats-server chromium bench bench-sim bench-evacuation demo lint verify clean
 
 -include integration/integration.mk

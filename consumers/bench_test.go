@@ -126,6 +126,7 @@ func droverLoop(b *testing.B, js jetstream.JetStream, url string, n int, sequent
 	nc := natstest.Connect(b, url) // the runtime's own connection, to count what it sends
 	cfg := testConfig()
 	cfg.AckWait = 30 * time.Second
+	cfg.OrphanAfter = 0 // derived from the longer ack wait
 	cfg.LeaseTTL = 30 * time.Second
 	cfg.Reconfigure = true
 	cfg.ReconcileInterval = 30 * time.Second // as in production, not the tests' 500ms

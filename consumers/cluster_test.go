@@ -26,6 +26,7 @@ func TestClusterFailoverMidHandler(t *testing.T) {
 	cfg.Replicas = 3
 	// Leave room for an election (a few seconds) inside the ack wait.
 	cfg.AckWait = 6 * time.Second
+	cfg.OrphanAfter = 0 // derived from the longer ack wait
 	cfg.LeaseTTL = 6 * time.Second
 	cfg.Reconfigure = true
 

@@ -163,12 +163,19 @@ func (c Config) withDefaults() Config {
 	def(&c.ShutdownGrace, 20*time.Second)
 	def(&c.FetchWait, 2*time.Second)
 	def(&c.ReconcileInterval, 30*time.Second)
-	def(&c.OrphanAfter, 2*max(c.AckWait, c.BackoffMax, c.LeaseRetryMax))
+	def(&c.OrphanAfter, 2*c.redeliveryBound())
 	def(&c.StatusInterval, 250*time.Millisecond)
 	if c.Source == "" {
 		c.Source = "drover/runtime"
 	}
 	return c
+}
+
+// redeliveryBound is the longest a live message can go unseen: a holder's
+// lease running out plus its ack wait, then the longest delay a message is
+// sent back with.
+func (c Config) redeliveryBound() time.Duration {
+	return max(c.AckWait, c.LeaseTTL) + c.LeaseTTL + max(c.BackoffMax, c.LeaseRetryMax)
 }
 
 // heartbeat is the cadence of InProgress and lease renewal for a workflow
@@ -198,6 +205,10 @@ func (c Config) validate(ackWaits ...time.Duration) error {
 		if c.CallTimeout >= hb {
 			errs = append(errs, fmt.Errorf("call timeout %s must be shorter than the heartbeat %s", c.CallTimeout, hb))
 		}
+	}
+	if c.OrphanAfter < c.redeliveryBound() {
+		errs = append(errs, fmt.Errorf("orphan-after %s is shorter than a live message can go unseen (%s): the reconciler would resend messages JetStream still delivers",
+			c.OrphanAfter, c.redeliveryBound()))
 	}
 	if c.BackoffMax < c.BackoffBase {
 		errs = append(errs, fmt.Errorf("backoff max %s is below backoff base %s", c.BackoffMax, c.BackoffBase))

@@ -344,6 +344,7 @@ func TestReplicaAdoptsTheServersAckWait(t *testing.T) {
 	e := newEnv(t)
 	cfg := testConfig()
 	cfg.AckWait, cfg.LeaseTTL = 30*time.Second, 30*time.Second
+	cfg.OrphanAfter = 0 // derived from the longer ack wait
 	done := make(chan struct{})
 	var runs atomic.Int32
 	e.start(cfg, consumers.Workflow{Name: schemas.WorkflowMaintenance, Concurrency: 2, Handler: consumers.HandlerFunc(

@@ -216,11 +216,11 @@ func RetryOperation(ctx context.Context, js jetstream.JetStream, key string) (Re
 
 // resetOperation starts a new generation of key and clears its progress.
 func resetOperation(ctx context.Context, js jetstream.JetStream, key, why string) (Record, error) {
-	kv, err := js.KeyValue(ctx, BucketOps)
+	ops, err := OpenOpStore(ctx, js)
 	if err != nil {
-		return Record{}, fmt.Errorf("open %s: %w", BucketOps, err)
+		return Record{}, err
 	}
-	rec, err := NewOpStore(kv).Reset(ctx, key, why)
+	rec, err := ops.Reset(ctx, key, why)
 	if err != nil {
 		return Record{}, err
 	}
@@ -228,7 +228,7 @@ func resetOperation(ctx context.Context, js jetstream.JetStream, key, why string
 	if err != nil {
 		return rec, fmt.Errorf("open %s: %w", BucketProgress, err)
 	}
-	return rec, purgeProgress(ctx, pkv, key)
+	return rec, purgeProgress(ctx, js, pkv, key)
 }
 
 func removeDeadLetters(ctx context.Context, js jetstream.JetStream, op string) error {

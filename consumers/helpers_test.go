@@ -35,7 +35,7 @@ func testConfig() consumers.Config {
 		FetchWait:         200 * time.Millisecond,
 		ShutdownGrace:     500 * time.Millisecond,
 		ReconcileInterval: 500 * time.Millisecond,
-		OrphanAfter:       2 * time.Second,
+		OrphanAfter:       3 * time.Second, // a live message is seen again within 1.2+1.2+0.4 s
 		StatusInterval:    50 * time.Millisecond,
 	}
 }

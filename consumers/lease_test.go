@@ -105,3 +105,27 @@ func TestLeaseReservations(t *testing.T) {
 	}, 10*time.Second, 50*time.Millisecond, "an unrenewed lease expires")
 	require.False(t, m2.Valid(), "the dead holder's lease is past its validity by then")
 }
+
+// A progress write whose caller stopped waiting (the handler returned while
+// a batch was in flight) still learns the revision it wrote, so the next
+// batch of the same attempt is not mistaken for another attempt's.
+func TestProgressWriteOutlivesItsCaller(t *testing.T) {
+	srv := natstest.Start(t)
+	js, err := jetstream.New(natstest.Connect(t, srv.URL()))
+	require.NoError(t, err)
+	kv, err := js.CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: BucketProgress})
+	require.NoError(t, err)
+	b := newProgressBook(js, kv, "maintenance.node-1.r1")
+	ok := func() error { return nil }
+	for i := 0; i < 20; i++ {
+		gone, cancel := context.WithCancel(context.Background())
+		cancel()
+		b.set("ns/vm-1", TargetProgress{Phase: "Migrating"})
+		_ = b.write(gone, 1, 1, ok)
+		b.set("ns/vm-1", TargetProgress{Phase: "Running"})
+		require.NoError(t, b.write(context.Background(), 1, 1, ok), "round %d", i)
+	}
+	got, err := ReadProgress(context.Background(), kv, "maintenance.node-1.r1")
+	require.NoError(t, err)
+	require.Equal(t, "Running", got["ns/vm-1"].Phase)
+}

@@ -85,7 +85,7 @@ func (o *Operation) stopProgress(cancel context.CancelCauseFunc) {
 
 func newOperation(rt *Runtime, wf *workflow, rec Record, rev uint64, holder string, locks []Lock, leases []*Lease) *Operation {
 	return &Operation{rt: rt, wf: wf, start: rec, rec: rec, rev: rev, holder: holder, locks: locks, leases: leases,
-		progress: newProgressBook(rt.js, rec.Key), cancelled: make(chan struct{}), preempted: make(chan struct{}),
+		progress: newProgressBook(rt.js, rt.progKV, rec.Key), cancelled: make(chan struct{}), preempted: make(chan struct{}),
 		dirty: make(chan struct{}, 1), progressDone: make(chan struct{})}
 }
 

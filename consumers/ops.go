@@ -115,7 +115,10 @@ func (r Record) Total() int {
 // OpStore reads and writes operation records with compare-and-set, so that a
 // cancel request and the running handler's checkpoint never overwrite each other.
 type OpStore struct {
-	kv  jetstream.KeyValue
+	kv jetstream.KeyValue
+	// js, when set (OpenOpStore), lists keys from the stream's subject
+	// index instead of with a KV watcher.
+	js  jetstream.JetStream
 	now func() time.Time
 }
 
@@ -201,16 +204,13 @@ func (s *OpStore) mutateFrom(ctx context.Context, key string, cur Record, rev ui
 // List returns the records whose keys match the KV filter (wildcards allowed),
 // sorted by creation time. Node state records are not operations and are left out.
 func (s *OpStore) List(ctx context.Context, filter string) ([]Record, error) {
-	lister, err := s.kv.ListKeysFiltered(ctx, filter)
+	keys, err := s.keys(ctx, filter)
 	if err != nil {
-		if errors.Is(err, jetstream.ErrNoKeysFound) {
-			return nil, nil
-		}
 		return nil, fmt.Errorf("list operations %s: %w", filter, err)
 	}
 	var out []Record
 	seen := map[string]bool{}
-	for key := range lister.Keys() {
+	for _, key := range keys {
 		if seen[key] || strings.HasPrefix(key, nodeStatePrefix) {
 			continue
 		}
@@ -324,6 +324,25 @@ func (s *OpStore) Reset(ctx context.Context, key, why string) (Record, error) {
 		r.Started, r.Finished, r.Due = time.Time{}, time.Time{}, time.Time{}
 		return nil
 	})
+}
+
+// keys returns the keys matching filter.
+func (s *OpStore) keys(ctx context.Context, filter string) ([]string, error) {
+	if s.js != nil {
+		return BucketKeys(ctx, s.js, BucketOps, filter)
+	}
+	lister, err := s.kv.ListKeysFiltered(ctx, filter)
+	if errors.Is(err, jetstream.ErrNoKeysFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var keys []string
+	for k := range lister.Keys() {
+		keys = append(keys, k)
+	}
+	return keys, nil
 }
 
 func hasWildcard(s string) bool { return strings.ContainsAny(s, "*>") }

@@ -39,6 +39,7 @@ func ProgressKey(op, target string) string { return op + "." + keyToken(target) 
 // its own key with compare-and-set, pipelined.
 type progressBook struct {
 	js     jetstream.JetStream
+	kv     jetstream.KeyValue
 	bucket string
 	op     string
 
@@ -47,11 +48,12 @@ type progressBook struct {
 	revs      map[string]uint64
 	unwritten map[string]bool
 	unsent    map[string]bool
+	uncertain map[string]bool // last write timed out: landed or not?
 }
 
-func newProgressBook(js jetstream.JetStream, op string) *progressBook {
-	return &progressBook{js: js, bucket: BucketProgress, op: op, cur: map[string]TargetProgress{},
-		revs: map[string]uint64{}, unwritten: map[string]bool{}, unsent: map[string]bool{}}
+func newProgressBook(js jetstream.JetStream, kv jetstream.KeyValue, op string) *progressBook {
+	return &progressBook{js: js, kv: kv, bucket: BucketProgress, op: op, cur: map[string]TargetProgress{},
+		revs: map[string]uint64{}, unwritten: map[string]bool{}, unsent: map[string]bool{}, uncertain: map[string]bool{}}
 }
 
 // load reads what earlier attempts recorded.
@@ -137,10 +139,16 @@ func (b *progressBook) takeUnsent() []string {
 }
 
 // write persists every unwritten target: one compare-and-set publish per
-// target, pipelined, then it waits for all of them. check runs first and
-// refuses the batch when this attempt no longer holds the operation. A
-// target another attempt wrote meanwhile fails the batch with ErrFenced.
+// target, pipelined, then it waits for all of them (each answer is bounded
+// by the JetStream context's publish timeout, not by ctx: a write that
+// lands must update the revision this attempt expects next). check runs
+// first and refuses the batch when this attempt no longer holds the
+// operation. A target another attempt wrote meanwhile fails the batch with
+// ErrFenced.
 func (b *progressBook) write(ctx context.Context, gen, attempt int, check func() error) error {
+	if err := b.learnUncertain(ctx, gen, attempt); err != nil {
+		return err
+	}
 	b.mu.Lock()
 	if len(b.unwritten) == 0 {
 		b.mu.Unlock()
@@ -182,33 +190,58 @@ func (b *progressBook) write(ctx context.Context, gen, attempt int, check func()
 			b.revs[p.target] = ack.Sequence
 			b.mu.Unlock()
 		case err := <-p.fut.Err():
-			if isRevisionConflict(err) || errors.Is(err, jetstream.ErrKeyExists) {
+			b.mu.Lock()
+			b.unwritten[p.target] = true
+			if errors.Is(err, jetstream.ErrAsyncPublishTimeout) {
+				b.uncertain[p.target] = true // it may have landed: learn its revision before the next write
+			}
+			b.mu.Unlock()
+			if isRevisionConflict(err) {
 				err = fmt.Errorf("%w: progress of %s was written by another attempt", ErrFenced, p.target)
 			}
-			b.mu.Lock()
-			b.unwritten[p.target] = true
-			b.mu.Unlock()
 			errs = append(errs, fmt.Errorf("write progress %s of %s: %w", p.target, b.op, err))
-		case <-ctx.Done():
-			b.mu.Lock()
-			b.unwritten[p.target] = true
-			b.mu.Unlock()
-			errs = append(errs, ctx.Err())
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// purgeProgress removes every target of an operation (a new generation starts clean).
-func purgeProgress(ctx context.Context, kv jetstream.KeyValue, op string) error {
-	lister, err := kv.ListKeysFiltered(ctx, op+".*")
-	if err != nil {
-		if errors.Is(err, jetstream.ErrNoKeysFound) {
-			return nil
+// learnUncertain reads back the targets whose last write timed out: a
+// write of this attempt that landed gives its revision; another attempt's
+// write fences this one.
+func (b *progressBook) learnUncertain(ctx context.Context, gen, attempt int) error {
+	b.mu.Lock()
+	var targets []string
+	for t := range b.uncertain {
+		targets = append(targets, t)
+	}
+	b.mu.Unlock()
+	for _, t := range targets {
+		e, err := b.kv.Get(ctx, ProgressKey(b.op, t))
+		if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("read back progress %s of %s: %w", t, b.op, err)
 		}
+		b.mu.Lock()
+		delete(b.uncertain, t)
+		if err == nil {
+			var pe progressEntry
+			if json.Unmarshal(e.Value(), &pe) != nil || pe.Generation != gen || pe.Attempt != attempt {
+				b.mu.Unlock()
+				return fmt.Errorf("%w: progress of %s was written by another attempt", ErrFenced, t)
+			}
+			b.revs[t] = e.Revision()
+		}
+		b.mu.Unlock()
+	}
+	return nil
+}
+
+// purgeProgress removes every target of an operation (a new generation starts clean).
+func purgeProgress(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, op string) error {
+	keys, err := BucketKeys(ctx, js, BucketProgress, op+".*")
+	if err != nil {
 		return fmt.Errorf("list progress of %s: %w", op, err)
 	}
-	for key := range lister.Keys() {
+	for _, key := range keys {
 		if err := kv.Purge(ctx, key); err != nil {
 			return fmt.Errorf("purge progress %s: %w", key, err)
 		}

@@ -22,14 +22,20 @@ const reconcilerLease = "reconciler"
 func (r *Runtime) reconcileLoop(ctx context.Context) {
 	t := time.NewTimer(r.jitter(100 * time.Millisecond))
 	defer t.Stop()
+	var lastErr string
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		if err := r.Reconcile(ctx); err != nil && ctx.Err() == nil {
+		err := r.Reconcile(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil && err.Error() != lastErr:
 			r.log.Warn().Err(err).Msg("reconcile pass failed; will try again")
+			lastErr = err.Error()
+		case err == nil:
+			lastErr = ""
 		}
 		t.Reset(r.jitter(r.cfg.ReconcileInterval))
 	}
@@ -156,8 +162,14 @@ func (r *Runtime) Reconcile(ctx context.Context) error {
 // running under a live lease, or due again soon.
 func (r *Runtime) alive(ctx context.Context, rec Record, now time.Time) bool {
 	if rec.State == StateRunning {
-		if len(rec.Leases) == 0 {
-			return now.Sub(rec.Updated) < r.cfg.OrphanAfter
+		if len(rec.Leases) == 0 || now.Sub(rec.LastSeen) < r.cfg.OrphanAfter {
+			// Without leases, or its message seen lately (a replica waits
+			// for the lease of a holder that died): alive.
+			seen := rec.Updated
+			if rec.LastSeen.After(seen) {
+				seen = rec.LastSeen
+			}
+			return now.Sub(seen) < r.cfg.OrphanAfter
 		}
 		for _, key := range rec.Leases {
 			e, err := r.leases.kv.Get(ctx, key)

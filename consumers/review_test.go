@@ -255,6 +255,7 @@ func TestSlowNATSNeverMakesTwoHolders(t *testing.T) {
 	e := newEnv(t)
 	cfg := testConfig()
 	cfg.AckWait = 6 * time.Second
+	cfg.OrphanAfter = 0 // derived from the longer ack wait
 	cfg.LeaseTTL = 6 * time.Second
 	cfg.Reconfigure = true // the deadlines under test, over the environment's defaults
 	proxy := natstest.StartProxy(t, e.srv.Addr().String())

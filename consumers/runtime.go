@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
@@ -96,6 +97,8 @@ type Runtime struct {
 	leases *leaseStore
 	status *statusPublisher
 
+	bound atomic.Bool // consumers bound and workers fetching (readiness)
+
 	mu         sync.Mutex
 	inflight   map[string]*Operation // by operation key
 	unfinished map[string][]byte     // operation records (raw) kept by watchRequests; finished ones are pruned by Reconcile
@@ -110,7 +113,10 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 	if nc == nil {
 		return nil, errors.New("runtime needs a NATS connection")
 	}
-	js, err := jetstream.New(nc)
+	// Asynchronous publishes (record creation, lease release, progress,
+	// status) give up like any other call instead of waiting forever for an
+	// answer a reconnect lost.
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(4*cfg.CallTimeout+5*time.Second))
 	if err != nil {
 		return nil, fmt.Errorf("jetstream context: %w", err)
 	}
@@ -153,6 +159,11 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 		inflight: map[string]*Operation{},
 		status:   &statusPublisher{js: js, source: cfg.Source, log: log}}, nil
 }
+
+// Bound reports whether the runtime has bound its consumers and its workers
+// are fetching (until it starts shutting down): the consumers' part of
+// readiness.
+func (r *Runtime) Bound() bool { return r.bound.Load() }
 
 // ID identifies this runtime as a lease holder.
 func (r *Runtime) ID() string { return r.id }
@@ -197,7 +208,9 @@ func (r *Runtime) Start(ctx context.Context) error {
 		}
 	}
 	r.log.Info().Str("runtime", r.id).Strs("workflows", names).Dur("leaseTTL", r.cfg.LeaseTTL).Msg("consumers started")
+	r.bound.Store(true)
 	<-ctx.Done()
+	r.bound.Store(false)
 	r.log.Info().Dur("grace", r.cfg.ShutdownGrace).Msg("shutting down: no new messages; waiting for in-flight handlers")
 
 	done := make(chan struct{})
@@ -482,8 +495,17 @@ func (r *Runtime) waitForLease(d *delivery, lk Lock, cur leaseValue) {
 	// reconciler knows the message is alive and people see why it waits.
 	if err == nil && (!found || rec.Seq != d.ev.StreamSeq || time.Since(rec.LastSeen) > r.cfg.OrphanAfter/4 || rec.WaitReason != why) {
 		_, werr := r.ops.Mutate(d.ctx, k.Operation, func(rec *Record) error {
-			if rec.State.Terminal() || rec.State == StateRunning {
+			if rec.State.Terminal() {
 				return errNoChange
+			}
+			if rec.State == StateRunning {
+				if rec.Seq != d.ev.StreamSeq {
+					return errNoChange // a duplicate of a running operation: its own message is the one to follow
+				}
+				// Its own message again: the holder died or stalls. Say
+				// the message is alive; the holder's fields stay.
+				rec.LastSeen, rec.Due = time.Now().UTC(), time.Now().Add(delay).UTC()
+				return nil
 			}
 			rec.Workflow, rec.Target = d.wf.Name, k.Target
 			if rec.State != StateSuspended {
@@ -872,17 +894,31 @@ func (r *Runtime) finish(d *delivery, fn func(rec *Record)) (Record, error) {
 	return rec, err
 }
 
-// succeed records the operation finished, then gives the leases back, acks
-// the message and publishes the final status, in the background: the worker
-// goes on with its next message meanwhile (at most two settles behind).
-// The leases go back only after the record says finished, so that a
-// duplicate delivered meanwhile waits and is then skipped.
+// succeed records the operation finished and acknowledges its message at
+// the same time, then gives the leases back and publishes the final status,
+// in the background: the worker goes on with its next message meanwhile (at
+// most two settles behind). The leases go back only after the record says
+// finished, so that a duplicate delivered meanwhile waits and is then
+// skipped. Should the process die between the ack and the record, the
+// reconciler finds the operation running without a holder or a message and
+// publishes its request again: the (idempotent) handler runs once more.
 func (r *Runtime) succeed(d *delivery) {
 	d.trailSlot <- struct{}{}
 	r.trailing.Add(1)
 	go func() {
 		defer r.trailing.Done()
 		defer func() { <-d.trailSlot }()
+		for _, l := range d.leases {
+			if !l.Valid() {
+				d.log.Warn().Str("lease", l.key).Msg("lease ran out before the success was recorded; message left for redelivery")
+				r.settled(d, ResultAbandoned)
+				return
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+		defer cancel()
+		acked := make(chan error, 1)
+		go func() { acked <- d.msg.DoubleAck(ctx) }()
 		rec, err := r.finish(d, func(rec *Record) {
 			rec.State = StateSucceeded
 			if rec.CancelRequested || isClosed(d.op.Cancelled()) {
@@ -890,19 +926,20 @@ func (r *Runtime) succeed(d *delivery) {
 			}
 			rec.LastError, rec.WaitReason, rec.Finished, rec.Due = "", "", time.Now().UTC(), time.Time{}
 		})
+		if ackErr := <-acked; ackErr != nil {
+			d.log.Warn().Err(ackErr).Msg("ack not confirmed; a redelivery finds the operation finished and is skipped")
+		}
 		if err != nil {
-			if errors.Is(err, ErrFenced) {
-				d.log.Warn().Err(err).Msg("attempt fenced before it could record success; message left for redelivery")
-				r.settled(d, ResultAbandoned)
-				return
-			}
-			// Without the record a redelivery would not know the work is done;
-			// retry rather than ack (handlers are idempotent).
-			r.retry(d, fmt.Errorf("record success: %w", err))
+			d.log.Error().Err(err).Msg("the work is done but its record could not say so; the reconciler will run the operation once more")
+			r.releaseAll(d, "", 0)
+			r.settled(d, ResultAcked)
 			return
 		}
-		d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; acknowledging")
-		r.trail(d, rec, "", 0, func(ctx context.Context) error { return d.msg.DoubleAck(ctx) }, ResultAcked)
+		r.settled(d, ResultAcked)
+		d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; message acknowledged")
+		futs := r.status.publish(rec, phaseOf[rec.State], statusNote(rec, ""), d.op.nextStatusSeq, vmDeltas(d.op, d.op.progress.takeUnsent()))
+		r.releaseAsync(d, "", 0)(ctx)
+		r.status.wait(ctx, rec.Key, futs)
 	}()
 }
 
@@ -1059,7 +1096,7 @@ func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 	d.log.Error().Str("reason", reason).Msg("message dead-lettered")
 	if rec.State == StateFailed {
 		if d.op == nil {
-			d.op = &Operation{progress: newProgressBook(r.js, rec.Key)}
+			d.op = &Operation{progress: newProgressBook(r.js, r.progKV, rec.Key)}
 		}
 		r.trail(d, rec, "", 0, settle, ResultDeadLettered)
 		return
@@ -1108,16 +1145,21 @@ func (r *Runtime) settled(d *delivery, result string) {
 // operations the reconciler works from. If the watch fails, the heartbeat's
 // read of the record still finds the requests.
 func (r *Runtime) watchRequests(ctx context.Context) {
+	var lastErr string
 	for ctx.Err() == nil {
 		w, err := r.opsKV.WatchAll(ctx)
 		if err != nil {
-			r.log.Warn().Err(err).Msg("cannot watch operation records; cancel and yield requests are seen at the next heartbeat")
+			if err.Error() != lastErr {
+				r.log.Warn().Err(err).Msg("cannot watch operation records; cancel and yield requests are seen at the next heartbeat")
+			}
+			lastErr = err.Error()
 			select {
 			case <-ctx.Done():
 			case <-time.After(time.Second):
 			}
 			continue
 		}
+		lastErr = ""
 		// The index keeps raw values: decoding every write of every replica
 		// would cost more than the reconciler's pass, which decodes them.
 		fresh := map[string][]byte{}

@@ -2,6 +2,7 @@ package consumers
 
 import (
 	"context"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -153,4 +154,24 @@ func statusNote(rec Record, note string) string {
 	default:
 		return rec.Message
 	}
+}
+
+// donePhases are the target phases that mean a target's work is done: the
+// VM runs where it should, or is in the state its strategy asked for.
+var donePhases = map[string]bool{"Running": true, "Succeeded": true, "Done": true, "Completed": true,
+	"Migrated": true, "Restarted": true, "Stopped": true, "ShutDown": true, "Skipped": true,
+	"Stayed": true, "Home": true, "Started": true}
+
+// TargetDone reports whether a target's phase means its work is done, for
+// readers that count progress (the CLI, the page, NodeMaintenance status).
+func TargetDone(phase string) bool { return donePhases[phase] }
+
+// DonePhases lists the phases TargetDone accepts, sorted.
+func DonePhases() []string {
+	out := make([]string, 0, len(donePhases))
+	for p := range donePhases {
+		out = append(out, p)
+	}
+	sort.Strings(out)
+	return out
 }

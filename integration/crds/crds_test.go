@@ -52,6 +52,7 @@ func TestObjects(t *testing.T) {
 		shortNames []string
 		version    string
 		status     bool
+		cluster    bool
 	}{
 		// KubeVirt registers no status subresource for VMIs (components/crds.go).
 		{name: "virtualmachineinstances.kubevirt.io", shortNames: []string{"vmi", "vmis"}, version: "v1", status: false},
@@ -60,6 +61,8 @@ func TestObjects(t *testing.T) {
 		{name: "kubevirts.kubevirt.io", shortNames: []string{"kv", "kvs"}, version: "v1", status: true},
 		{name: "virtualmachines.virtualization.deckhouse.io", shortNames: []string{"vm"}, version: "v1alpha2", status: true},
 		{name: "virtualmachineoperations.virtualization.deckhouse.io", shortNames: []string{"vmop"}, version: "v1alpha2", status: true},
+		// medik8s' Node Maintenance Operator: cluster-scoped, status subresource.
+		{name: "nodemaintenances.nodemaintenance.medik8s.io", shortNames: []string{"nm"}, version: "v1beta1", status: true, cluster: true},
 	}
 	require.Len(t, objs, len(tests))
 	for _, tt := range tests {
@@ -67,7 +70,11 @@ func TestObjects(t *testing.T) {
 			crd, ok := byName[tt.name]
 			require.True(t, ok, "CRD %s missing", tt.name)
 			require.Equal(t, tt.shortNames, crd.Spec.Names.ShortNames)
-			require.Equal(t, apiextensionsv1.NamespaceScoped, crd.Spec.Scope)
+			scope := apiextensionsv1.NamespaceScoped
+			if tt.cluster {
+				scope = apiextensionsv1.ClusterScoped
+			}
+			require.Equal(t, scope, crd.Spec.Scope)
 			var storage *apiextensionsv1.CustomResourceDefinitionVersion
 			for i, v := range crd.Spec.Versions {
 				require.Equal(t, tt.status, v.Subresources != nil && v.Subresources.Status != nil, "status subresource of %s", v.Name)

@@ -34,15 +34,23 @@ func Start(t testing.TB) *Server {
 // with the same dir and port brings the same streams back.
 func StartDir(t testing.TB, dir string, port int) *Server {
 	t.Helper()
+	return StartWith(t, func(o *server.Options) { o.StoreDir, o.Port = dir, port })
+}
+
+// StartWith runs a server like Start after configure changed its options
+// (users and permissions, say).
+func StartWith(t testing.TB, configure func(*server.Options)) *Server {
+	t.Helper()
 	opts := &server.Options{
 		ServerName: "drover-test",
 		Host:       "127.0.0.1",
-		Port:       port,
+		Port:       -1,
 		JetStream:  true,
-		StoreDir:   dir,
+		StoreDir:   t.TempDir(),
 		NoLog:      true,
 		NoSigs:     true,
 	}
+	configure(opts)
 	s := run(t, opts)
 	t.Cleanup(s.Shutdown)
 	return s

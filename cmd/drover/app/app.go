@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"strings"
+
+	"github.com/drover-io/drover/natsauth"
 )
 
 // Exit codes.
@@ -19,7 +21,7 @@ const (
 const usage = `drover keeps KubeVirt virtual machines running through node maintenance and node failure.
 
 usage:
-  drover serve [--config FILE] [--nats-url URL] [--nats-listen HOST:PORT] [--data-dir DIR]
+  drover serve [--config FILE] [--nats-url URL] [--nats-listen HOST:PORT] [--nats-auth-file FILE] [--data-dir DIR]
                [--kubeconfig FILE] [--http-listen HOST:PORT] ...
   drover maintenance start NODE --reason TEXT [--request-id ID] [--mode LiveMigrate|Evict]
                [--force] [--return-home] [--dry-run] [--wait]
@@ -31,13 +33,15 @@ usage:
   drover dlq list [-o table|json]
   drover dlq replay SEQ
   drover op retry OPERATION
+  drover auth new-user NAME --role ROLE --seed-file FILE
+  drover auth server-config --nats-auth-file FILE
   drover version
 
 --wait follows the operation's status until it ends, printing per-VM progress, and exits 0
 when it completed, 1 when it failed, was rejected or cancelled (with the reason), 2 on bad
 arguments. --dry-run prints the plan and changes nothing.
 Client commands take --nats-url (default nats://127.0.0.1:4222, env DROVER_NATS_URL),
---nats-creds, --nats-nkey, --nats-ca, --nats-cert, --nats-key.
+--nats-creds, --nats-nkey (a seed file from 'drover auth new-user'), --nats-ca, --nats-cert, --nats-key.
 Run 'drover COMMAND --help' for a command's flags.
 `
 
@@ -51,7 +55,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		fmt.Fprint(stderr, usage)
 		return ExitUsage
 	}
-	c := &cli{ctx: ctx, out: stdout, errOut: stderr, getenv: getenv}
+	// A subject the server refuses ends the command at once, with the
+	// refusal as the error (natsauth.OnDenied): not a timeout later.
+	ctx, deny := context.WithCancelCause(ctx)
+	defer deny(nil)
+	c := &cli{ctx: ctx, out: stdout, errOut: stderr, getenv: getenv, denied: func(d *natsauth.Denied) { deny(d) }}
 	var err error
 	switch args[0] {
 	case "serve":
@@ -68,12 +76,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		err = c.dlq(args[1:])
 	case "op":
 		err = c.op(args[1:])
+	case "auth":
+		err = c.auth(args[1:])
 	case "version", "--version":
 		fmt.Fprintln(stdout, "drover", Version)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 	default:
 		err = usagef("unknown command %q", args[0])
+	}
+	if d := (*natsauth.Denied)(nil); errors.As(context.Cause(ctx), &d) {
+		err = d
 	}
 	var u usageError
 	switch {
@@ -100,6 +113,7 @@ type cli struct {
 	out    io.Writer
 	errOut io.Writer
 	getenv func(string) string
+	denied func(*natsauth.Denied)
 }
 
 func (c *cli) serve(args []string) error {

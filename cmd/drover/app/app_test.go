@@ -84,11 +84,18 @@ func writeFile(t *testing.T, content string) string {
 }
 
 // served runs `drover serve` in-process on the embedded default and returns its addresses.
-func served(t *testing.T) Info {
+func served(t *testing.T) Info { t.Helper(); return serveWith(t, nil) }
+
+// serveWith runs `drover serve` in-process with the options change made
+// (nil: the embedded default) and returns its addresses.
+func serveWith(t *testing.T, change func(*Options)) Info {
 	t.Helper()
 	o := DefaultOptions()
 	o.NATSListen, o.HTTPListen, o.DataDir = "127.0.0.1:0", "127.0.0.1:0", t.TempDir()
 	o.AckWait, o.ShutdownGrace = 2*time.Second, time.Second
+	if change != nil {
+		change(&o)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan Info, 1)
 	done := make(chan error, 1)

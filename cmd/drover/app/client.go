@@ -2,12 +2,15 @@ package app
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/drover-io/drover/natsauth"
 )
 
 // ClientOptions say how to reach and authenticate to NATS.
@@ -18,6 +21,8 @@ type ClientOptions struct {
 	CA    string `json:"ca,omitempty"`
 	Cert  string `json:"cert,omitempty"`
 	Key   string `json:"key,omitempty"`
+	// denied, if set, hears of the first subject the server refuses.
+	denied func(*natsauth.Denied)
 }
 
 // DefaultNATSURL is where the client commands look for drover's NATS.
@@ -42,11 +47,14 @@ func (c ClientOptions) natsOptions(name string) ([]nats.Option, error) {
 		opts = append(opts, nats.UserCredentials(c.Creds))
 	}
 	if c.NKey != "" {
-		o, err := nats.NkeyOptionFromSeed(c.NKey)
+		o, err := natsauth.SeedOptions(c.NKey)
 		if err != nil {
-			return nil, fmt.Errorf("nkey seed %s: %w", c.NKey, err)
+			return nil, err
 		}
-		opts = append(opts, o)
+		opts = append(opts, o...)
+	}
+	if c.denied != nil {
+		opts = append(opts, natsauth.OnDenied(c.denied))
 	}
 	if c.CA != "" {
 		opts = append(opts, nats.RootCAs(c.CA))
@@ -67,6 +75,9 @@ func (c ClientOptions) connect(ctx context.Context) (*nats.Conn, jetstream.JetSt
 		return nil, nil, err
 	}
 	nc, err := nats.Connect(c.URL, opts...)
+	if errors.Is(err, nats.ErrAuthorization) {
+		return nil, nil, fmt.Errorf("NATS at %s refused these credentials (%w): pass --nats-nkey with the seed of a user in the server's auth file (drover auth new-user)", c.URL, err)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("connect to NATS at %s (is `drover serve` running?): %w", c.URL, err)
 	}

@@ -22,6 +22,15 @@ type Options struct {
 	NATSURL string `json:"natsURL"`
 	// NATSListen is where the embedded server listens for clients.
 	NATSListen string `json:"natsListen"`
+	// NATSAuthFile lists the users the embedded server accepts and their
+	// roles (natsauth); without it the server accepts anyone, so it may
+	// listen only on a loopback address.
+	NATSAuthFile string `json:"natsAuthFile"`
+	// NodeMaintenanceCRD turns on the NodeMaintenance resource watcher.
+	NodeMaintenanceCRD bool `json:"nodemaintenanceCRD"`
+	// IngressTokensFile turns on POST /events (the HTTP CloudEvents ingress)
+	// for the tokens it lists.
+	IngressTokensFile string `json:"ingressTokensFile"`
 	// DataDir holds the embedded server's JetStream store.
 	DataDir string `json:"dataDir"`
 	// Kubeconfig is the cluster to act on; empty: in-cluster config if
@@ -166,6 +175,8 @@ func (o *Options) fields() []field {
 	}
 	add("nats-url", "NATS server URL(s) to join; empty runs an embedded JetStream server", func() (func(string) error, func() string) { return str(&o.NATSURL) })
 	add("nats-listen", "client listen address of the embedded NATS server", func() (func(string) error, func() string) { return str(&o.NATSListen) })
+	add("ingress-tokens-file", "bearer tokens (SHA-256) and the event types each may POST to /events; without it the HTTP ingress is off", func() (func(string) error, func() string) { return str(&o.IngressTokensFile) })
+	add("nats-auth-file", "users (nkeys) and roles the embedded NATS server accepts; required to listen beyond loopback", func() (func(string) error, func() string) { return str(&o.NATSAuthFile) })
 	add("data-dir", "directory of the embedded server's JetStream store", func() (func(string) error, func() string) { return str(&o.DataDir) })
 	add("kubeconfig", "kubeconfig of the cluster to act on", func() (func(string) error, func() string) { return str(&o.Kubeconfig) })
 	add("http-listen", "address serving /metrics, /healthz and /readyz", func() (func(string) error, func() string) { return str(&o.HTTPListen) })
@@ -178,6 +189,7 @@ func (o *Options) fields() []field {
 	add("lease-ttl", "how long a node lease outlives its last renewal (default: --ack-wait)", func() (func(string) error, func() string) { return dur(&o.LeaseTTL) })
 	add("max-attempts", "handler runs of one operation before it is dead-lettered (waiting for a lease or a pre-emption does not count)", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
 	add("max-deliver", "deprecated: the former name of --max-attempts", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
+	add("nodemaintenance-crd", "watch medik8s NodeMaintenance resources and run their maintenance (true/false; the CRD must be installed)", func() (func(string) error, func() string) { return boolean(&o.NodeMaintenanceCRD) })
 	add("reconfigure", "write this replica's --ack-wait and --lease-ttl over the values the NATS server holds (true/false); without it a replica adopts the server's", func() (func(string) error, func() string) { return boolean(&o.Reconfigure) })
 	add("duplicate-window", "JetStream de-duplication window of requests", func() (func(string) error, func() string) { return dur(&o.DuplicateWindow) })
 	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", func() (func(string) error, func() string) { return dur(&o.ShutdownGrace) })
@@ -292,6 +304,14 @@ func (o Options) validate() error {
 	var errs []error
 	if o.NATSURL == "" && o.DataDir == "" {
 		errs = append(errs, errors.New("data-dir must be set when NATS is embedded"))
+	}
+	if o.NATSURL != "" && o.NATSAuthFile != "" {
+		errs = append(errs, errors.New("nats-auth-file configures the embedded NATS server; with nats-url the NATS cluster's own configuration says who may do what (drover auth server-config prints it)"))
+	}
+	if o.NATSURL == "" && o.NATSAuthFile == "" {
+		if err := checkUnauthenticatedListen(o.NATSListen); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if o.Replicas != 1 && o.Replicas != 3 && o.Replicas != 5 {
 		errs = append(errs, fmt.Errorf("replicas must be 1, 3 or 5, got %d", o.Replicas))

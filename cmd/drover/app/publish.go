@@ -43,6 +43,7 @@ func (c *cli) command(usage string) *command {
 	}
 	cmd := &command{fs: flag.NewFlagSet(strings.Join(words[:n], " "), flag.ContinueOnError), usage: usage}
 	cmd.client.register(cmd.fs, c.getenv)
+	cmd.client.denied = c.denied
 	return cmd
 }
 
@@ -226,11 +227,10 @@ func (c *cli) activeMaintenance(client ClientOptions, node string) (string, erro
 		return "", err
 	}
 	defer nc.Close()
-	kv, err := js.KeyValue(c.ctx, consumers.BucketOps)
+	store, err := consumers.OpenOpStore(c.ctx, js)
 	if err != nil {
-		return "", fmt.Errorf("open %s: %w", consumers.BucketOps, err)
+		return "", err
 	}
-	store := consumers.NewOpStore(kv)
 	recs, err := store.List(c.ctx, consumers.MaintenanceOperationFilter(node))
 	if err != nil {
 		return "", err

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,15 +24,19 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	kvclient "kubevirt.io/client-go/kubevirt/typed/core/v1"
 
+	"github.com/drover-io/drover/cmd/drover/app/web"
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/maintenance"
 	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
 	"github.com/drover-io/drover/handlers/platform"
 	"github.com/drover-io/drover/handlers/recovery"
+	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/producers"
 	"github.com/drover-io/drover/producers/evacuation"
 	"github.com/drover-io/drover/producers/gitops"
+	"github.com/drover-io/drover/producers/ingress"
+	"github.com/drover-io/drover/producers/nodemaintenance"
 	"github.com/drover-io/drover/schemas"
 )
 
@@ -80,6 +85,9 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	if err != nil {
 		return err
 	}
+	if o.NodeMaintenanceCRD && dyn == nil {
+		return usageError{errors.New("nodemaintenance-crd needs a Kubernetes cluster (--kubeconfig or in-cluster)")}
+	}
 	if kube == nil {
 		log.Warn().Msg("no Kubernetes API configured: events are recorded, no cluster is inspected or changed")
 	}
@@ -90,16 +98,30 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		return err
 	}
 	if url == "" {
-		ns, err := startEmbedded(o.NATSListen, o.DataDir)
+		var auth *natsauth.File
+		if o.NATSAuthFile != "" {
+			if auth, err = natsauth.LoadFile(o.NATSAuthFile); err != nil {
+				return err
+			}
+		}
+		ns, svc, err := startEmbedded(o.NATSListen, o.DataDir, auth)
 		if err != nil {
 			return err
 		}
 		cleanups = append(cleanups, func() error { ns.Shutdown(); ns.WaitForShutdown(); return nil })
 		url = ns.ClientURL()
-		natsOpts = []nats.Option{nats.Name("drover-serve"), nats.InProcessServer(ns)}
+		natsOpts = append([]nats.Option{nats.Name("drover-serve"), nats.InProcessServer(ns)}, svc...)
 		log.Info().Str("url", url).Str("dataDir", o.DataDir).Msg("embedded NATS JetStream server started")
+		if auth == nil {
+			log.Warn().Str("listen", o.NATSListen).Msg("embedded NATS server is unauthenticated: any local process can publish any request, node.fenced included; pass --nats-auth-file to require credentials")
+		} else {
+			log.Info().Str("authFile", o.NATSAuthFile).Interface("users", auth.Count()).Msg("embedded NATS server accepts only the auth file's users, each with its role's permissions")
+		}
 	}
 	natsOpts = append(natsOpts, nats.MaxReconnects(-1),
+		// A refused subject is a configuration error (the drover role on an
+		// external server), not something a retry fixes: say so.
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { log.Error().Err(err).Msg("NATS error") }),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn().Err(err).Msg("NATS disconnected") }),
 		nats.ReconnectHandler(func(c *nats.Conn) { log.Info().Str("url", c.ConnectedUrl()).Msg("NATS reconnected") }))
 	nc, err := nats.Connect(url, natsOpts...)
@@ -160,10 +182,39 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	producerMetrics := producers.NewMetrics(reg)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	page := &web.Server{NC: nc, JS: js, Log: log.With().Str("component", "web").Logger()}
+	if o.IngressTokensFile != "" {
+		tokens, err := ingress.NewTokenSource(o.IngressTokensFile, func(err error) { log.Error().Err(err).Msg("ingress tokens") })
+		if err != nil {
+			return usageError{err}
+		}
+		mux.Handle("/events", &ingress.Handler{Publisher: &producers.Publisher{JS: js}, Tokens: tokens.Tokens,
+			Metrics: producerMetrics, Log: log.With().Str("producer", ingress.Source).Logger()})
+		// The page is behind the same tokens: any of them may read it.
+		page.Authorize = func(tok string) bool { _, _, ok := tokens.Tokens().Lookup(tok); return tok != "" && ok }
+		log.Info().Str("tokens", o.IngressTokensFile).Msg("HTTP CloudEvents ingress on /events")
+	}
+	mux.Handle("/", page.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+	apiReady := kubeReadiness(kube)
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		var problems []string
 		if !nc.IsConnected() {
-			http.Error(w, "NATS not connected", http.StatusServiceUnavailable)
+			problems = append(problems, "NATS not connected")
+		}
+		if !rt.Bound() {
+			problems = append(problems, "consumers not bound")
+		}
+		if err := apiReady(r.Context()); err != nil {
+			problems = append(problems, "Kubernetes API: "+err.Error())
+		}
+		if len(problems) > 0 {
+			http.Error(w, strings.Join(problems, "; "), http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = io.WriteString(w, "ok\n")
@@ -212,6 +263,14 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 
 	errc := make(chan error, 1)
 	go func() { errc <- rt.Start(ctx) }()
+	if o.NodeMaintenanceCRD {
+		nmw := &nodemaintenance.Watcher{Dynamic: dyn, JS: js, Publisher: &producers.Publisher{JS: js},
+			Metrics: producerMetrics, Log: log.With().Str("producer", nodemaintenance.Source).Logger()}
+		nmDone := make(chan struct{})
+		go func() { defer close(nmDone); _ = nmw.Start(ctx) }()
+		cleanups = append(cleanups, func() error { <-nmDone; return nil })
+		log.Info().Msg("watching NodeMaintenance resources")
+	}
 	if ready != nil {
 		// Start declares the streams first; wait until they exist so that a
 		// caller may publish as soon as ready returns.
@@ -267,6 +326,30 @@ func waitForStreams(ctx context.Context, nc *nats.Conn) error {
 		case <-ctx.Done():
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+}
+
+// kubeReadiness returns a check of the Kubernetes API server's /readyz,
+// answered from a cache for a few seconds so that probes do not hammer it.
+// Without a cluster it always passes.
+func kubeReadiness(kube kubernetes.Interface) func(context.Context) error {
+	if kube == nil {
+		return func(context.Context) error { return nil }
+	}
+	var mu sync.Mutex
+	var last time.Time
+	var lastErr error
+	return func(ctx context.Context) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if time.Since(last) < 5*time.Second {
+			return lastErr
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		_, lastErr = kube.Discovery().RESTClient().Get().AbsPath("/readyz").Do(cctx).Raw()
+		last = time.Now()
+		return lastErr
 	}
 }
 

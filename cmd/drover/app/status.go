@@ -10,7 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/schemas"
@@ -38,11 +38,11 @@ func (c *cli) status(args []string) error {
 		return err
 	}
 	defer nc.Close()
-	kv, err := js.KeyValue(c.ctx, consumers.BucketOps)
+	ops, err := consumers.OpenOpStore(c.ctx, js)
 	if err != nil {
-		return fmt.Errorf("open %s (has drover serve run against this NATS?): %w", consumers.BucketOps, err)
+		return fmt.Errorf("%w (has drover serve run against this NATS?)", err)
 	}
-	recs, err := consumers.NewOpStore(kv).List(c.ctx, ">")
+	recs, err := ops.List(c.ctx, ">")
 	if err != nil {
 		return err
 	}
@@ -56,7 +56,7 @@ func (c *cli) status(args []string) error {
 	if !*watch {
 		return nil
 	}
-	return c.watchStatus(js, *out)
+	return c.watchStatus(nc, *out)
 }
 
 func writeJSON(w io.Writer, v any) error {
@@ -82,9 +82,7 @@ func vmCounts(r consumers.Record) string {
 	}
 	done := 0
 	for phase, n := range r.Summary {
-		switch phase {
-		case "Running", "Succeeded", "Done", "Completed", "Stopped", "Skipped",
-			"Migrated", "Restarted", "Home", "Started", "Stayed":
+		if consumers.TargetDone(phase) {
 			done += n
 		}
 	}
@@ -123,30 +121,27 @@ func oneLine(s string) string {
 	return s
 }
 
-// watchStatus prints status events from now on until the context ends.
-func (c *cli) watchStatus(js jetstream.JetStream, out string) error {
-	cons, err := js.OrderedConsumer(c.ctx, consumers.StreamStatus, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{schemas.StatusSubjects}, DeliverPolicy: jetstream.DeliverNewPolicy,
-	})
+// watchStatus prints status events from now on until the context ends. It
+// subscribes to the status subjects, where status events are published as
+// they are stored, rather than creating a JetStream consumer: reading status
+// then needs only the subscribe permission (see natsauth).
+func (c *cli) watchStatus(nc *nats.Conn, out string) error {
+	sub, err := nc.SubscribeSync(schemas.StatusSubjects)
 	if err != nil {
-		return fmt.Errorf("watch %s: %w", consumers.StreamStatus, err)
+		return fmt.Errorf("watch %s: %w", schemas.StatusSubjects, err)
 	}
-	it, err := cons.Messages()
-	if err != nil {
-		return fmt.Errorf("watch %s: %w", consumers.StreamStatus, err)
-	}
-	go func() { <-c.ctx.Done(); it.Stop() }()
+	defer func() { _ = sub.Unsubscribe() }()
 	for {
-		m, err := it.Next()
+		m, err := sub.NextMsgWithContext(c.ctx)
 		if err != nil {
 			if c.ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("watch %s: %w", consumers.StreamStatus, err)
+			return fmt.Errorf("watch %s: %w", schemas.StatusSubjects, err)
 		}
-		e, err := schemas.FromHeaders(m.Headers(), m.Data())
+		e, err := schemas.FromHeaders(m.Header, m.Data)
 		if err != nil {
-			fmt.Fprintf(c.errOut, "skipping unreadable status message on %s: %v\n", m.Subject(), err)
+			fmt.Fprintf(c.errOut, "skipping unreadable status message on %s: %v\n", m.Subject, err)
 			continue
 		}
 		p, err := schemas.Decode(e)
