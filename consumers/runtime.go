@@ -98,6 +98,11 @@ type Runtime struct {
 	status *statusPublisher
 
 	bound atomic.Bool // consumers bound and workers fetching (readiness)
+	// final bounds settling (records, acks, releases, final status): it
+	// outlives a handler's cancellation and ends only when Start gives up
+	// waiting at shutdown.
+	final     context.Context
+	stopFinal context.CancelFunc
 
 	mu         sync.Mutex
 	inflight   map[string]*Operation // by operation key
@@ -154,7 +159,8 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 		metrics = NewMetrics(nil)
 	}
 	host, _ := os.Hostname()
-	return &Runtime{cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: wfs,
+	final, stopFinal := context.WithCancel(context.Background())
+	return &Runtime{final: final, stopFinal: stopFinal, cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: wfs,
 		id:       fmt.Sprintf("%s-%d-%s", host, os.Getpid(), nonce()[:8]),
 		inflight: map[string]*Operation{},
 		status:   &statusPublisher{js: js, source: cfg.Source, log: log}}, nil
@@ -224,6 +230,15 @@ func (r *Runtime) Start(ctx context.Context) error {
 	cancelBase(ErrShuttingDown)
 	select {
 	case <-done:
+		return nil
+	case <-time.After(r.cfg.ShutdownGrace):
+	}
+	// Settling still waits on NATS (gone, say): stop it; the messages are
+	// redelivered to another replica and their records resumed.
+	r.stopFinal()
+	select {
+	case <-done:
+		r.log.Warn().Msg("settling cut short at shutdown; unsettled messages are redelivered")
 		return nil
 	case <-time.After(r.cfg.ShutdownGrace):
 		return errors.New("handlers ignored cancellation and are still running")
@@ -592,7 +607,7 @@ func (r *Runtime) undoCreate(d *delivery, c *created) {
 	if err != nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 2*r.cfg.CallTimeout+time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 2*r.cfg.CallTimeout+time.Second)
 	defer cancel()
 	if err := r.ops.kv.Purge(ctx, c.rec.Key, jetstream.LastRevision(rev)); err != nil && !isRevisionConflict(err) {
 		d.log.Warn().Err(err).Msg("could not remove the record of an attempt that did not start")
@@ -845,7 +860,7 @@ func (r *Runtime) settle(d *delivery, herr, cause error) {
 		return
 	}
 	// Whatever the outcome, what the handler reported must be stored first.
-	if err := r.flushProgress(context.WithoutCancel(d.ctx), op, true); err != nil {
+	if err := r.flushProgress(r.final, op, true); err != nil {
 		if errors.Is(err, ErrFenced) {
 			d.log.Warn().Err(err).Msg("attempt fenced while settling; message left for redelivery")
 			r.settled(d, ResultAbandoned)
@@ -877,7 +892,7 @@ func (r *Runtime) settle(d *delivery, herr, cause error) {
 // finish writes the attempt's last record change if this attempt still
 // holds the operation.
 func (r *Runtime) finish(d *delivery, fn func(rec *Record)) (Record, error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 	defer cancel()
 	op := d.op
 	op.mu.Lock()
@@ -915,7 +930,7 @@ func (r *Runtime) succeed(d *delivery) {
 				return
 			}
 		}
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+		ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 		defer cancel()
 		acked := make(chan error, 1)
 		go func() { acked <- d.msg.DoubleAck(ctx) }()
@@ -951,7 +966,7 @@ func (r *Runtime) trail(d *delivery, rec Record, reserveFor string, priority int
 	r.trailing.Add(1)
 	go func() {
 		defer r.trailing.Done()
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+		ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 		defer cancel()
 		futs := r.status.publish(rec, phaseOf[rec.State], statusNote(rec, ""), seq, deltas)
 		released := r.releaseAsync(d, reserveFor, priority)
@@ -1063,7 +1078,7 @@ func (r *Runtime) skip(d *delivery, rec Record) {
 // the message is sent back instead: nothing is dropped.
 func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 	k := d.ev.Keys
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 	defer cancel()
 	dl := deadLetterMsg(d.wf.Name, k.Target, k.Operation, d.msg.Subject(), d.meta.Sequence.Stream, d.meta.NumDelivered, d.msg.Headers(), d.msg.Data(), reason)
 	if err := publishDeadLetter(ctx, r.js, dl); err != nil {
@@ -1110,7 +1125,7 @@ func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 
 // releaseAll gives back every lease the delivery holds.
 func (r *Runtime) releaseAll(d *delivery, reserveFor string, priority int) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+time.Second)
 	defer cancel()
 	r.releaseAsync(d, reserveFor, priority)(ctx)
 }
