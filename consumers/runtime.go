@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -414,6 +415,7 @@ func (r *Runtime) route(d *delivery) bool {
 	if d.wf.Resolver != nil {
 		rctx, cancel := context.WithTimeout(d.ctx, 4*r.cfg.CallTimeout+5*time.Second)
 		resolved, err := d.wf.Resolver.Resolve(rctx, d.ev, keys)
+		pinned := r.pinnedOperation(rctx, d)
 		cancel()
 		switch {
 		case IsTerminal(err):
@@ -424,6 +426,14 @@ func (r *Runtime) route(d *delivery) bool {
 			return false
 		}
 		resolved.Workflow, resolved.Target = keys.Workflow, keys.Target
+		// A message keeps the operation it was first resolved to: the
+		// cluster may have changed since (a node back, a new spell), and a
+		// redelivery must resume its operation, not start another.
+		if pinned != "" {
+			resolved.Operation = pinned
+		} else {
+			r.pinOperation(d, resolved.Operation)
+		}
 		d.ev.Keys = resolved
 	}
 	k := d.ev.Keys
@@ -1147,8 +1157,53 @@ func (r *Runtime) releaseAsync(d *delivery, reserveFor string, priority int) fun
 	}
 }
 
+// routePrefix prefixes the drover-ops keys that pin a message (by stream
+// sequence) to the operation a Resolver first gave it.
+const routePrefix = "route."
+
+func routeKey(seq uint64) string { return routePrefix + strconv.FormatUint(seq, 10) }
+
+// pinnedOperation is the operation an earlier delivery of the message was
+// resolved to, "" on its first delivery or if none was kept.
+func (r *Runtime) pinnedOperation(ctx context.Context, d *delivery) string {
+	if d.meta.NumDelivered <= 1 {
+		return ""
+	}
+	e, err := r.opsKV.Get(ctx, routeKey(d.ev.StreamSeq))
+	if err != nil {
+		return ""
+	}
+	return string(e.Value())
+}
+
+// pinOperation keeps the message's operation for its redeliveries. It is
+// sent without waiting: lost, a redelivery resolves again.
+func (r *Runtime) pinOperation(d *delivery, op string) {
+	m := nats.NewMsg("$KV." + BucketOps + "." + routeKey(d.ev.StreamSeq))
+	m.Data = []byte(op)
+	if _, err := r.js.PublishMsgAsync(m); err != nil {
+		d.log.Debug().Err(err).Msg("could not pin the message to its operation")
+	}
+}
+
+// unpin forgets the message's operation once the message is gone.
+func (r *Runtime) unpin(d *delivery) {
+	m := nats.NewMsg("$KV." + BucketOps + "." + routeKey(d.ev.StreamSeq))
+	m.Header.Set("KV-Operation", "PURGE")
+	m.Header.Set("Nats-Rollup", "sub")
+	if _, err := r.js.PublishMsgAsync(m); err != nil {
+		d.log.Debug().Err(err).Msg("could not unpin the message")
+	}
+}
+
 // settled counts the result and tells Config.Settled.
 func (r *Runtime) settled(d *delivery, result string) {
+	if d.wf.Resolver != nil && d.ev.StreamSeq > 0 {
+		switch result {
+		case ResultAcked, ResultSkipped, ResultDeadLettered:
+			r.unpin(d)
+		}
+	}
 	r.metrics.Messages.WithLabelValues(d.wf.Name, result).Inc()
 	if r.cfg.Settled != nil {
 		r.cfg.Settled(Settlement{Workflow: d.wf.Name, EventID: d.ev.CloudEvent.ID(), Operation: d.ev.Keys.Operation, Result: result})
@@ -1188,7 +1243,7 @@ func (r *Runtime) watchRequests(ctx context.Context) {
 				continue
 			}
 			key := e.Key()
-			if strings.HasPrefix(key, nodeStatePrefix) {
+			if strings.HasPrefix(key, nodeStatePrefix) || strings.HasPrefix(key, routePrefix) {
 				continue
 			}
 			var value []byte
