@@ -38,9 +38,13 @@ test: test-unit test-integration
 test-unit: nats-server
 	$(GO) test -race -count=1 $(GOTESTFLAGS) $(UNIT_PKGS)
 
+# The end-to-end tests (integration/e2e, integration/recovery) run drover beside the simulator, several
+# clusters at once: they run after the other packages, one package at a time, so that they do not starve
+# the simulator's timing-sensitive tests or each other.
 ## test-integration: the control plane, the simulator and the end-to-end tests (builds kube-apiserver and etcd first when missing)
 test-integration: controlplane alertmanager
-	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) ./integration/...
+	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) $$($(GO) list ./integration/... | grep -v -e '/integration/e2e$$' -e '/integration/recovery$$')
+	$(GO) test -p 1 -count=1 -timeout 40m $(GOTESTFLAGS) ./integration/e2e/ ./integration/recovery/
 
 ## nats-server: build nats-server from the version go.mod pins into .cache/bin (tests run it as a separate process)
 nats-server: $(NATS_SERVER)
@@ -66,7 +70,11 @@ bench-sim: controlplane
 bench-recovery: controlplane
 	$(GO) test -run '^$$' -bench BenchmarkRecovery -benchtime 1x -timeout 60m ./integration/recovery/
 
-## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated (under 3 minutes once built)
+## bench-evacuation: drover's evacuation of the busy node (20 mixed VMs) next to the plan's estimate and lower bound and plain kubectl drain, under KubeVirt's and Deckhouse's limits; asserts nothing
+bench-evacuation: controlplane
+	$(GO) run ./integration/cmd/bench-evacuation
+
+## demo: the main job on the embedded default: a local cluster, the simulator and drover, narrated: maintenance from a chat command and from Git, the evacuation benchmark line, a node failure recovered behind its fencing gate and an Alertmanager alert (a few minutes once built)
 demo: controlplane alertmanager
 	$(GO) run ./integration/cmd/drover-demo
 
@@ -88,6 +96,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build image test test-unit test-integration nats-server chromium bench bench-sim bench-recovery demo lint verify clean
+.PHONY: help build image test test-unit test-integration nats-server chromium bench bench-sim bench-recovery bench-evacuation demo lint verify clean
 
 -include integration/integration.mk

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -441,4 +442,45 @@ func TestPerSubjectLimit(t *testing.T) {
 	_, err = e.pub.Publish(context.Background(), ev)
 	require.Error(t, err, "the fourth message on one subject is refused")
 	e.publish("other-node", notReady("node-2", time.Now()))
+}
+
+// A message keeps the operation a resolver first gave it: when the cluster
+// changes while the operation waits (the resolver now names another), the
+// redelivery resumes the same operation instead of starting a second one.
+func TestRedeliveryKeepsItsResolvedOperation(t *testing.T) {
+	e := newEnv(t)
+	var calls atomic.Int32
+	drifting := consumers.ResolverFunc(func(ctx context.Context, ev consumers.Event, keys consumers.Keys) (consumers.Keys, error) {
+		n := calls.Add(1)
+		keys.Operation = consumers.RecoveryOperationKey(keys.Target, "spell-"+strconv.Itoa(int(n)))
+		return keys, nil
+	})
+	var runs recorder
+	e.start(testConfig(), consumers.Workflow{Name: schemas.WorkflowRecovery, Resolver: drifting, Handler: consumers.HandlerFunc(
+		func(ctx context.Context, op *consumers.Operation, ev consumers.Event) error {
+			if runs.add(op.Key()) == 1 {
+				return consumers.Wait(50*time.Millisecond, "waiting for node-1 to be fenced")
+			}
+			return nil
+		})})
+	e.publish("nr-1", notReady("node-1", time.Now()))
+	first := consumers.RecoveryOperationKey("node-1", "spell-1")
+	e.eventually(func() bool { return e.state(first) == consumers.StateSucceeded }, "the waiting operation resumes and finishes")
+	require.GreaterOrEqual(t, calls.Load(), int32(2), "the message was resolved again on its redelivery")
+	require.Equal(t, 2, runs.get(first))
+	require.Len(t, runs.counts, 1, "no second operation was started")
+	kv, err := e.js.KeyValue(context.Background(), consumers.BucketOps)
+	require.NoError(t, err)
+	e.eventually(func() bool {
+		keys, err := consumers.BucketKeys(context.Background(), e.js, consumers.BucketOps, "route.>")
+		if err != nil {
+			return false
+		}
+		for _, k := range keys {
+			if _, err := kv.Get(context.Background(), k); err == nil {
+				return false
+			}
+		}
+		return true
+	}, "the pin is forgotten once the message is acknowledged")
 }

@@ -211,7 +211,7 @@ func (s *OpStore) List(ctx context.Context, filter string) ([]Record, error) {
 	var out []Record
 	seen := map[string]bool{}
 	for _, key := range keys {
-		if seen[key] || strings.HasPrefix(key, nodeStatePrefix) {
+		if seen[key] || strings.HasPrefix(key, nodeStatePrefix) || strings.HasPrefix(key, routePrefix) {
 			continue
 		}
 		seen[key] = true

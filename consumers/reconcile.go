@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
@@ -252,7 +253,7 @@ func (r *Runtime) allRecords(ctx context.Context) ([]Record, error) {
 			if e == nil {
 				return out, nil
 			}
-			if len(e.Key()) > len(nodeStatePrefix) && e.Key()[:len(nodeStatePrefix)] == nodeStatePrefix {
+			if strings.HasPrefix(e.Key(), nodeStatePrefix) || strings.HasPrefix(e.Key(), routePrefix) {
 				continue
 			}
 			var rec Record

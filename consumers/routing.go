@@ -91,6 +91,12 @@ func MaintenanceOperationKey(node, requestID string) string {
 	return opKey("maintenance", node, requestID)
 }
 
+// MaintenancePlanOperationKey is the operation key of a dry run of a
+// maintenance request: it plans and changes nothing.
+func MaintenancePlanOperationKey(node, requestID string) string {
+	return opKey("maintenance-plan", node, requestID)
+}
+
 // MaintenanceEndOperationKey is the operation key of the end of a maintenance request.
 func MaintenanceEndOperationKey(node, requestID string) string {
 	return opKey("maintenance-end", node, requestID)
@@ -121,6 +127,12 @@ func RecoveryOperationFilter(node string) string {
 // MigrationOperationKey is the operation key of a migration request of one VM.
 func MigrationOperationKey(ns, name, requestID string) string {
 	return opKey("migration", ns, name, requestID)
+}
+
+// MigrationCancelOperationKey is the operation key of one cancel request
+// of a VM's migration: the cancel event's id names it.
+func MigrationCancelOperationKey(ns, name, eventID string) string {
+	return opKey("migration-cancel", ns, name, eventID)
 }
 
 // MigrationOperationFilter matches every migration operation of one VM.
@@ -168,6 +180,12 @@ func Route(p schemas.Payload, eventID string) (Keys, error) {
 		return Keys{Workflow: schemas.WorkflowRecovery, Target: d.Node,
 			Operation: opKey("fenced", d.Node, eventID)}, nil
 	case *schemas.MaintenanceRequested:
+		if d.DryRun {
+			// A plan changes nothing: it needs no lease and is its own
+			// operation, so that a later real request with the same id runs.
+			return Keys{Workflow: schemas.WorkflowMaintenance, Target: d.Node,
+				Operation: MaintenancePlanOperationKey(d.Node, d.RequestID)}, nil
+		}
 		return Keys{Workflow: schemas.WorkflowMaintenance, Target: d.Node,
 			Operation: MaintenanceOperationKey(d.Node, d.RequestID),
 			Locks:     []Lock{{NodeLock(d.Node), PriorityMaintenance}}}, nil
@@ -186,7 +204,7 @@ func Route(p schemas.Payload, eventID string) (Keys, error) {
 			Locks:     []Lock{{VMLock(d.Namespace, d.Name), PriorityMigration}}}, nil
 	case *schemas.VMMigrateCancelled:
 		return Keys{Workflow: schemas.WorkflowMigration, Target: d.Namespace + "/" + d.Name,
-			Operation: opKey("migration-cancel", d.Namespace, d.Name, eventID),
+			Operation: MigrationCancelOperationKey(d.Namespace, d.Name, eventID),
 			Locks:     []Lock{{VMLock(d.Namespace, d.Name), PriorityMigration}},
 			Cancels:   MigrationOperationFilter(d.Namespace, d.Name)}, nil
 	default:

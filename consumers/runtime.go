@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -98,6 +99,11 @@ type Runtime struct {
 	status *statusPublisher
 
 	bound atomic.Bool // consumers bound and workers fetching (readiness)
+	// final bounds settling (records, acks, releases, final status): it
+	// outlives a handler's cancellation and ends only when Start gives up
+	// waiting at shutdown.
+	final     context.Context
+	stopFinal context.CancelFunc
 
 	mu         sync.Mutex
 	inflight   map[string]*Operation // by operation key
@@ -154,7 +160,8 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 		metrics = NewMetrics(nil)
 	}
 	host, _ := os.Hostname()
-	return &Runtime{cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: wfs,
+	final, stopFinal := context.WithCancel(context.Background())
+	return &Runtime{final: final, stopFinal: stopFinal, cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: wfs,
 		id:       fmt.Sprintf("%s-%d-%s", host, os.Getpid(), nonce()[:8]),
 		inflight: map[string]*Operation{},
 		status:   &statusPublisher{js: js, source: cfg.Source, log: log}}, nil
@@ -224,6 +231,15 @@ func (r *Runtime) Start(ctx context.Context) error {
 	cancelBase(ErrShuttingDown)
 	select {
 	case <-done:
+		return nil
+	case <-time.After(r.cfg.ShutdownGrace):
+	}
+	// Settling still waits on NATS (gone, say): stop it; the messages are
+	// redelivered to another replica and their records resumed.
+	r.stopFinal()
+	select {
+	case <-done:
+		r.log.Warn().Msg("settling cut short at shutdown; unsettled messages are redelivered")
 		return nil
 	case <-time.After(r.cfg.ShutdownGrace):
 		return errors.New("handlers ignored cancellation and are still running")
@@ -399,6 +415,7 @@ func (r *Runtime) route(d *delivery) bool {
 	if d.wf.Resolver != nil {
 		rctx, cancel := context.WithTimeout(d.ctx, 4*r.cfg.CallTimeout+5*time.Second)
 		resolved, err := d.wf.Resolver.Resolve(rctx, d.ev, keys)
+		pinned := r.pinnedOperation(rctx, d)
 		cancel()
 		switch {
 		case IsTerminal(err):
@@ -409,6 +426,14 @@ func (r *Runtime) route(d *delivery) bool {
 			return false
 		}
 		resolved.Workflow, resolved.Target = keys.Workflow, keys.Target
+		// A message keeps the operation it was first resolved to: the
+		// cluster may have changed since (a node back, a new spell), and a
+		// redelivery must resume its operation, not start another.
+		if pinned != "" {
+			resolved.Operation = pinned
+		} else {
+			r.pinOperation(d, resolved.Operation)
+		}
 		d.ev.Keys = resolved
 	}
 	k := d.ev.Keys
@@ -592,7 +617,7 @@ func (r *Runtime) undoCreate(d *delivery, c *created) {
 	if err != nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 2*r.cfg.CallTimeout+time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 2*r.cfg.CallTimeout+time.Second)
 	defer cancel()
 	if err := r.ops.kv.Purge(ctx, c.rec.Key, jetstream.LastRevision(rev)); err != nil && !isRevisionConflict(err) {
 		d.log.Warn().Err(err).Msg("could not remove the record of an attempt that did not start")
@@ -845,7 +870,7 @@ func (r *Runtime) settle(d *delivery, herr, cause error) {
 		return
 	}
 	// Whatever the outcome, what the handler reported must be stored first.
-	if err := r.flushProgress(context.WithoutCancel(d.ctx), op, true); err != nil {
+	if err := r.flushProgress(r.final, op, true); err != nil {
 		if errors.Is(err, ErrFenced) {
 			d.log.Warn().Err(err).Msg("attempt fenced while settling; message left for redelivery")
 			r.settled(d, ResultAbandoned)
@@ -877,7 +902,7 @@ func (r *Runtime) settle(d *delivery, herr, cause error) {
 // finish writes the attempt's last record change if this attempt still
 // holds the operation.
 func (r *Runtime) finish(d *delivery, fn func(rec *Record)) (Record, error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 	defer cancel()
 	op := d.op
 	op.mu.Lock()
@@ -915,7 +940,7 @@ func (r *Runtime) succeed(d *delivery) {
 				return
 			}
 		}
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+		ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 		defer cancel()
 		acked := make(chan error, 1)
 		go func() { acked <- d.msg.DoubleAck(ctx) }()
@@ -951,7 +976,7 @@ func (r *Runtime) trail(d *delivery, rec Record, reserveFor string, priority int
 	r.trailing.Add(1)
 	go func() {
 		defer r.trailing.Done()
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+		ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 		defer cancel()
 		futs := r.status.publish(rec, phaseOf[rec.State], statusNote(rec, ""), seq, deltas)
 		released := r.releaseAsync(d, reserveFor, priority)
@@ -1063,7 +1088,7 @@ func (r *Runtime) skip(d *delivery, rec Record) {
 // the message is sent back instead: nothing is dropped.
 func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 	k := d.ev.Keys
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+5*time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+5*time.Second)
 	defer cancel()
 	dl := deadLetterMsg(d.wf.Name, k.Target, k.Operation, d.msg.Subject(), d.meta.Sequence.Stream, d.meta.NumDelivered, d.msg.Headers(), d.msg.Data(), reason)
 	if err := publishDeadLetter(ctx, r.js, dl); err != nil {
@@ -1110,7 +1135,7 @@ func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 
 // releaseAll gives back every lease the delivery holds.
 func (r *Runtime) releaseAll(d *delivery, reserveFor string, priority int) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 4*r.cfg.CallTimeout+time.Second)
+	ctx, cancel := context.WithTimeout(r.final, 4*r.cfg.CallTimeout+time.Second)
 	defer cancel()
 	r.releaseAsync(d, reserveFor, priority)(ctx)
 }
@@ -1132,8 +1157,53 @@ func (r *Runtime) releaseAsync(d *delivery, reserveFor string, priority int) fun
 	}
 }
 
+// routePrefix prefixes the drover-ops keys that pin a message (by stream
+// sequence) to the operation a Resolver first gave it.
+const routePrefix = "route."
+
+func routeKey(seq uint64) string { return routePrefix + strconv.FormatUint(seq, 10) }
+
+// pinnedOperation is the operation an earlier delivery of the message was
+// resolved to, "" on its first delivery or if none was kept.
+func (r *Runtime) pinnedOperation(ctx context.Context, d *delivery) string {
+	if d.meta.NumDelivered <= 1 {
+		return ""
+	}
+	e, err := r.opsKV.Get(ctx, routeKey(d.ev.StreamSeq))
+	if err != nil {
+		return ""
+	}
+	return string(e.Value())
+}
+
+// pinOperation keeps the message's operation for its redeliveries. It is
+// sent without waiting: lost, a redelivery resolves again.
+func (r *Runtime) pinOperation(d *delivery, op string) {
+	m := nats.NewMsg("$KV." + BucketOps + "." + routeKey(d.ev.StreamSeq))
+	m.Data = []byte(op)
+	if _, err := r.js.PublishMsgAsync(m); err != nil {
+		d.log.Debug().Err(err).Msg("could not pin the message to its operation")
+	}
+}
+
+// unpin forgets the message's operation once the message is gone.
+func (r *Runtime) unpin(d *delivery) {
+	m := nats.NewMsg("$KV." + BucketOps + "." + routeKey(d.ev.StreamSeq))
+	m.Header.Set("KV-Operation", "PURGE")
+	m.Header.Set("Nats-Rollup", "sub")
+	if _, err := r.js.PublishMsgAsync(m); err != nil {
+		d.log.Debug().Err(err).Msg("could not unpin the message")
+	}
+}
+
 // settled counts the result and tells Config.Settled.
 func (r *Runtime) settled(d *delivery, result string) {
+	if d.wf.Resolver != nil && d.ev.StreamSeq > 0 {
+		switch result {
+		case ResultAcked, ResultSkipped, ResultDeadLettered:
+			r.unpin(d)
+		}
+	}
 	r.metrics.Messages.WithLabelValues(d.wf.Name, result).Inc()
 	if r.cfg.Settled != nil {
 		r.cfg.Settled(Settlement{Workflow: d.wf.Name, EventID: d.ev.CloudEvent.ID(), Operation: d.ev.Keys.Operation, Result: result})
@@ -1173,7 +1243,7 @@ func (r *Runtime) watchRequests(ctx context.Context) {
 				continue
 			}
 			key := e.Key()
-			if strings.HasPrefix(key, nodeStatePrefix) {
+			if strings.HasPrefix(key, nodeStatePrefix) || strings.HasPrefix(key, routePrefix) {
 				continue
 			}
 			var value []byte

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/drover-io/drover/consumers"
@@ -415,4 +416,38 @@ func TestCancelSignalsTheRunningHandler(t *testing.T) {
 	require.Equal(t, consumers.StateCancelled, late.State)
 	require.Equal(t, schemas.WorkflowMaintenance, late.Workflow, "a record made by an early cancel says whose it is")
 	require.Equal(t, "node-2", late.Target)
+}
+
+// Shutdown is bounded even when NATS went away under a settling message:
+// settling is cut short after the grace (the message is redelivered to
+// another replica), not waited for until every call times out.
+func TestShutdownIsBoundedWhenNATSIsGone(t *testing.T) {
+	e := newEnv(t)
+	cfg := testConfig()
+	release := make(chan struct{})
+	running := make(chan struct{})
+	nc, err := nats.Connect(e.srv.URL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	rt, err := consumers.NewRuntime(nc, cfg, zerolog.New(zerolog.NewTestWriter(t)), nil, consumers.Workflow{Name: schemas.WorkflowMaintenance,
+		Handler: consumers.HandlerFunc(func(ctx context.Context, op *consumers.Operation, ev consumers.Event) error {
+			close(running)
+			<-release
+			return nil
+		})})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- rt.Start(ctx) }()
+	e.publish("m-1", maintenance("node-1", "req-1"))
+	<-running
+	e.srv.Shutdown() // NATS goes away; the client keeps trying to reconnect
+	close(release)   // the handler finishes: its success cannot be recorded or acked
+	cancel()
+	select {
+	case err := <-done:
+		require.NoError(t, err, "shutdown gives up settling instead of reporting stuck handlers")
+	case <-time.After(4*cfg.ShutdownGrace + 5*time.Second):
+		t.Fatal("shutdown not bounded by the grace")
+	}
 }

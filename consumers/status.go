@@ -159,7 +159,8 @@ func statusNote(rec Record, note string) string {
 // donePhases are the target phases that mean a target's work is done: the
 // VM runs where it should, or is in the state its strategy asked for.
 var donePhases = map[string]bool{"Running": true, "Succeeded": true, "Done": true, "Completed": true,
-	"Migrated": true, "Restarted": true, "Stopped": true, "ShutDown": true, "Skipped": true}
+	"Migrated": true, "Restarted": true, "Stopped": true, "ShutDown": true, "Skipped": true,
+	"Stayed": true, "Home": true, "Started": true}
 
 // TargetDone reports whether a target's phase means its work is done, for
 // readers that count progress (the CLI, the page, NodeMaintenance status).

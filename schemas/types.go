@@ -274,6 +274,16 @@ type MaintenanceRequested struct {
 	RequestedBy string  `json:"requestedBy"`
 	Mode        string  `json:"mode"`
 	Window      *Window `json:"window,omitempty"`
+	// Force starts the maintenance even when a VM cannot move or the other
+	// nodes lack room: such VMs are shut down (and restarted elsewhere where
+	// their run strategy allows).
+	Force bool `json:"force,omitempty"`
+	// ReturnHome migrates the VMs drover moved back to the node when the
+	// maintenance ends.
+	ReturnHome bool `json:"returnHome,omitempty"`
+	// DryRun plans and stops there: nothing in the cluster changes and the
+	// plan is the operation's result.
+	DryRun bool `json:"dryRun,omitempty"`
 }
 
 // MarshalJSON fills in the default mode (ModeLiveMigrate) when Mode is empty.

@@ -29,7 +29,9 @@ import (
 
 	"github.com/drover-io/drover/cmd/drover/app"
 	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/integration/bench"
 	"github.com/drover-io/drover/integration/cluster"
+	"github.com/drover-io/drover/integration/gitrepo"
 	"github.com/drover-io/drover/integration/sim"
 	"github.com/drover-io/drover/schemas"
 )
@@ -44,6 +46,9 @@ type Options struct {
 	LogDir string
 	// Kubectl is the kubectl binary for the `kubectl drain` baseline; default "kubectl" on PATH.
 	Kubectl string
+	// Bench ends the demo with the evacuation benchmark's side-by-side line
+	// (KubeVirt's default limits; `make bench-evacuation` runs every setting).
+	Bench bool
 }
 
 // Timing is one measured step.
@@ -72,6 +77,8 @@ type run struct {
 	httpAddr   string
 	js         jetstream.JetStream
 	stopDrover func()
+	git        *gitrepo.Remote
+	clone      *gitrepo.Clone
 }
 
 // scaled turns a real-world duration into the demo's time.
@@ -174,7 +181,17 @@ func Run(ctx context.Context, o Options) (sum Summary, err error) {
 	stopWatch := r.watchVMIs(ctx)
 	cleanups = append(cleanups, stopWatch)
 
-	r.scene("3. drover serve: embedded NATS JetStream, the cluster's kubeconfig")
+	if r.git, err = gitrepo.NewRemote(o.LogDir); err != nil {
+		return sum, err
+	}
+	if r.clone, err = r.git.NewClone(filepath.Join(o.LogDir, "ops-repo")); err != nil {
+		return sum, err
+	}
+	if _, err := r.clone.CommitAndPush(map[string]string{"README.md": "Maintenance requests: maintenance/*.yaml\n"}, nil, "init"); err != nil {
+		return sum, err
+	}
+
+	r.scene("3. drover serve: embedded NATS JetStream, the cluster's kubeconfig, a Git repository of maintenance requests")
 	start = time.Now()
 	if err := r.serve(ctx, log, &cleanups); err != nil {
 		return sum, err
@@ -182,6 +199,9 @@ func Run(ctx context.Context, o Options) (sum Summary, err error) {
 	r.timed("drover ready", time.Since(start))
 
 	if err := r.requests(ctx); err != nil {
+		return sum, err
+	}
+	if err := r.gitops(ctx, seed.Nodes[2]); err != nil {
 		return sum, err
 	}
 	if err := r.drainBaseline(ctx, seed.Nodes[1]); err != nil {
@@ -206,6 +226,11 @@ func Run(ctx context.Context, o Options) (sum Summary, err error) {
 			r.say("   VIOLATION: %s", v)
 		}
 	}
+	if o.Bench {
+		if err := r.bench(ctx, log); err != nil {
+			return sum, err
+		}
+	}
 	r.summary()
 	return r.sum, nil
 }
@@ -223,6 +248,7 @@ func (r *run) serveWith(ctx context.Context, log zerolog.Logger, cleanups *[]fun
 	o.NATSListen, o.HTTPListen, o.Kubeconfig = "127.0.0.1:0", "127.0.0.1:0", r.c.Kubeconfig
 	o.DataDir = filepath.Join(r.o.LogDir, "drover-data")
 	o.ShutdownGrace = 5 * time.Second
+	o.Git.URL, o.Git.Interval = r.git.URL, time.Second
 	// The simulated world runs TimeScale times faster: so do drover's timeouts.
 	o.NodeLeaseTimeout = r.scaled(recoveryLeaseTimeout)
 	o.WatchdogTimeout = r.scaled(60 * time.Second)
@@ -315,16 +341,16 @@ func (r *run) waitOps(ctx context.Context, filter string, n int) error {
 }
 
 func (r *run) requests(ctx context.Context) error {
-	r.scene("4. Requests through the CLI: validated, de-duplicated, acknowledged only when handled")
-	r.say("   (the maintenance and migration workflows are not built yet: `serve` runs the observe handler for")
-	r.say("    them, which re-checks each target in the live cluster, records what it saw and changes nothing)")
+	r.scene("4. Maintenance from a chat command: plan first, then evacuate with live progress")
+	r.say("   A dry run plans and changes nothing: an action per VM by its eviction strategy, run strategy and the")
+	r.say("   drover.io/maintenance-strategy label, a capacity verdict, the order, the expected makespan and its lower bound.")
+	r.drover(ctx, "maintenance", "start", "node-1", "--reason", "BIOS update", "--dry-run")
+	r.say("\n   What a chat bot runs: --force shuts down (and restarts elsewhere where the run strategy allows) the VMs")
+	r.say("   that cannot move; --wait follows the operation and exits 0 only when every VM is where it must be.")
 	start := time.Now()
 	key := consumers.MaintenanceOperationKey("node-1", "demo-1")
-	r.drover(ctx, "maintenance", "start", "node-1", "--reason", "BIOS update", "--request-id", "demo-1")
-	if err := r.waitOps(ctx, key, 1); err != nil {
-		return err
-	}
-	r.timed("maintenance request published -> operation recorded and message acked", time.Since(start))
+	r.droverLive(ctx, "maintenance", "start", "node-1", "--reason", "BIOS update", "--request-id", "demo-1", "--force", "--wait")
+	r.timed("maintenance of node-1 requested -> every VM moved, message acked", time.Since(start))
 	r.sum.Events[schemas.TypeMaintenanceRequested] = r.opState(ctx, key)
 	r.say("   The same request again (a retrying bot) is dropped by JetStream:")
 	r.drover(ctx, "maintenance", "start", "node-1", "--reason", "BIOS update", "--request-id", "demo-1")
@@ -338,7 +364,8 @@ func (r *run) requests(ctx context.Context) error {
 	r.drover(ctx, "vm", "migrate", "default/vm-1", "--node-selector", "kubernetes.io/hostname=node-2")
 	r.drover(ctx, "vm", "cancel", "default/vm-1")
 	r.drover(ctx, "node", "fenced", "node-4", "--method", "ipmi-power-off")
-	r.drover(ctx, "maintenance", "end", "node-1")
+	r.say("   Ending the maintenance gives node-1 back (uncordoned: drover cordoned it) and starts what it kept down:")
+	r.drover(ctx, "maintenance", "end", "node-1", "--wait")
 	if err := r.waitOps(ctx, ">", 6); err != nil {
 		return err
 	}
@@ -347,10 +374,105 @@ func (r *run) requests(ctx context.Context) error {
 	return nil
 }
 
+// gitops requests a maintenance with a commit and ends it by removing the file.
+func (r *run) gitops(ctx context.Context, node string) error {
+	r.scene(fmt.Sprintf("5. Maintenance from a Git commit: %s, requested by adding a file, ended by removing it", node))
+	file := gitrepo.Request(node+"-kernel", node, "kernel update", "")
+	r.say("   maintenance/%s-kernel.yaml:", node)
+	for _, l := range strings.Split(strings.TrimSpace(file), "\n") {
+		r.say("     %s", l)
+	}
+	start := time.Now()
+	h, err := r.clone.CommitAndPush(map[string]string{"maintenance/" + node + "-kernel.yaml": file}, nil, "kernel update on "+node)
+	if err != nil {
+		return err
+	}
+	r.say("   committed %s and pushed; drover polls every second (POST /git/webhook polls at once)", h[:12])
+	if err := r.waitOps(ctx, consumers.MaintenanceOperationFilter(node), 1); err != nil {
+		return err
+	}
+	r.timed("commit pushed -> "+node+" emptied", time.Since(start))
+	r.drover(ctx, "status")
+	start = time.Now()
+	if _, err := r.clone.CommitAndPush(nil, []string{"maintenance/" + node + "-kernel.yaml"}, node+" done"); err != nil {
+		return err
+	}
+	r.say("   removed the file and pushed")
+	if err := r.waitOps(ctx, consumers.MaintenanceEndFilter(node), 1); err != nil {
+		return err
+	}
+	n, err := r.s.Kube.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	r.say("   %s unschedulable: %t", node, n.Spec.Unschedulable)
+	r.timed("file removed -> "+node+" given back", time.Since(start))
+	return nil
+}
+
+// bench runs the evacuation benchmark for KubeVirt's default limits.
+func (r *run) bench(ctx context.Context, log zerolog.Logger) error {
+	r.scene("Benchmark: the busy node (20 mixed VMs), drover next to the plan and plain kubectl drain")
+	benchLog := log.With().Str("component", "bench").Logger()
+	rs, err := bench.Run(ctx, bench.Options{TimeScale: r.o.TimeScale, Kubectl: r.o.Kubectl, Settings: bench.Settings[:1], Logs: &benchLog})
+	if err != nil {
+		return err
+	}
+	var b strings.Builder
+	bench.Print(&b, rs, r.o.TimeScale)
+	for _, l := range strings.Split(strings.TrimRight(b.String(), "\n"), "\n") {
+		r.say("   %s", l)
+	}
+	r.say("   (make bench-evacuation adds Deckhouse's limits)")
+	return nil
+}
+
+// droverLive runs one CLI command and prints its output as it comes.
+func (r *run) droverLive(ctx context.Context, args ...string) int {
+	r.say("   $ drover %s", strings.Join(args, " "))
+	w := &lineWriter{say: func(l string) { r.say("     %s", l) }}
+	code := app.Main(ctx, append(args, "--nats-url", r.natsURL), w, w)
+	w.flush()
+	if code != 0 {
+		r.say("     (exit status %d)", code)
+	}
+	return code
+}
+
+// lineWriter hands complete lines to say.
+type lineWriter struct {
+	mu  sync.Mutex
+	buf []byte
+	say func(string)
+}
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf = append(w.buf, p...)
+	for {
+		i := bytes.IndexByte(w.buf, '\n')
+		if i < 0 {
+			return len(p), nil
+		}
+		w.say(string(w.buf[:i]))
+		w.buf = w.buf[i+1:]
+	}
+}
+
+func (w *lineWriter) flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.buf) > 0 {
+		w.say(string(w.buf))
+		w.buf = nil
+	}
+}
+
 // drainBaseline measures what operators do by hand today: kubectl drain,
 // which on KubeVirt goes through the eviction webhook and live migration.
 func (r *run) drainBaseline(ctx context.Context, node string) error {
-	r.scene(fmt.Sprintf("5. Baseline: `kubectl drain %s` as operators run it today (KubeVirt eviction webhook -> live migration)", node))
+	r.scene(fmt.Sprintf("6. Baseline: `kubectl drain %s` as operators run it today (KubeVirt eviction webhook -> live migration)", node))
 	before, err := r.vmisOn(ctx, node)
 	if err != nil {
 		return err

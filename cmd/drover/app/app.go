@@ -23,10 +23,11 @@ const usage = `drover keeps KubeVirt virtual machines running through node maint
 usage:
   drover serve [--config FILE] [--nats-url URL] [--nats-listen HOST:PORT] [--nats-auth-file FILE] [--data-dir DIR]
                [--kubeconfig FILE] [--http-listen HOST:PORT] ...
-  drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID]
-  drover maintenance end NODE [--request-id ID]
-  drover vm migrate NAMESPACE/NAME [--node-selector k=v[,k=v]]
-  drover vm cancel NAMESPACE/NAME
+  drover maintenance start NODE --reason TEXT [--request-id ID] [--mode LiveMigrate|Evict]
+               [--force] [--return-home] [--dry-run] [--wait]
+  drover maintenance end NODE [--request-id ID] [--wait]
+  drover vm migrate NAMESPACE/NAME [--node-selector k=v[,k=v]] [--request-id ID] [--wait]
+  drover vm cancel NAMESPACE/NAME [--wait]
   drover node fenced NODE --method TEXT
   drover recovery pause [--reason TEXT] | resume | status
   drover status [--watch] [-o table|json]
@@ -37,6 +38,9 @@ usage:
   drover auth server-config --nats-auth-file FILE
   drover version
 
+--wait follows the operation's status until it ends, printing per-VM progress, and exits 0
+when it completed, 1 when it failed, was rejected or cancelled (with the reason), 2 on bad
+arguments. --dry-run prints the plan and changes nothing.
 Client commands take --nats-url (default nats://127.0.0.1:4222, env DROVER_NATS_URL),
 --nats-creds, --nats-nkey (a seed file from 'drover auth new-user'), --nats-ca, --nats-cert, --nats-key.
 Run 'drover COMMAND --help' for a command's flags.

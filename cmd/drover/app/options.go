@@ -63,6 +63,9 @@ type Options struct {
 	// LogLevel is debug, info, warn or error; LogFormat json or console.
 	LogLevel  string `json:"logLevel"`
 	LogFormat string `json:"logFormat"`
+	// Platform forces kubevirt or deckhouse; empty decides per VM (a VMI
+	// owned by a Deckhouse VirtualMachine is migrated with its operations).
+	Platform string `json:"platform"`
 	// NATS client credentials when joining an external server.
 	Client ClientOptions `json:"client"`
 
@@ -85,6 +88,21 @@ type Options struct {
 	AlertmanagerAlerts    string `json:"alertmanagerAlerts"`
 	AlertmanagerNodeLabel string `json:"alertmanagerNodeLabel"`
 	AlertmanagerTokenFile string `json:"alertmanagerTokenFile"`
+	// Git configures the Git producer (off without a URL).
+	Git GitOptions `json:"git"`
+}
+
+// GitOptions configure the Git producer of `drover serve` (--git-*).
+type GitOptions struct {
+	URL               string        `json:"url"`
+	Branch            string        `json:"branch"`
+	Path              string        `json:"path"`
+	Interval          time.Duration `json:"interval"`
+	TokenFile         string        `json:"tokenFile"`
+	SSHKeyFile        string        `json:"sshKeyFile"`
+	KnownHostsFile    string        `json:"knownHostsFile"`
+	WebhookSecretFile string        `json:"webhookSecretFile"`
+	TrustedKeysFile   string        `json:"trustedKeysFile"`
 }
 
 // DefaultOptions are the defaults of `drover serve`.
@@ -110,6 +128,7 @@ func DefaultOptions() Options {
 		StormMaxUnhealthy:     "30%",
 		AlertmanagerAlerts:    strings.Join(alertmanager.DefaultAlerts, ","),
 		AlertmanagerNodeLabel: alertmanager.DefaultNodeLabel,
+		Git:                   GitOptions{Branch: "main", Path: "maintenance/*.yaml", Interval: 30 * time.Second},
 	}
 }
 
@@ -235,6 +254,16 @@ func (o *Options) fields() []field {
 	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", func() (func(string) error, func() string) { return dur(&o.ShutdownGrace) })
 	add("log-level", "debug, info, warn or error", func() (func(string) error, func() string) { return str(&o.LogLevel) })
 	add("log-format", "json or console", func() (func(string) error, func() string) { return str(&o.LogFormat) })
+	add("platform", "kubevirt or deckhouse: force the virtualization platform (default: per VM, found by API discovery and the VM's owner)", func() (func(string) error, func() string) { return str(&o.Platform) })
+	add("git-url", "Git repository of maintenance requests (file://, https://, ssh://); empty: no Git producer", func() (func(string) error, func() string) { return str(&o.Git.URL) })
+	add("git-branch", "branch to follow", func() (func(string) error, func() string) { return str(&o.Git.Branch) })
+	add("git-path", "glob of request files in the repository", func() (func(string) error, func() string) { return str(&o.Git.Path) })
+	add("git-interval", "how often to poll the repository (POST /git/webhook polls at once)", func() (func(string) error, func() string) { return dur(&o.Git.Interval) })
+	add("git-token-file", "file with a token for HTTPS", func() (func(string) error, func() string) { return str(&o.Git.TokenFile) })
+	add("git-ssh-key-file", "private key file for SSH", func() (func(string) error, func() string) { return str(&o.Git.SSHKeyFile) })
+	add("git-known-hosts", "known_hosts file for SSH", func() (func(string) error, func() string) { return str(&o.Git.KnownHostsFile) })
+	add("git-webhook-secret-file", "file with the secret POST /git/webhook checks (GitHub/Gitea HMAC, GitLab token)", func() (func(string) error, func() string) { return str(&o.Git.WebhookSecretFile) })
+	add("git-trusted-keys", "armored OpenPGP keyring: act only on commits signed by these keys", func() (func(string) error, func() string) { return str(&o.Git.TrustedKeysFile) })
 	add("nats-creds", "NATS credentials file", func() (func(string) error, func() string) { return str(&o.Client.Creds) })
 	add("nats-nkey", "NATS nkey seed file", func() (func(string) error, func() string) { return str(&o.Client.NKey) })
 	add("nats-ca", "CA file to verify the NATS server", func() (func(string) error, func() string) { return str(&o.Client.CA) })
@@ -403,6 +432,14 @@ func (o Options) validate() error {
 	}
 	if o.LeaseTTL != 0 && o.LeaseTTL < time.Second {
 		errs = append(errs, fmt.Errorf("lease-ttl must be at least 1s, got %s", o.LeaseTTL))
+	}
+	if o.Git.URL != "" && o.Git.Interval < time.Second {
+		errs = append(errs, fmt.Errorf("git-interval must be at least 1s, got %s", o.Git.Interval))
+	}
+	switch o.Platform {
+	case "", "kubevirt", "deckhouse":
+	default:
+		errs = append(errs, fmt.Errorf("platform must be kubevirt or deckhouse, got %q", o.Platform))
 	}
 	switch o.LogFormat {
 	case "json", "console":

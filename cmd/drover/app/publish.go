@@ -12,6 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cloudevents/sdk-go/v2/event"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/drover-io/drover/consumers"
@@ -95,11 +98,7 @@ func whoami() string {
 
 // publishOne validates and publishes one event and prints what JetStream said.
 func (c *cli) publishOne(client ClientOptions, id string, p schemas.Payload) error {
-	e, err := schemas.New(cliSource, id, p)
-	if err != nil {
-		return usageError{err}
-	}
-	nc, js, err := client.connect(c.ctx)
+	e, nc, js, err := c.prepare(client, id, p)
 	if err != nil {
 		return err
 	}
@@ -119,6 +118,20 @@ func (c *cli) publishOne(client ClientOptions, id string, p schemas.Payload) err
 	return nil
 }
 
+// prepare builds and validates the event (a usage error when invalid) and
+// connects to NATS; the caller closes the connection.
+func (c *cli) prepare(client ClientOptions, id string, p schemas.Payload) (event.Event, *nats.Conn, jetstream.JetStream, error) {
+	e, err := schemas.New(cliSource, id, p)
+	if err != nil {
+		return e, nil, nil, usageError{err}
+	}
+	nc, js, err := client.connect(c.ctx)
+	if err != nil {
+		return e, nil, nil, err
+	}
+	return e, nc, js, nil
+}
+
 func checkNode(node string) error {
 	if errs := validation.IsDNS1123Subdomain(node); len(errs) > 0 {
 		return usagef("node %q is not a valid node name: %s", node, strings.Join(errs, "; "))
@@ -132,11 +145,15 @@ func (c *cli) maintenance(args []string) error {
 	}
 	switch args[0] {
 	case "start":
-		cmd := c.command("drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID]")
+		cmd := c.command("drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID] [--force] [--return-home] [--dry-run] [--wait]")
 		reason := cmd.fs.String("reason", "", "why the node is serviced (required)")
-		mode := cmd.fs.String("mode", schemas.ModeLiveMigrate, "LiveMigrate or Evict")
+		mode := cmd.fs.String("mode", schemas.ModeLiveMigrate, "LiveMigrate or Evict (shut every VM down, restart where its run strategy allows)")
 		reqID := cmd.fs.String("request-id", "", "identity of the request; re-sending the same id is a duplicate (default: generated)")
 		by := cmd.fs.String("requested-by", whoami(), "who asks")
+		force := cmd.fs.Bool("force", false, "start even when a VM cannot move or the other nodes lack room: such VMs are shut down (restarted elsewhere where their run strategy allows)")
+		home := cmd.fs.Bool("return-home", false, "when the maintenance ends, migrate the VMs drover moved back to the node")
+		dry := cmd.fs.Bool("dry-run", false, "plan only and print the plan: nothing in the cluster changes")
+		wait := cmd.fs.Bool("wait", false, "follow the operation until it ends, with per-VM progress; exit 0 when it completed, 1 when it failed or was rejected")
 		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
@@ -151,13 +168,31 @@ func (c *cli) maintenance(args []string) error {
 			return usagef("--mode must be LiveMigrate or Evict, got %q", *mode)
 		}
 		if *reqID == "" {
-			*reqID = "cli-" + time.Now().UTC().Format("20060102T150405Z")
+			prefix := "cli-"
+			if *dry {
+				prefix = "dry-run-"
+			}
+			*reqID = prefix + time.Now().UTC().Format("20060102T150405.000Z")
 		}
-		p := &schemas.MaintenanceRequested{Node: pos[0], RequestID: *reqID, Reason: *reason, RequestedBy: *by, Mode: *mode}
-		return c.publishOne(cmd.client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceRequested, pos[0], *reqID), p)
+		p := &schemas.MaintenanceRequested{Node: pos[0], RequestID: *reqID, Reason: *reason, RequestedBy: *by, Mode: *mode,
+			Force: *force, ReturnHome: *home, DryRun: *dry}
+		id := schemas.DeterministicID(cliSource, schemas.TypeMaintenanceRequested, pos[0], *reqID)
+		if *dry {
+			id = schemas.DeterministicID(cliSource, schemas.TypeMaintenanceRequested, "dry-run", pos[0], *reqID)
+		}
+		var f *follow
+		if *wait || *dry {
+			key := consumers.MaintenanceOperationKey(pos[0], *reqID)
+			if *dry {
+				key = consumers.MaintenancePlanOperationKey(pos[0], *reqID)
+			}
+			f = &follow{op: key, workflow: schemas.WorkflowMaintenance, target: pos[0]}
+		}
+		return c.publishAndWait(cmd.client, id, p, f)
 	case "end":
-		cmd := c.command("drover maintenance end NODE [--request-id ID]")
+		cmd := c.command("drover maintenance end NODE [--request-id ID] [--wait]")
 		reqID := cmd.fs.String("request-id", "", "the request to end (default: the node's unfinished maintenance)")
+		wait := cmd.fs.Bool("wait", false, "follow the end until the node is given back (and VMs are home); exit 0 when it completed, 1 otherwise")
 		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
@@ -173,7 +208,11 @@ func (c *cli) maintenance(args []string) error {
 			*reqID = id
 		}
 		p := &schemas.MaintenanceEnded{Node: pos[0], RequestID: *reqID}
-		return c.publishOne(cmd.client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceEnded, pos[0], *reqID), p)
+		var f *follow
+		if *wait {
+			f = &follow{op: consumers.MaintenanceEndOperationKey(pos[0], *reqID), workflow: schemas.WorkflowMaintenance, target: pos[0]}
+		}
+		return c.publishAndWait(cmd.client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceEnded, pos[0], *reqID), p, f)
 	default:
 		return usagef("unknown maintenance command %q (want start or end)", args[0])
 	}
@@ -278,9 +317,11 @@ func (c *cli) vm(args []string) error {
 	}
 	switch args[0] {
 	case "migrate":
-		cmd := c.command("drover vm migrate NAMESPACE/NAME [--node-selector k=v]")
+		cmd := c.command("drover vm migrate NAMESPACE/NAME [--node-selector k=v] [--request-id ID] [--wait]")
 		sel := selectorFlag{}
 		cmd.fs.Var(sel, "node-selector", "target node labels, k=v[,k=v] (repeatable)")
+		reqID := cmd.fs.String("request-id", "", "identity of the request; re-sending the same id is the same migration (default: generated)")
+		wait := cmd.fs.Bool("wait", false, "follow the migration until it ends; exit 0 when it succeeded, 1 when it failed or was cancelled")
 		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
@@ -288,19 +329,30 @@ func (c *cli) vm(args []string) error {
 		ns, name, err := parseVM(pos[0])
 		if err != nil {
 			return err
-		}
-		p := &schemas.VMMigrateRequested{Namespace: ns, Name: name}
-		if len(sel) > 0 {
-			p.TargetNodeSelector = sel
 		}
 		keys := make([]string, 0, len(sel))
 		for k, v := range sel {
 			keys = append(keys, k+"="+v)
 		}
 		sort.Strings(keys)
-		return c.publishOne(cmd.client, uniqueID(schemas.TypeVMMigrateRequested, ns, name, strings.Join(keys, ",")), p)
+		id := uniqueID(schemas.TypeVMMigrateRequested, ns, name, strings.Join(keys, ","))
+		if *reqID != "" {
+			id = schemas.DeterministicID(cliSource, schemas.TypeVMMigrateRequested, ns, name, *reqID)
+		} else if *wait {
+			*reqID = "cli-" + id[:16]
+		}
+		p := &schemas.VMMigrateRequested{Namespace: ns, Name: name, RequestID: *reqID}
+		if len(sel) > 0 {
+			p.TargetNodeSelector = sel
+		}
+		var f *follow
+		if *wait {
+			f = &follow{op: consumers.MigrationOperationKey(ns, name, *reqID), workflow: schemas.WorkflowMigration, target: ns + "/" + name}
+		}
+		return c.publishAndWait(cmd.client, id, p, f)
 	case "cancel":
-		cmd := c.command("drover vm cancel NAMESPACE/NAME")
+		cmd := c.command("drover vm cancel NAMESPACE/NAME [--wait]")
+		wait := cmd.fs.Bool("wait", false, "wait until the cancel is done and print whether the abort won or the migration completed first")
 		pos, err := cmd.parse(args[1:], 1)
 		if err != nil {
 			return err
@@ -309,7 +361,12 @@ func (c *cli) vm(args []string) error {
 		if err != nil {
 			return err
 		}
-		return c.publishOne(cmd.client, uniqueID(schemas.TypeVMMigrateCancelled, ns, name), &schemas.VMMigrateCancelled{Namespace: ns, Name: name})
+		id := uniqueID(schemas.TypeVMMigrateCancelled, ns, name)
+		var f *follow
+		if *wait {
+			f = &follow{op: consumers.MigrationCancelOperationKey(ns, name, id), workflow: schemas.WorkflowMigration, target: ns + "/" + name, okCancelled: true}
+		}
+		return c.publishAndWait(cmd.client, id, &schemas.VMMigrateCancelled{Namespace: ns, Name: name}, f)
 	default:
 		return usagef("unknown vm command %q (want migrate or cancel)", args[0])
 	}

@@ -26,15 +26,20 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
+	kvclient "kubevirt.io/client-go/kubevirt/typed/core/v1"
 
 	"github.com/drover-io/drover/cmd/drover/app/web"
 	"github.com/drover-io/drover/consumers"
+	"github.com/drover-io/drover/handlers/maintenance"
 	"github.com/drover-io/drover/handlers/migration"
 	"github.com/drover-io/drover/handlers/observe"
+	"github.com/drover-io/drover/handlers/platform"
 	"github.com/drover-io/drover/handlers/recovery"
 	"github.com/drover-io/drover/natsauth"
 	"github.com/drover-io/drover/producers"
 	"github.com/drover-io/drover/producers/alertmanager"
+	"github.com/drover-io/drover/producers/evacuation"
+	"github.com/drover-io/drover/producers/gitops"
 	"github.com/drover-io/drover/producers/ingress"
 	"github.com/drover-io/drover/producers/nodemaintenance"
 	"github.com/drover-io/drover/producers/nodewatch"
@@ -93,7 +98,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		}
 	}()
 
-	kube, dyn, err := connectKube(ctx, o.Kubeconfig)
+	kubeCfg, kube, dyn, err := connectKube(ctx, o.Kubeconfig)
 	if err != nil {
 		return err
 	}
@@ -160,10 +165,31 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		return err
 	}
 	h := &observe.Handler{Kube: kube, Dynamic: dyn}
+	var cluster *platform.Cluster
+	if kube != nil {
+		cluster, err = platform.New(kubeCfg, platform.Options{Platform: o.Platform, Metrics: platform.NewMetrics(reg),
+			Log: log.With().Str("component", "cluster").Logger()})
+		if err != nil {
+			return err
+		}
+		// The caches outlive ctx: handlers finishing within the shutdown
+		// grace still read them; the cleanup stops them after the runtime.
+		clusterCtx, stopCluster := context.WithCancel(context.WithoutCancel(ctx))
+		clusterDone := make(chan error, 1)
+		go func() { clusterDone <- cluster.Run(clusterCtx) }()
+		cleanups = append(cleanups, func() error { stopCluster(); return <-clusterDone })
+	}
+	mover := &platform.Mover{Cluster: cluster}
 	var wfs []consumers.Workflow
 	for _, name := range schemas.Workflows() {
 		wf := consumers.Workflow{Name: name, Concurrency: o.WorkflowConcurrency(name), Handler: h}
 		if kube != nil {
+			switch name {
+			case schemas.WorkflowMaintenance:
+				wf.Handler = &maintenance.Handler{Cluster: cluster, Mover: mover}
+			case schemas.WorkflowMigration:
+				wf.Handler = &migration.Handler{Cluster: cluster, Mover: mover}
+			}
 			// Operations named from the live cluster: one incident of a node
 			// is one recovery whoever reports it; a migration holds its VM's node.
 			switch name {
@@ -235,7 +261,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		if err != nil {
 			return usageError{err}
 		}
-		mux.Handle("/events", &ingress.Handler{Publisher: &producers.Publisher{JS: js}, Tokens: tokens.Tokens,
+		mux.Handle("/events", &ingress.Handler{Publisher: pub, Tokens: tokens.Tokens,
 			Metrics: producerMetrics, Log: log.With().Str("producer", ingress.Source).Logger()})
 		// The page is behind the same tokens: any of them may read it.
 		page.Authorize = func(tok string) bool { _, _, ok := tokens.Tokens().Lookup(tok); return tok != "" && ok }
@@ -262,6 +288,27 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		}
 		_, _ = io.WriteString(w, "ok\n")
 	})
+	if kube != nil {
+		// drover is KubeVirt's External eviction handler: a drain of a VMI
+		// with evictionStrategy External becomes a migration request.
+		kv, err := kvclient.NewForConfig(kubeCfg)
+		if err != nil {
+			return err
+		}
+		w := &evacuation.Watcher{KubeVirt: kv, Publisher: pub, Log: log.With().Str("component", "evacuation").Logger()}
+		cleanups = append(cleanups, runWithStreams(ctx, nc, w.Start))
+	}
+	if o.Git.URL != "" {
+		poller, err := gitops.New(gitops.Config{URL: o.Git.URL, Branch: o.Git.Branch, Path: o.Git.Path, Interval: o.Git.Interval,
+			TokenFile: o.Git.TokenFile, SSHKeyFile: o.Git.SSHKeyFile, KnownHostsFile: o.Git.KnownHostsFile,
+			WebhookSecretFile: o.Git.WebhookSecretFile, TrustedKeysFile: o.Git.TrustedKeysFile, Replicas: o.Replicas}, js, log)
+		if err != nil {
+			return usageError{err}
+		}
+		mux.Handle(gitops.WebhookPath, poller)
+		cleanups = append(cleanups, runWithStreams(ctx, nc, poller.Start))
+		log.Info().Str("repo", o.Git.URL).Str("branch", o.Git.Branch).Str("path", o.Git.Path).Msg("Git producer polling")
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -307,6 +354,30 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	err = <-errc
 	log.Info().Err(err).Msg("drover stopped")
 	return err
+}
+
+// runWithStreams runs a producer once the streams exist (it publishes),
+// until ctx ends or the returned cleanup stops it and waits for it.
+func runWithStreams(ctx context.Context, nc *nats.Conn, start func(context.Context) error) func() error {
+	pctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		if err := waitForStreams(pctx, nc); err != nil {
+			if pctx.Err() != nil {
+				err = nil
+			}
+			done <- err
+			return
+		}
+		done <- start(pctx)
+	}()
+	return func() error {
+		stop()
+		if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+			return err
+		}
+		return nil
+	}
 }
 
 func waitForStreams(ctx context.Context, nc *nats.Conn) error {
@@ -357,22 +428,22 @@ func kubeReadiness(kube kubernetes.Interface) func(context.Context) error {
 // connectKube builds clients from kubeconfig (or the in-cluster config when
 // kubeconfig is empty and drover runs in a pod) and checks the API answers.
 // With neither it returns nil clients.
-func connectKube(ctx context.Context, kubeconfig string) (kubernetes.Interface, dynamic.Interface, error) {
+func connectKube(ctx context.Context, kubeconfig string) (*rest.Config, kubernetes.Interface, dynamic.Interface, error) {
 	var cfg *rest.Config
 	var err error
 	switch {
 	case kubeconfig != "":
 		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
 		if err != nil {
-			return nil, nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
+			return nil, nil, nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
 		}
 	case os.Getenv("KUBERNETES_SERVICE_HOST") != "":
 		cfg, err = rest.InClusterConfig()
 		if err != nil {
-			return nil, nil, fmt.Errorf("in-cluster Kubernetes config: %w", err)
+			return nil, nil, nil, fmt.Errorf("in-cluster Kubernetes config: %w", err)
 		}
 	default:
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 	cfg.Timeout = kubeCheckTimeout
 	if cfg.QPS == 0 {
@@ -382,21 +453,21 @@ func connectKube(ctx context.Context, kubeconfig string) (kubernetes.Interface, 
 	}
 	kube, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
-		return nil, nil, fmt.Errorf("kubernetes client for %s: %w", cfg.Host, err)
+		return nil, nil, nil, fmt.Errorf("kubernetes client for %s: %w", cfg.Host, err)
 	}
 	cctx, cancel := context.WithTimeout(ctx, kubeCheckTimeout)
 	defer cancel()
 	if _, err := kube.Discovery().RESTClient().Get().AbsPath("/version").Do(cctx).Raw(); err != nil {
-		return nil, nil, fmt.Errorf("cannot reach the Kubernetes API server at %s: %w", cfg.Host, err)
+		return nil, nil, nil, fmt.Errorf("cannot reach the Kubernetes API server at %s: %w", cfg.Host, err)
 	}
 	cfg.Timeout = 0
 	kube, err = kubernetes.NewForConfig(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return kube, dyn, nil
+	return cfg, kube, dyn, nil
 }

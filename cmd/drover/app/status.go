@@ -158,16 +158,21 @@ func (c *cli) watchStatus(nc *nats.Conn, out string) error {
 		}
 		fmt.Fprintf(c.out, "%s  %-11s %-9s %-10s %s%s %s\n", at, st.Workflow, st.Phase,
 			st.Target(), st.Operation, counts, oneLine(st.Message))
-		for _, vm := range st.VMs {
-			line := fmt.Sprintf("%s    %s/%s %s", at, vm.Namespace, vm.Name, vm.Phase)
-			if vm.Node != "" {
-				line += " on " + vm.Node
-			}
-			if vm.Message != "" {
-				line += ": " + oneLine(vm.Message)
-			}
-			fmt.Fprintln(c.out, line)
+		c.printVMs(st, at)
+	}
+}
+
+// printVMs prints a status event's per-VM lines.
+func (c *cli) printVMs(st *schemas.Status, at string) {
+	for _, vm := range st.VMs {
+		line := fmt.Sprintf("%s    %s/%s %s", at, vm.Namespace, vm.Name, vm.Phase)
+		if vm.Node != "" {
+			line += " on " + vm.Node
 		}
+		if vm.Message != "" {
+			line += ": " + oneLine(vm.Message)
+		}
+		fmt.Fprintln(c.out, line)
 	}
 }
 

@@ -16,7 +16,7 @@ import (
 )
 
 func main() {
-	o := demo.Options{Out: os.Stdout}
+	o := demo.Options{Out: os.Stdout, Bench: true}
 	flag.IntVar(&o.Nodes, "nodes", 4, "nodes")
 	flag.IntVar(&o.VMs, "vms", 12, "VMs (mixed sizes and run strategies)")
 	flag.Float64Var(&o.TimeScale, "time-scale", 10, "how much faster than real time the simulated world runs")
@@ -24,7 +24,7 @@ func main() {
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 8*time.Minute)
 	defer cancel()
 	start := time.Now()
 	sum, err := demo.Run(ctx, o)
