@@ -18,10 +18,11 @@ import (
 )
 
 // TestNodeFailsDuringMaintenance: node-1 loses power in the middle of its
-// maintenance. The node's recovery (here the recovery workflow of this build,
-// which only observes) pre-empts the maintenance, which is suspended and
-// resumes after it; once the node is back, ending the maintenance aborts what
-// hung, gives the node back and leaves nothing half-done.
+// maintenance. The node's recovery pre-empts the maintenance; once a fencing
+// agent reports the node off, the recovery brings the VMs that were still on
+// it back on the other nodes, and the maintenance resumes after it; once the
+// node is back, ending the maintenance gives the node back and leaves nothing
+// half-done, and no VM ever ran twice.
 func TestNodeFailsDuringMaintenance(t *testing.T) {
 	t.Parallel()
 	e := StartT(t, Options{Scenario: `
@@ -57,13 +58,31 @@ vms:
 		}
 		return false, "Ready"
 	})
-	// What the node watcher publishes (issue 9 builds it and the recovery).
+	// What the node watcher publishes (Alertmanager's or a person's event of
+	// the same spell is the same operation).
 	ev, err := schemas.New("drover/test", schemas.DeterministicID("node-1", since.String()),
 		&schemas.NodeNotReady{Node: "node-1", Since: since.UTC(), Reason: "NodeStatusUnknown"})
 	require.NoError(t, err)
 	_, err = (&producers.Publisher{JS: e.JS}).Publish(ctx, ev)
 	require.NoError(t, err)
-	eventually(t, e, time.Minute, "the recovery of node-1 ran", func() (bool, string) {
+	recoveries := func() ([]consumers.Record, error) {
+		kv, err := e.JS.KeyValue(ctx, consumers.BucketOps)
+		if err != nil {
+			return nil, err
+		}
+		return consumers.NewOpStore(kv).List(ctx, consumers.RecoveryOperationFilter("node-1"))
+	}
+	eventually(t, e, time.Minute, "the recovery of node-1 waits at its fencing gate", func() (bool, string) {
+		recs, err := recoveries()
+		if err != nil || len(recs) == 0 {
+			return false, fmt.Sprint(err)
+		}
+		return recs[0].State == consumers.StateWaiting, string(recs[0].State)
+	})
+	// The fencing agent powered the node off and says so.
+	code, out = e.Drover(ctx, "node", "fenced", "node-1", "--method", "ipmi-power-off")
+	require.Equal(t, 0, code, out)
+	eventually(t, e, 2*time.Minute, "the recovery of node-1 brought its VMs back elsewhere", func() (bool, string) {
 		kv, err := e.JS.KeyValue(ctx, consumers.BucketOps)
 		if err != nil {
 			return false, err.Error()
@@ -74,9 +93,15 @@ vms:
 		}
 		return recs[0].State == consumers.StateSucceeded, string(recs[0].State)
 	})
+	for i := 2; i <= 4; i++ {
+		v := e.VMI(ctx, "default", fmt.Sprintf("vm-%d", i))
+		require.NotNil(t, v)
+		require.NotEqual(t, "node-1", v.Status.NodeName, "vm-%d restarted on another node", i)
+	}
 	eventually(t, e, time.Minute, "the maintenance resumed after the recovery pre-empted it", func() (bool, string) {
 		rec, _ := e.Op(ctx, key)
-		return rec.Attempts >= 2 && rec.State == consumers.StateRunning, fmt.Sprintf("%s attempt %d", rec.State, rec.Attempts)
+		return rec.Attempts >= 2 && (rec.State == consumers.StateRunning || rec.State == consumers.StateSucceeded),
+			fmt.Sprintf("%s attempt %d", rec.State, rec.Attempts)
 	})
 
 	require.NoError(t, e.Sim.SetFault(ctx, "node-1", ""))
