@@ -163,7 +163,7 @@ func TestCLIAgainstServe(t *testing.T) {
 			{"vm", "migrate", "ns/vm", "--node-selector", "novalue"},
 			{"node", "fenced", "node-1"}, // no method
 			{"dlq", "replay", "abc"},
-			{"status", "-o", "yaml"},
+			{"status", "-o", "xml"},
 			{"frobnicate"},
 		} {
 			code, _, errOut := drover(t, info.NATSURL, args...)
