@@ -46,9 +46,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		args = []string{} // cobra reads os.Args for nil
 	}
 	root.SetArgs(args)
-	root.SetOut(stdout)
-	root.SetErr(stderr)
-	root.SetIn(strings.NewReader(""))
 	cmd, err := root.ExecuteContextC(ctx)
 	if d := (*natsauth.Denied)(nil); errors.As(context.Cause(ctx), &d) {
 		err = d
@@ -109,6 +106,9 @@ func (c *cli) rootCommand() *cobra.Command {
 			return errUsageShown
 		},
 	}
+	root.SetOut(c.out)
+	root.SetErr(c.errOut)
+	root.SetIn(strings.NewReader(""))
 	root.SetVersionTemplate("drover {{.Version}}\n")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(
@@ -127,6 +127,12 @@ func (c *cli) rootCommand() *cobra.Command {
 			RunE: func(*cobra.Command, []string) error { fmt.Fprintln(c.out, "drover", Version); return nil },
 		},
 	)
+	// drover completion bash|zsh|fish|powershell (cobra's): an unknown
+	// shell is a usage error like an unknown subcommand elsewhere.
+	root.InitDefaultCompletionCmd()
+	if comp, _, err := root.Find([]string{"completion"}); err == nil && comp != root {
+		comp.Args, comp.RunE = cobra.ArbitraryArgs, groupRun
+	}
 	return root
 }
 
@@ -148,9 +154,14 @@ func (c *cli) leaf(cmd *cobra.Command, client *ClientOptions, run func(args []st
 // group is a command that only holds subcommands: alone or with an unknown
 // subcommand it is a usage error (exit 2), not help with exit 0.
 func group(use, short string, subs ...*cobra.Command) *cobra.Command {
-	g := &cobra.Command{Use: use, Short: short, Args: cobra.ArbitraryArgs}
+	g := &cobra.Command{Use: use, Short: short, Args: cobra.ArbitraryArgs, RunE: groupRun}
 	g.AddCommand(subs...)
-	g.RunE = func(cmd *cobra.Command, args []string) error {
+	return g
+}
+
+// groupRun is the RunE of a command that only holds subcommands.
+func groupRun(cmd *cobra.Command, args []string) error {
+	{
 		var names []string
 		for _, s := range cmd.Commands() {
 			if s.IsAvailableCommand() {
@@ -160,9 +171,8 @@ func group(use, short string, subs ...*cobra.Command) *cobra.Command {
 		if len(args) == 0 {
 			return usagef("usage: %s %s ... (run '%s --help')", cmd.CommandPath(), strings.Join(names, "|"), cmd.CommandPath())
 		}
-		return usagef("unknown %s command %q (want %s)", use, args[0], strings.Join(names, ", "))
+		return usagef("unknown %s command %q (want %s)", cmd.Name(), args[0], strings.Join(names, ", "))
 	}
-	return g
 }
 
 // exactArgs accepts n positional arguments; otherwise it is a usage error
