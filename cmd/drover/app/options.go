@@ -317,6 +317,9 @@ func registerServeFlags(fs *pflag.FlagSet) *serveFlags {
 	d := DefaultOptions()
 	for _, f := range d.fields() {
 		v := &flagText{def: f.value(), kind: f.kind}
+		if v.def == "0s" {
+			v.def = "" // unset: the help text says what it defaults to
+		}
 		sf.given[f.flag] = v
 		fl := fs.VarPF(v, f.flag, "", f.usage+" (env "+f.env+")")
 		if f.kind == "bool" {
