@@ -86,8 +86,13 @@ lint: $(TOOLS)/staticcheck
 $(TOOLS)/staticcheck:
 	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 
-## verify: formatting, go.mod tidiness and lint; fails when a generated or tidied file would change
-verify: lint
+## docs: regenerate docs/configuration.md from the options of drover serve (cmd/drover/app/options.go)
+docs:
+	$(GO) run ./cmd/drover docs config --out docs/configuration.md
+
+## verify: formatting, go.mod tidiness, lint and generated docs; fails when a generated or tidied file would change
+verify: lint docs
+	git diff --exit-code -- docs/configuration.md || { echo "docs/configuration.md is out of date: run make docs and commit it"; exit 1; }
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) mod tidy && (cd integration/tools && $(GO) mod tidy) && (cd integration/tools/alertmanager && $(GO) mod tidy)
 	git diff --exit-code -- go.mod go.sum integration/tools/go.mod integration/tools/go.sum integration/tools/alertmanager/go.mod integration/tools/alertmanager/go.sum
@@ -96,6 +101,6 @@ verify: lint
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build image test test-unit test-integration nats-server chromium bench bench-sim bench-recovery bench-evacuation demo lint verify clean
+.PHONY: help build image docs test test-unit test-integration nats-server chromium bench bench-sim bench-recovery bench-evacuation demo lint verify clean
 
 -include integration/integration.mk

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
+	"sigs.k8s.io/yaml"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/schemas"
@@ -163,8 +165,13 @@ func TestCLIAgainstServe(t *testing.T) {
 			{"vm", "migrate", "ns/vm", "--node-selector", "novalue"},
 			{"node", "fenced", "node-1"}, // no method
 			{"dlq", "replay", "abc"},
-			{"status", "-o", "yaml"},
+			{"status", "-o", "xml"},
 			{"frobnicate"},
+			{"maintenance", "start", "node-1", "--reason", "x", "--bogus"}, // unknown flag
+			{"maintenance", "start", "node-1", "node-2", "--reason", "x"},  // one node
+			{"vm", "cancel", "ns/vm", "--wiat"},
+			{"node", "fenced", "node-1", "--method", "ipmi", "-x"},
+			{"maintenance"},
 		} {
 			code, _, errOut := drover(t, info.NATSURL, args...)
 			require.Equal(t, ExitUsage, code, "%v: %s", args, errOut)
@@ -189,8 +196,15 @@ func TestCLIAgainstServe(t *testing.T) {
 		}, 20*time.Second, 50*time.Millisecond)
 		code, out, _ := drover(t, info.NATSURL, "status")
 		require.Equal(t, ExitOK, code)
-		require.Contains(t, out, "OPERATION")
+		require.Equal(t, []string{"OPERATION", "WORKFLOW", "TARGET", "PHASE", "VMS", "AGE", "MESSAGE"}, strings.Fields(strings.SplitN(out, "\n", 2)[0]))
 		require.Contains(t, out, "worker-1.example.com")
+		code, out, _ = drover(t, info.NATSURL, "status", "-o", "yaml")
+		require.Equal(t, ExitOK, code)
+		var recs []consumers.Record
+		require.NoError(t, yaml.Unmarshal([]byte(out), &recs), out)
+		require.True(t, slices.ContainsFunc(recs, func(r consumers.Record) bool {
+			return r.Key == consumers.MaintenanceOperationKey("worker-1.example.com", "r1") && r.State == consumers.StateSucceeded
+		}), out)
 	})
 
 	t.Run("maintenance end finds the request", func(t *testing.T) {

@@ -3,12 +3,12 @@ package app
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/pflag"
 
 	"github.com/drover-io/drover/natsauth"
 )
@@ -28,17 +28,17 @@ type ClientOptions struct {
 // DefaultNATSURL is where the client commands look for drover's NATS.
 const DefaultNATSURL = "nats://127.0.0.1:4222"
 
-func (c *ClientOptions) register(fs *flag.FlagSet, getenv func(string) string) {
+func (c *ClientOptions) register(fs *pflag.FlagSet, getenv func(string) string) {
 	def := getenv("DROVER_NATS_URL")
 	if def == "" {
 		def = DefaultNATSURL
 	}
 	fs.StringVar(&c.URL, "nats-url", def, "NATS server URL(s) (env DROVER_NATS_URL)")
-	fs.StringVar(&c.Creds, "nats-creds", getenv("DROVER_NATS_CREDS"), "NATS credentials file")
-	fs.StringVar(&c.NKey, "nats-nkey", getenv("DROVER_NATS_NKEY"), "NATS nkey seed file")
-	fs.StringVar(&c.CA, "nats-ca", getenv("DROVER_NATS_CA"), "CA file to verify the NATS server")
-	fs.StringVar(&c.Cert, "nats-cert", getenv("DROVER_NATS_CERT"), "client certificate file for NATS TLS")
-	fs.StringVar(&c.Key, "nats-key", getenv("DROVER_NATS_KEY"), "client key file for NATS TLS")
+	fs.StringVar(&c.Creds, "nats-creds", getenv("DROVER_NATS_CREDS"), "NATS credentials file (env DROVER_NATS_CREDS)")
+	fs.StringVar(&c.NKey, "nats-nkey", getenv("DROVER_NATS_NKEY"), "NATS nkey seed file, from drover auth new-user (env DROVER_NATS_NKEY)")
+	fs.StringVar(&c.CA, "nats-ca", getenv("DROVER_NATS_CA"), "CA file to verify the NATS server (env DROVER_NATS_CA)")
+	fs.StringVar(&c.Cert, "nats-cert", getenv("DROVER_NATS_CERT"), "client certificate file for NATS TLS (env DROVER_NATS_CERT)")
+	fs.StringVar(&c.Key, "nats-key", getenv("DROVER_NATS_KEY"), "client key file for NATS TLS (env DROVER_NATS_KEY)")
 }
 
 func (c ClientOptions) natsOptions(name string) ([]nats.Option, error) {

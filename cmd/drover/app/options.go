@@ -4,13 +4,13 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/spf13/pflag"
 	"sigs.k8s.io/yaml"
 
 	"github.com/drover-io/drover/consumers"
@@ -180,126 +180,176 @@ func (o Options) RuntimeConfig() consumers.Config {
 // field binds one option to its flag and environment variable.
 type field struct {
 	flag, env, usage string
-	set              func(string) error
-	value            func() string
+	// kind is the value's type as help shows it: string, int, duration or bool.
+	kind  string
+	set   func(string) error
+	value func() string
+}
+
+// binding is how one option is set from text and shown as text.
+type binding struct {
+	kind  string
+	set   func(string) error
+	value func() string
 }
 
 func (o *Options) fields() []field {
-	str := func(p *string) (func(string) error, func() string) {
-		return func(v string) error { *p = v; return nil }, func() string { return *p }
+	str := func(p *string) binding {
+		return binding{"string", func(v string) error { *p = v; return nil }, func() string { return *p }}
 	}
-	num := func(p *int) (func(string) error, func() string) {
-		return func(v string) error {
-				n, err := strconv.Atoi(v)
-				if err != nil {
-					return fmt.Errorf("not a number: %q", v)
-				}
-				*p = n
-				return nil
-			}, func() string {
-				return strconv.Itoa(*p)
+	num := func(p *int) binding {
+		return binding{"int", func(v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("not a number: %q", v)
 			}
+			*p = n
+			return nil
+		}, func() string { return strconv.Itoa(*p) }}
 	}
-	dur := func(p *time.Duration) (func(string) error, func() string) {
-		return func(v string) error {
-				d, err := time.ParseDuration(v)
-				if err != nil {
-					return fmt.Errorf("not a duration: %q", v)
-				}
-				*p = d
-				return nil
-			}, func() string {
-				return p.String()
+	dur := func(p *time.Duration) binding {
+		return binding{"duration", func(v string) error {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				return fmt.Errorf("not a duration: %q", v)
 			}
+			*p = d
+			return nil
+		}, func() string { return p.String() }}
 	}
-	boolean := func(p *bool) (func(string) error, func() string) {
-		return func(v string) error {
-				b, err := strconv.ParseBool(v)
-				if err != nil {
-					return fmt.Errorf("not true or false: %q", v)
-				}
-				*p = b
-				return nil
-			}, func() string {
-				return strconv.FormatBool(*p)
+	boolean := func(p *bool) binding {
+		return binding{"bool", func(v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return fmt.Errorf("not true or false: %q", v)
 			}
-	}
-	mk := func(name, usage string, s func(string) error, g func() string) field {
-		return field{flag: name, env: "DROVER_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")), usage: usage, set: s, value: g}
+			*p = b
+			return nil
+		}, func() string { return strconv.FormatBool(*p) }}
 	}
 	var fs []field
-	add := func(name, usage string, pair func() (func(string) error, func() string)) {
-		s, g := pair()
-		fs = append(fs, mk(name, usage, s, g))
+	add := func(name, usage string, b binding) {
+		fs = append(fs, field{flag: name, env: envName(name), usage: usage, kind: b.kind, set: b.set, value: b.value})
 	}
-	add("nats-url", "NATS server URL(s) to join; empty runs an embedded JetStream server", func() (func(string) error, func() string) { return str(&o.NATSURL) })
-	add("nats-listen", "client listen address of the embedded NATS server", func() (func(string) error, func() string) { return str(&o.NATSListen) })
-	add("ingress-tokens-file", "bearer tokens (SHA-256) and the event types each may POST to /events; without it the HTTP ingress is off", func() (func(string) error, func() string) { return str(&o.IngressTokensFile) })
-	add("nats-auth-file", "users (nkeys) and roles the embedded NATS server accepts; required to listen beyond loopback", func() (func(string) error, func() string) { return str(&o.NATSAuthFile) })
-	add("data-dir", "directory of the embedded server's JetStream store", func() (func(string) error, func() string) { return str(&o.DataDir) })
-	add("kubeconfig", "kubeconfig of the cluster to act on", func() (func(string) error, func() string) { return str(&o.Kubeconfig) })
-	add("http-listen", "address serving /metrics, /healthz and /readyz", func() (func(string) error, func() string) { return str(&o.HTTPListen) })
-	add("replicas", "replicas of streams and buckets (1, 3 or 5)", func() (func(string) error, func() string) { return num(&o.Replicas) })
-	add("concurrency", "worker slots per workflow", func() (func(string) error, func() string) { return num(&o.Concurrency) })
-	add("maintenance-concurrency", "worker slots of the maintenance workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.MaintenanceConcurrency) })
-	add("recovery-concurrency", "worker slots of the recovery workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.RecoveryConcurrency) })
-	add("migration-concurrency", "worker slots of the migration workflow (default: --concurrency)", func() (func(string) error, func() string) { return num(&o.MigrationConcurrency) })
-	add("ack-wait", "JetStream ack wait; heartbeats run at a third of it", func() (func(string) error, func() string) { return dur(&o.AckWait) })
-	add("lease-ttl", "how long a node lease outlives its last renewal (default: --ack-wait)", func() (func(string) error, func() string) { return dur(&o.LeaseTTL) })
-	add("max-attempts", "handler runs of one operation before it is dead-lettered (waiting for a lease or a pre-emption does not count)", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
-	add("max-deliver", "deprecated: the former name of --max-attempts", func() (func(string) error, func() string) { return num(&o.MaxAttempts) })
-	add("nodemaintenance-crd", "watch medik8s NodeMaintenance resources and run their maintenance (true/false; the CRD must be installed)", func() (func(string) error, func() string) { return boolean(&o.NodeMaintenanceCRD) })
-	add("reconfigure", "write this replica's --ack-wait and --lease-ttl over the values the NATS server holds (true/false); without it a replica adopts the server's", func() (func(string) error, func() string) { return boolean(&o.Reconfigure) })
-	add("duplicate-window", "JetStream de-duplication window of requests", func() (func(string) error, func() string) { return dur(&o.DuplicateWindow) })
-	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", func() (func(string) error, func() string) { return dur(&o.ShutdownGrace) })
-	add("log-level", "debug, info, warn or error", func() (func(string) error, func() string) { return str(&o.LogLevel) })
-	add("log-format", "json or console", func() (func(string) error, func() string) { return str(&o.LogFormat) })
-	add("platform", "kubevirt or deckhouse: force the virtualization platform (default: per VM, found by API discovery and the VM's owner)", func() (func(string) error, func() string) { return str(&o.Platform) })
-	add("git-url", "Git repository of maintenance requests (file://, https://, ssh://); empty: no Git producer", func() (func(string) error, func() string) { return str(&o.Git.URL) })
-	add("git-branch", "branch to follow", func() (func(string) error, func() string) { return str(&o.Git.Branch) })
-	add("git-path", "glob of request files in the repository", func() (func(string) error, func() string) { return str(&o.Git.Path) })
-	add("git-interval", "how often to poll the repository (POST /git/webhook polls at once)", func() (func(string) error, func() string) { return dur(&o.Git.Interval) })
-	add("git-token-file", "file with a token for HTTPS", func() (func(string) error, func() string) { return str(&o.Git.TokenFile) })
-	add("git-ssh-key-file", "private key file for SSH", func() (func(string) error, func() string) { return str(&o.Git.SSHKeyFile) })
-	add("git-known-hosts", "known_hosts file for SSH", func() (func(string) error, func() string) { return str(&o.Git.KnownHostsFile) })
-	add("git-webhook-secret-file", "file with the secret POST /git/webhook checks (GitHub/Gitea HMAC, GitLab token)", func() (func(string) error, func() string) { return str(&o.Git.WebhookSecretFile) })
-	add("git-trusted-keys", "armored OpenPGP keyring: act only on commits signed by these keys", func() (func(string) error, func() string) { return str(&o.Git.TrustedKeysFile) })
-	add("nats-creds", "NATS credentials file", func() (func(string) error, func() string) { return str(&o.Client.Creds) })
-	add("nats-nkey", "NATS nkey seed file", func() (func(string) error, func() string) { return str(&o.Client.NKey) })
-	add("nats-ca", "CA file to verify the NATS server", func() (func(string) error, func() string) { return str(&o.Client.CA) })
-	add("nats-cert", "client certificate file for NATS TLS", func() (func(string) error, func() string) { return str(&o.Client.Cert) })
-	add("nats-key", "client key file for NATS TLS", func() (func(string) error, func() string) { return str(&o.Client.Key) })
-	add("nodewatch", "watch Nodes and kubelet Leases and publish node.notready/node.ready/node.fenced (true/false; needs a cluster)", func() (func(string) error, func() string) { return boolean(&o.NodeWatch) })
-	add("node-lease-timeout", "a node whose kubelet Lease is this old is not ready", func() (func(string) error, func() string) { return dur(&o.NodeLeaseTimeout) })
-	add("fencing", "default fencing gate of recoveries: taint, watchdog or none (none is unsafe)", func() (func(string) error, func() string) { return str(&o.Fencing) })
-	add("watchdog-timeout", "the nodes' watchdog timeout (fencing watchdog)", func() (func(string) error, func() string) { return dur(&o.WatchdogTimeout) })
-	add("watchdog-margin", "added to the watchdog timeout before a silent node counts as fenced", func() (func(string) error, func() string) { return dur(&o.WatchdogMargin) })
-	add("storm-max-unhealthy", "storm guard: most nodes unhealthy at once before recoveries stop (30% or a number)", func() (func(string) error, func() string) { return str(&o.StormMaxUnhealthy) })
-	add("alertmanager-alerts", "Alertmanager alert names that become node events (comma-separated)", func() (func(string) error, func() string) { return str(&o.AlertmanagerAlerts) })
-	add("alertmanager-node-label", "the alert label naming the node", func() (func(string) error, func() string) { return str(&o.AlertmanagerNodeLabel) })
-	add("alertmanager-token-file", "file holding the token Alertmanager sends (bearer or basic-auth password) to POST /alertmanager; without it the receiver refuses every request", func() (func(string) error, func() string) { return str(&o.AlertmanagerTokenFile) })
+	add("nats-url", "NATS server URL(s) to join; empty runs an embedded JetStream server", str(&o.NATSURL))
+	add("nats-listen", "client listen address of the embedded NATS server", str(&o.NATSListen))
+	add("ingress-tokens-file", "bearer tokens (SHA-256) and the event types each may POST to /events; without it the HTTP ingress is off", str(&o.IngressTokensFile))
+	add("nats-auth-file", "users (nkeys) and roles the embedded NATS server accepts; required to listen beyond loopback", str(&o.NATSAuthFile))
+	add("data-dir", "directory of the embedded server's JetStream store", str(&o.DataDir))
+	add("kubeconfig", "kubeconfig of the cluster to act on", str(&o.Kubeconfig))
+	add("http-listen", "address of the HTTP listener: the status page at /, /metrics, /healthz, /readyz, POST /events, /alertmanager, /git/webhook", str(&o.HTTPListen))
+	add("replicas", "replicas of streams and buckets (1, 3 or 5)", num(&o.Replicas))
+	add("concurrency", "worker slots per workflow", num(&o.Concurrency))
+	add("maintenance-concurrency", "worker slots of the maintenance workflow (default: --concurrency)", num(&o.MaintenanceConcurrency))
+	add("recovery-concurrency", "worker slots of the recovery workflow (default: --concurrency)", num(&o.RecoveryConcurrency))
+	add("migration-concurrency", "worker slots of the migration workflow (default: --concurrency)", num(&o.MigrationConcurrency))
+	add("ack-wait", "JetStream ack wait; heartbeats run at a third of it", dur(&o.AckWait))
+	add("lease-ttl", "how long a node lease outlives its last renewal (default: --ack-wait)", dur(&o.LeaseTTL))
+	add("max-attempts", "handler runs of one operation before it is dead-lettered (waiting for a lease or a pre-emption does not count)", num(&o.MaxAttempts))
+	add("max-deliver", "deprecated: the former name of --max-attempts", num(&o.MaxAttempts))
+	add("nodemaintenance-crd", "watch medik8s NodeMaintenance resources and run their maintenance (true/false; the CRD must be installed)", boolean(&o.NodeMaintenanceCRD))
+	add("reconfigure", "write this replica's --ack-wait and --lease-ttl over the values the NATS server holds (true/false); without it a replica adopts the server's", boolean(&o.Reconfigure))
+	add("duplicate-window", "JetStream de-duplication window of requests", dur(&o.DuplicateWindow))
+	add("shutdown-grace", "time in-flight handlers get to finish on shutdown", dur(&o.ShutdownGrace))
+	add("log-level", "debug, info, warn or error", str(&o.LogLevel))
+	add("log-format", "json or console", str(&o.LogFormat))
+	add("platform", "kubevirt or deckhouse: force the virtualization platform (default: per VM, found by API discovery and the VM's owner)", str(&o.Platform))
+	add("git-url", "Git repository of maintenance requests (file://, https://, ssh://); empty: no Git producer", str(&o.Git.URL))
+	add("git-branch", "branch to follow", str(&o.Git.Branch))
+	add("git-path", "glob of request files in the repository", str(&o.Git.Path))
+	add("git-interval", "how often to poll the repository (POST /git/webhook polls at once)", dur(&o.Git.Interval))
+	add("git-token-file", "file with a token for HTTPS", str(&o.Git.TokenFile))
+	add("git-ssh-key-file", "private key file for SSH", str(&o.Git.SSHKeyFile))
+	add("git-known-hosts", "known_hosts file for SSH", str(&o.Git.KnownHostsFile))
+	add("git-webhook-secret-file", "file with the secret POST /git/webhook checks (GitHub/Gitea HMAC, GitLab token)", str(&o.Git.WebhookSecretFile))
+	add("git-trusted-keys", "armored OpenPGP keyring: act only on commits signed by these keys", str(&o.Git.TrustedKeysFile))
+	add("nats-creds", "NATS credentials file", str(&o.Client.Creds))
+	add("nats-nkey", "NATS nkey seed file", str(&o.Client.NKey))
+	add("nats-ca", "CA file to verify the NATS server", str(&o.Client.CA))
+	add("nats-cert", "client certificate file for NATS TLS", str(&o.Client.Cert))
+	add("nats-key", "client key file for NATS TLS", str(&o.Client.Key))
+	add("nodewatch", "watch Nodes and kubelet Leases and publish node.notready/node.ready/node.fenced (true/false; needs a cluster)", boolean(&o.NodeWatch))
+	add("node-lease-timeout", "a node whose kubelet Lease is this old is not ready", dur(&o.NodeLeaseTimeout))
+	add("fencing", "default fencing gate of recoveries: taint, watchdog or none (none is unsafe)", str(&o.Fencing))
+	add("watchdog-timeout", "the nodes' watchdog timeout (fencing watchdog)", dur(&o.WatchdogTimeout))
+	add("watchdog-margin", "added to the watchdog timeout before a silent node counts as fenced", dur(&o.WatchdogMargin))
+	add("storm-max-unhealthy", "storm guard: most nodes unhealthy at once before recoveries stop (30% or a number)", str(&o.StormMaxUnhealthy))
+	add("alertmanager-alerts", "Alertmanager alert names that become node events (comma-separated)", str(&o.AlertmanagerAlerts))
+	add("alertmanager-node-label", "the alert label naming the node", str(&o.AlertmanagerNodeLabel))
+	add("alertmanager-token-file", "file holding the token Alertmanager sends (bearer or basic-auth password) to POST /alertmanager; without it the receiver refuses every request", str(&o.AlertmanagerTokenFile))
 	return fs
+}
+
+// envName is the environment variable of a serve flag: DROVER_ and the
+// flag name in upper case, dashes as underscores.
+func envName(flag string) string {
+	return "DROVER_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+// serveFlags are the flags of `drover serve` as given on the command line:
+// each remembers its text, and only the flags given override the
+// environment, the file and the defaults (LoadOptions applies them last).
+type serveFlags struct {
+	fs     *pflag.FlagSet
+	config string
+	given  map[string]*flagText
+}
+
+// flagText is a serve flag's value: the text given, checked when the
+// options are loaded; help shows the default.
+type flagText struct {
+	def, kind, text string
+}
+
+func (f *flagText) String() string {
+	if f.text != "" {
+		return f.text
+	}
+	return f.def
+}
+func (f *flagText) Set(v string) error { f.text = v; return nil }
+func (f *flagText) Type() string       { return f.kind }
+
+// registerServeFlags adds --config and a flag per option to fs.
+func registerServeFlags(fs *pflag.FlagSet) *serveFlags {
+	sf := &serveFlags{fs: fs, given: map[string]*flagText{}}
+	fs.StringVar(&sf.config, "config", "", "YAML configuration file; its keys are the flag names (env DROVER_CONFIG)")
+	d := DefaultOptions()
+	for _, f := range d.fields() {
+		v := &flagText{def: f.value(), kind: f.kind}
+		if v.def == "0s" {
+			v.def = "" // unset: the help text says what it defaults to
+		}
+		sf.given[f.flag] = v
+		fl := fs.VarPF(v, f.flag, "", f.usage+" (env "+f.env+")")
+		if f.kind == "bool" {
+			fl.NoOptDefVal = "true" // --nodewatch alone means true, as --nodewatch=true
+		}
+	}
+	return sf
 }
 
 // LoadOptions parses serve's arguments: defaults, then the YAML file named by
 // --config (or DROVER_CONFIG), then DROVER_* variables, then flags.
 func LoadOptions(args []string, getenv func(string) string) (Options, error) {
-	o := DefaultOptions()
-	fs := flag.NewFlagSet("drover serve", flag.ContinueOnError)
+	fs := pflag.NewFlagSet("drover serve", pflag.ContinueOnError)
 	fs.SetOutput(new(strings.Builder))
-	config := fs.String("config", "", "YAML configuration file (env DROVER_CONFIG)")
-	fields := o.fields()
-	flagVals := map[string]*string{}
-	for _, f := range fields {
-		flagVals[f.flag] = fs.String(f.flag, "", f.usage+" (env "+f.env+")")
-	}
+	sf := registerServeFlags(fs)
 	if err := fs.Parse(args); err != nil {
-		return o, usageError{fmt.Errorf("%w\n%s", err, serveUsage(fields))}
+		return DefaultOptions(), usageError{fmt.Errorf("%w\n%s", err, serveUsage(fs))}
 	}
 	if fs.NArg() > 0 {
-		return o, usageError{fmt.Errorf("unexpected argument %q\n%s", fs.Arg(0), serveUsage(fields))}
+		return DefaultOptions(), usageError{fmt.Errorf("unexpected argument %q\n%s", fs.Arg(0), serveUsage(fs))}
 	}
-	path := *config
+	return sf.load(getenv)
+}
+
+// load layers the options: defaults, the configuration file, the
+// environment, then the flags given.
+func (sf *serveFlags) load(getenv func(string) string) (Options, error) {
+	o := DefaultOptions()
+	fields := o.fields()
+	path := sf.config
 	if path == "" {
 		path = getenv("DROVER_CONFIG")
 	}
@@ -319,18 +369,13 @@ func LoadOptions(args []string, getenv func(string) string) (Options, error) {
 			}
 		}
 	}
-	var ferr error
-	fs.Visit(func(fl *flag.Flag) {
-		for _, f := range fields {
-			if f.flag == fl.Name && ferr == nil {
-				if err := f.set(*flagVals[f.flag]); err != nil {
-					ferr = usageError{fmt.Errorf("--%s: %w", f.flag, err)}
-				}
-			}
+	for _, f := range fields {
+		if !sf.fs.Changed(f.flag) {
+			continue
 		}
-	})
-	if ferr != nil {
-		return o, ferr
+		if err := f.set(sf.given[f.flag].text); err != nil {
+			return o, usageError{fmt.Errorf("--%s: %w", f.flag, err)}
+		}
 	}
 	return o, o.validate()
 }
@@ -452,13 +497,8 @@ func (o Options) validate() error {
 	return nil
 }
 
-func serveUsage(fields []field) string {
-	var b strings.Builder
-	b.WriteString("usage: drover serve [--config FILE] [flags]\n")
-	for _, f := range fields {
-		fmt.Fprintf(&b, "  --%-18s %s (env %s)\n", f.flag, f.usage, f.env)
-	}
-	return b.String()
+func serveUsage(fs *pflag.FlagSet) string {
+	return "usage: drover serve [--config FILE] [flags]\n" + fs.FlagUsages()
 }
 
 // usageError marks bad arguments: exit code 2, nothing was done.

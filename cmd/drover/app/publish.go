@@ -2,8 +2,6 @@ package app
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"os/user"
@@ -15,6 +13,7 @@ import (
 	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/drover-io/drover/consumers"
@@ -24,67 +23,6 @@ import (
 
 // cliSource is the CloudEvents source of events the CLI publishes.
 const cliSource = "drover/cli"
-
-// command is one client subcommand: its flag set, which always includes the
-// NATS client flags, and its usage line.
-type command struct {
-	fs     *flag.FlagSet
-	client ClientOptions
-	usage  string
-}
-
-// command starts a subcommand whose usage line is usage ("drover vm cancel NAMESPACE/NAME").
-func (c *cli) command(usage string) *command {
-	// The flag set is named by the command words, up to the first argument.
-	words := strings.Fields(usage)
-	n := 0
-	for n < len(words) && words[n] == strings.ToLower(words[n]) && !strings.ContainsAny(words[n][:1], "[-") {
-		n++
-	}
-	cmd := &command{fs: flag.NewFlagSet(strings.Join(words[:n], " "), flag.ContinueOnError), usage: usage}
-	cmd.client.register(cmd.fs, c.getenv)
-	cmd.client.denied = c.denied
-	return cmd
-}
-
-// parse parses the subcommand's arguments and checks it got npos positional ones.
-func (cmd *command) parse(args []string, npos int) ([]string, error) {
-	pos, err := parse(cmd.fs, args)
-	if err != nil {
-		return nil, err
-	}
-	if len(pos) != npos {
-		return nil, usagef("usage: %s", cmd.usage)
-	}
-	return pos, nil
-}
-
-// parse parses a subcommand's flags, allowing flags after the positional
-// arguments (`drover maintenance start node-1 --reason x`).
-func parse(fs *flag.FlagSet, args []string) ([]string, error) {
-	fs.SetOutput(new(strings.Builder))
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return nil, usagef("usage of %s:\n%s", fs.Name(), flagUsage(fs))
-			}
-			return nil, usagef("%s: %v", fs.Name(), err)
-		}
-		args = fs.Args()
-		if len(args) == 0 {
-			return pos, nil
-		}
-		pos = append(pos, args[0])
-		args = args[1:]
-	}
-}
-
-func flagUsage(fs *flag.FlagSet) string {
-	var b strings.Builder
-	fs.VisitAll(func(f *flag.Flag) { fmt.Fprintf(&b, "  --%-14s %s\n", f.Name, f.Usage) })
-	return b.String()
-}
 
 func whoami() string {
 	if u, err := user.Current(); err == nil && u.Username != "" {
@@ -139,25 +77,30 @@ func checkNode(node string) error {
 	return nil
 }
 
-func (c *cli) maintenance(args []string) error {
-	if len(args) == 0 {
-		return usagef("usage: drover maintenance start|end NODE ...")
+func (c *cli) maintenanceCommand() *cobra.Command {
+	return group("maintenance", "put a node into maintenance (drain its VMs) and give it back",
+		c.maintenanceStartCommand(), c.maintenanceEndCommand())
+}
+
+func (c *cli) maintenanceStartCommand() *cobra.Command {
+	var client ClientOptions
+	cmd := &cobra.Command{
+		Use:   "start NODE --reason TEXT",
+		Short: "request maintenance of a node: cordon it and move its VMs away",
+		Example: `  drover maintenance start worker-3 --reason "BIOS update" --request-id CHG-1 --wait
+  drover maintenance start worker-3 --reason "BIOS update" --dry-run`,
+		Args: exactArgs(1),
 	}
-	switch args[0] {
-	case "start":
-		cmd := c.command("drover maintenance start NODE --reason TEXT [--mode LiveMigrate|Evict] [--request-id ID] [--force] [--return-home] [--dry-run] [--wait]")
-		reason := cmd.fs.String("reason", "", "why the node is serviced (required)")
-		mode := cmd.fs.String("mode", schemas.ModeLiveMigrate, "LiveMigrate or Evict (shut every VM down, restart where its run strategy allows)")
-		reqID := cmd.fs.String("request-id", "", "identity of the request; re-sending the same id is a duplicate (default: generated)")
-		by := cmd.fs.String("requested-by", whoami(), "who asks")
-		force := cmd.fs.Bool("force", false, "start even when a VM cannot move or the other nodes lack room: such VMs are shut down (restarted elsewhere where their run strategy allows)")
-		home := cmd.fs.Bool("return-home", false, "when the maintenance ends, migrate the VMs drover moved back to the node")
-		dry := cmd.fs.Bool("dry-run", false, "plan only and print the plan: nothing in the cluster changes")
-		wait := cmd.fs.Bool("wait", false, "follow the operation until it ends, with per-VM progress; exit 0 when it completed, 1 when it failed or was rejected")
-		pos, err := cmd.parse(args[1:], 1)
-		if err != nil {
-			return err
-		}
+	fs := cmd.Flags()
+	reason := fs.String("reason", "", "why the node is serviced (required)")
+	mode := fs.String("mode", schemas.ModeLiveMigrate, "LiveMigrate or Evict (shut every VM down, restart where its run strategy allows)")
+	reqID := fs.String("request-id", "", "identity of the request; re-sending the same id is a duplicate (default: generated)")
+	by := fs.String("requested-by", whoami(), "who asks")
+	force := fs.Bool("force", false, "start even when a VM cannot move or the other nodes lack room: such VMs are shut down (restarted elsewhere where their run strategy allows)")
+	home := fs.Bool("return-home", false, "when the maintenance ends, migrate the VMs drover moved back to the node")
+	dry := fs.Bool("dry-run", false, "plan only and print the plan: nothing in the cluster changes")
+	wait := fs.Bool("wait", false, "follow the operation until it ends, with per-VM progress; exit 0 when it completed, 1 when it failed or was rejected")
+	return c.leaf(cmd, &client, func(pos []string) error {
 		if err := checkNode(pos[0]); err != nil {
 			return err
 		}
@@ -188,20 +131,25 @@ func (c *cli) maintenance(args []string) error {
 			}
 			f = &follow{op: key, workflow: schemas.WorkflowMaintenance, target: pos[0]}
 		}
-		return c.publishAndWait(cmd.client, id, p, f)
-	case "end":
-		cmd := c.command("drover maintenance end NODE [--request-id ID] [--wait]")
-		reqID := cmd.fs.String("request-id", "", "the request to end (default: the node's unfinished maintenance)")
-		wait := cmd.fs.Bool("wait", false, "follow the end until the node is given back (and VMs are home); exit 0 when it completed, 1 otherwise")
-		pos, err := cmd.parse(args[1:], 1)
-		if err != nil {
-			return err
-		}
+		return c.publishAndWait(client, id, p, f)
+	})
+}
+
+func (c *cli) maintenanceEndCommand() *cobra.Command {
+	var client ClientOptions
+	cmd := &cobra.Command{
+		Use:   "end NODE",
+		Short: "end a node's maintenance: uncordon it (and bring VMs home with --return-home)",
+		Args:  exactArgs(1),
+	}
+	reqID := cmd.Flags().String("request-id", "", "the request to end (default: the node's unfinished maintenance)")
+	wait := cmd.Flags().Bool("wait", false, "follow the end until the node is given back (and VMs are home); exit 0 when it completed, 1 otherwise")
+	return c.leaf(cmd, &client, func(pos []string) error {
 		if err := checkNode(pos[0]); err != nil {
 			return err
 		}
 		if *reqID == "" {
-			id, err := c.activeMaintenance(cmd.client, pos[0])
+			id, err := c.activeMaintenance(client, pos[0])
 			if err != nil {
 				return err
 			}
@@ -212,10 +160,8 @@ func (c *cli) maintenance(args []string) error {
 		if *wait {
 			f = &follow{op: consumers.MaintenanceEndOperationKey(pos[0], *reqID), workflow: schemas.WorkflowMaintenance, target: pos[0]}
 		}
-		return c.publishAndWait(cmd.client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceEnded, pos[0], *reqID), p, f)
-	default:
-		return usagef("unknown maintenance command %q (want start or end)", args[0])
-	}
+		return c.publishAndWait(client, schemas.DeterministicID(cliSource, schemas.TypeMaintenanceEnded, pos[0], *reqID), p, f)
+	})
 }
 
 // activeMaintenance finds the request id of node's maintenance that has not
@@ -285,9 +231,18 @@ func parseVM(s string) (string, string, error) {
 	return ns, name, nil
 }
 
+// selectorFlag collects k=v[,k=v] label pairs; it may be repeated.
 type selectorFlag map[string]string
 
-func (s selectorFlag) String() string { return "" }
+func (s selectorFlag) Type() string { return "k=v[,k=v]" }
+func (s selectorFlag) String() string {
+	keys := make([]string, 0, len(s))
+	for k, v := range s {
+		keys = append(keys, k+"="+v)
+	}
+	sort.Strings(keys)
+	return strings.Join(keys, ",")
+}
 func (s selectorFlag) Set(v string) error {
 	for _, kv := range strings.Split(v, ",") {
 		k, val, ok := strings.Cut(kv, "=")
@@ -311,31 +266,28 @@ func uniqueID(parts ...string) string {
 	return schemas.DeterministicID(append(parts, strconv.FormatInt(time.Now().UnixNano(), 10), strconv.Itoa(os.Getpid()))...)
 }
 
-func (c *cli) vm(args []string) error {
-	if len(args) == 0 {
-		return usagef("usage: drover vm migrate|cancel NAMESPACE/NAME")
+func (c *cli) vmCommand() *cobra.Command {
+	return group("vm", "migrate one VM, or cancel its migration", c.vmMigrateCommand(), c.vmCancelCommand())
+}
+
+func (c *cli) vmMigrateCommand() *cobra.Command {
+	var client ClientOptions
+	cmd := &cobra.Command{
+		Use:     "migrate NAMESPACE/NAME",
+		Short:   "live-migrate one VM, optionally to nodes with given labels",
+		Example: `  drover vm migrate default/db-1 --node-selector kubernetes.io/hostname=worker-2 --wait`,
+		Args:    exactArgs(1),
 	}
-	switch args[0] {
-	case "migrate":
-		cmd := c.command("drover vm migrate NAMESPACE/NAME [--node-selector k=v] [--request-id ID] [--wait]")
-		sel := selectorFlag{}
-		cmd.fs.Var(sel, "node-selector", "target node labels, k=v[,k=v] (repeatable)")
-		reqID := cmd.fs.String("request-id", "", "identity of the request; re-sending the same id is the same migration (default: generated)")
-		wait := cmd.fs.Bool("wait", false, "follow the migration until it ends; exit 0 when it succeeded, 1 when it failed or was cancelled")
-		pos, err := cmd.parse(args[1:], 1)
-		if err != nil {
-			return err
-		}
+	sel := selectorFlag{}
+	cmd.Flags().Var(sel, "node-selector", "target node labels, k=v[,k=v] (repeatable)")
+	reqID := cmd.Flags().String("request-id", "", "identity of the request; re-sending the same id is the same migration (default: generated)")
+	wait := cmd.Flags().Bool("wait", false, "follow the migration until it ends; exit 0 when it succeeded, 1 when it failed or was cancelled")
+	return c.leaf(cmd, &client, func(pos []string) error {
 		ns, name, err := parseVM(pos[0])
 		if err != nil {
 			return err
 		}
-		keys := make([]string, 0, len(sel))
-		for k, v := range sel {
-			keys = append(keys, k+"="+v)
-		}
-		sort.Strings(keys)
-		id := uniqueID(schemas.TypeVMMigrateRequested, ns, name, strings.Join(keys, ","))
+		id := uniqueID(schemas.TypeVMMigrateRequested, ns, name, sel.String())
 		if *reqID != "" {
 			id = schemas.DeterministicID(cliSource, schemas.TypeVMMigrateRequested, ns, name, *reqID)
 		} else if *wait {
@@ -349,14 +301,19 @@ func (c *cli) vm(args []string) error {
 		if *wait {
 			f = &follow{op: consumers.MigrationOperationKey(ns, name, *reqID), workflow: schemas.WorkflowMigration, target: ns + "/" + name}
 		}
-		return c.publishAndWait(cmd.client, id, p, f)
-	case "cancel":
-		cmd := c.command("drover vm cancel NAMESPACE/NAME [--wait]")
-		wait := cmd.fs.Bool("wait", false, "wait until the cancel is done and print whether the abort won or the migration completed first")
-		pos, err := cmd.parse(args[1:], 1)
-		if err != nil {
-			return err
-		}
+		return c.publishAndWait(client, id, p, f)
+	})
+}
+
+func (c *cli) vmCancelCommand() *cobra.Command {
+	var client ClientOptions
+	cmd := &cobra.Command{
+		Use:   "cancel NAMESPACE/NAME",
+		Short: "cancel a VM's migration",
+		Args:  exactArgs(1),
+	}
+	wait := cmd.Flags().Bool("wait", false, "wait until the cancel is done and print whether the abort won or the migration completed first")
+	return c.leaf(cmd, &client, func(pos []string) error {
 		ns, name, err := parseVM(pos[0])
 		if err != nil {
 			return err
@@ -366,29 +323,28 @@ func (c *cli) vm(args []string) error {
 		if *wait {
 			f = &follow{op: consumers.MigrationCancelOperationKey(ns, name, id), workflow: schemas.WorkflowMigration, target: ns + "/" + name, okCancelled: true}
 		}
-		return c.publishAndWait(cmd.client, id, &schemas.VMMigrateCancelled{Namespace: ns, Name: name}, f)
-	default:
-		return usagef("unknown vm command %q (want migrate or cancel)", args[0])
-	}
+		return c.publishAndWait(client, id, &schemas.VMMigrateCancelled{Namespace: ns, Name: name}, f)
+	})
 }
 
-func (c *cli) node(args []string) error {
-	if len(args) == 0 || args[0] != "fenced" {
-		return usagef("usage: drover node fenced NODE --method TEXT")
+func (c *cli) nodeCommand() *cobra.Command {
+	var client ClientOptions
+	cmd := &cobra.Command{
+		Use:   "fenced NODE --method TEXT",
+		Short: "report that a node is fenced (powered off or isolated): its recovery may pass its fencing gate",
+		Args:  exactArgs(1),
 	}
-	cmd := c.command("drover node fenced NODE --method TEXT")
-	method := cmd.fs.String("method", "", "how the node was fenced, e.g. ipmi-power-off (required)")
-	by := cmd.fs.String("by", whoami(), "who fenced it")
-	pos, err := cmd.parse(args[1:], 1)
-	if err != nil {
-		return err
-	}
-	if err := checkNode(pos[0]); err != nil {
-		return err
-	}
-	if strings.TrimSpace(*method) == "" {
-		return usagef("--method is required")
-	}
-	return c.publishOne(cmd.client, uniqueID(schemas.TypeNodeFenced, pos[0], *method),
-		&schemas.NodeFenced{Node: pos[0], Method: *method, By: *by})
+	method := cmd.Flags().String("method", "", "how the node was fenced, e.g. ipmi-power-off (required)")
+	by := cmd.Flags().String("by", whoami(), "who fenced it")
+	fenced := c.leaf(cmd, &client, func(pos []string) error {
+		if err := checkNode(pos[0]); err != nil {
+			return err
+		}
+		if strings.TrimSpace(*method) == "" {
+			return usagef("--method is required")
+		}
+		return c.publishOne(client, uniqueID(schemas.TypeNodeFenced, pos[0], *method),
+			&schemas.NodeFenced{Node: pos[0], Method: *method, By: *by})
+	})
+	return group("node", "report facts about nodes", fenced)
 }

@@ -10,57 +10,46 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/handlers/recovery"
 )
 
-// recovery pauses, resumes and shows the recovery workflow cluster-wide.
-func (c *cli) recovery(args []string) error {
-	if len(args) == 0 {
-		return usagef("usage: drover recovery pause|resume|status")
-	}
-	switch args[0] {
-	case "pause":
-		cmd := c.command("drover recovery pause [--reason TEXT]")
-		reason := cmd.fs.String("reason", "", "why recoveries are paused")
-		by := cmd.fs.String("by", whoami(), "who pauses them")
-		if _, err := cmd.parse(args[1:], 0); err != nil {
-			return err
-		}
-		resp, err := c.recoveryControl(cmd, subjectRecoveryPause, recovery.Pause{By: *by, Reason: *reason})
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(c.out, "recoveries paused cluster-wide by %s: new recoveries wait before their fencing gate; those past it finish\n", resp.Pause.By)
-		return nil
-	case "resume":
-		cmd := c.command("drover recovery resume")
-		by := cmd.fs.String("by", whoami(), "who resumes them")
-		if _, err := cmd.parse(args[1:], 0); err != nil {
-			return err
-		}
-		resp, err := c.recoveryControl(cmd, subjectRecoveryResume, recovery.Pause{By: *by})
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(c.out, "recoveries resumed by %s\n", resp.Pause.By)
-		return nil
-	case "status":
-		cmd := c.command("drover recovery status")
-		if _, err := cmd.parse(args[1:], 0); err != nil {
-			return err
-		}
-		return c.recoveryStatus(cmd)
-	default:
-		return usagef("unknown recovery command %q (want pause, resume or status)", args[0])
-	}
+// recoveryCommand pauses, resumes and shows the recovery workflow cluster-wide.
+func (c *cli) recoveryCommand() *cobra.Command {
+	var pc, rc, sc ClientOptions
+	pause := &cobra.Command{Use: "pause", Short: "pause new recoveries cluster-wide (those past their fencing gate finish)", Args: noArgs}
+	reason := pause.Flags().String("reason", "", "why recoveries are paused")
+	pauseBy := pause.Flags().String("by", whoami(), "who pauses them")
+	resume := &cobra.Command{Use: "resume", Short: "resume recoveries", Args: noArgs}
+	resumeBy := resume.Flags().String("by", whoami(), "who resumes them")
+	status := &cobra.Command{Use: "status", Short: "show whether recoveries are paused, the failover capacity and the recoveries", Args: noArgs}
+	return group("recovery", "pause, resume and show node-failure recoveries",
+		c.leaf(pause, &pc, func([]string) error {
+			resp, err := c.recoveryControl(pc, subjectRecoveryPause, recovery.Pause{By: *pauseBy, Reason: *reason})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "recoveries paused cluster-wide by %s: new recoveries wait before their fencing gate; those past it finish\n", resp.Pause.By)
+			return nil
+		}),
+		c.leaf(resume, &rc, func([]string) error {
+			resp, err := c.recoveryControl(rc, subjectRecoveryResume, recovery.Pause{By: *resumeBy})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "recoveries resumed by %s\n", resp.Pause.By)
+			return nil
+		}),
+		c.leaf(status, &sc, func([]string) error { return c.recoveryStatus(sc) }),
+	)
 }
 
 // recoveryControl asks drover serve, which keeps the recovery switches.
-func (c *cli) recoveryControl(cmd *command, subject string, req recovery.Pause) (recoveryControl, error) {
+func (c *cli) recoveryControl(client ClientOptions, subject string, req recovery.Pause) (recoveryControl, error) {
 	var resp recoveryControl
-	nc, _, err := cmd.client.connect(c.ctx)
+	nc, _, err := client.connect(c.ctx)
 	if err != nil {
 		return resp, err
 	}
@@ -84,8 +73,8 @@ func (c *cli) recoveryControl(cmd *command, subject string, req recovery.Pause) 
 	return resp, nil
 }
 
-func (c *cli) recoveryStatus(cmd *command) error {
-	resp, err := c.recoveryControl(cmd, subjectRecoveryStatus, recovery.Pause{})
+func (c *cli) recoveryStatus(client ClientOptions) error {
+	resp, err := c.recoveryControl(client, subjectRecoveryStatus, recovery.Pause{})
 	if err != nil {
 		return err
 	}
@@ -102,7 +91,7 @@ func (c *cli) recoveryStatus(cmd *command) error {
 		fmt.Fprintf(c.out, "failover capacity: %d of the largest nodes could fail with every restartable VM still fitting elsewhere%s (computed %s)\n",
 			cr.Nodes, warn, cr.At.Local().Format(time.DateTime))
 	}
-	nc, js, err := cmd.client.connect(c.ctx)
+	nc, js, err := client.connect(c.ctx)
 	if err != nil {
 		return err
 	}

@@ -2,57 +2,105 @@ package app
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/util/duration"
+	"sigs.k8s.io/yaml"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/schemas"
 )
 
+// outputFormats are what -o accepts.
+var outputFormats = []string{"table", "json", "yaml"}
+
+// outputFlag registers -o/--output on cmd.
+func outputFlag(cmd *cobra.Command) *string {
+	return cmd.Flags().StringP("output", "o", "table", "output format: "+strings.Join(outputFormats, ", "))
+}
+
 func checkOutput(o string) error {
-	if o != "table" && o != "json" {
-		return usagef("-o must be table or json, got %q", o)
+	if !slices.Contains(outputFormats, o) {
+		return usagef("-o must be one of %s, got %q", strings.Join(outputFormats, ", "), o)
 	}
 	return nil
 }
 
-func (c *cli) status(args []string) error {
-	cmd := c.command("drover status [--watch] [-o table|json]")
-	watch := cmd.fs.Bool("watch", false, "keep printing status events as they happen")
-	out := cmd.fs.String("o", "table", "output format: table or json")
-	if _, err := cmd.parse(args, 0); err != nil {
+// write prints v as JSON or YAML (format "json" or "yaml").
+func write(w io.Writer, format string, v any) error {
+	if format == "yaml" {
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return fmt.Errorf("encode YAML: %w", err)
+		}
+		_, err = w.Write(b)
 		return err
 	}
-	if err := checkOutput(*out); err != nil {
-		return err
+	return writeJSON(w, v)
+}
+
+func (c *cli) statusCommand() *cobra.Command {
+	var client ClientOptions
+	cmd := &cobra.Command{
+		Use:   "status [OPERATION]",
+		Short: "show operations (or one operation with every VM); --watch follows them",
+		Long: `status lists the operations drover keeps (newest state first per workflow): operation, workflow,
+target, phase, VMs done/total, age and message. With OPERATION it shows that operation with every VM:
+its phase, node, when it last changed and its message. --watch then prints status events as they
+happen, with per-VM progress lines (only OPERATION's with an OPERATION).`,
+		Example: `  drover status
+  drover status -o yaml
+  drover status maintenance.worker-3.Q0hHLTE --watch`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usagef("usage: %s", cmd.UseLine())
+			}
+			return nil
+		},
 	}
-	nc, js, err := cmd.client.connect(c.ctx)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	recs, err := listOperations(c.ctx, js, ">")
-	if err != nil {
-		return err
-	}
-	if *out == "json" {
-		if err := writeJSON(c.out, recs); err != nil {
+	watch := cmd.Flags().BoolP("watch", "w", false, "keep printing status events as they happen")
+	out := outputFlag(cmd)
+	return c.leaf(cmd, &client, func(pos []string) error {
+		if err := checkOutput(*out); err != nil {
 			return err
 		}
-	} else {
-		printRecords(c.out, recs)
-	}
-	if !*watch {
-		return nil
-	}
-	return c.watchStatus(nc, *out)
+		nc, js, err := client.connect(c.ctx)
+		if err != nil {
+			return err
+		}
+		defer nc.Close()
+		op := ""
+		if len(pos) == 1 {
+			op = pos[0]
+			if err := c.showOperation(js, op, *out); err != nil {
+				return err
+			}
+		} else {
+			recs, err := listOperations(c.ctx, js, ">")
+			if err != nil {
+				return err
+			}
+			if *out == "table" {
+				printRecords(c.out, recs, time.Now())
+			} else if err := write(c.out, *out, recs); err != nil {
+				return err
+			}
+		}
+		if !*watch {
+			return nil
+		}
+		return c.watchStatus(nc, *out, op)
+	})
 }
 
 func writeJSON(w io.Writer, v any) error {
@@ -61,14 +109,131 @@ func writeJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-func printRecords(w io.Writer, recs []consumers.Record) {
+// printRecords prints operations as a table, as kubectl get does.
+func printRecords(w io.Writer, recs []consumers.Record, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "OPERATION\tWORKFLOW\tTARGET\tSTATE\tVMS\tATTEMPTS\tUPDATED\tMESSAGE")
+	fmt.Fprintln(tw, "OPERATION\tWORKFLOW\tTARGET\tPHASE\tVMS\tAGE\tMESSAGE")
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Key, r.Workflow, r.Target, r.State, vmCounts(r), r.Attempts,
-			r.Updated.Local().Format("15:04:05"), summary(r))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Key, r.Workflow, r.Target, phaseOf(r), vmCounts(r),
+			age(r.Created, now), summary(r))
 	}
 	_ = tw.Flush()
+}
+
+// phaseOf is a record's state, with the handler's phase while it is not over
+// ("Running/Draining").
+func phaseOf(r consumers.Record) string {
+	if r.Phase != "" && !r.State.Terminal() && r.Phase != string(r.State) {
+		return string(r.State) + "/" + r.Phase
+	}
+	return string(r.State)
+}
+
+// age is how long ago t was, as kubectl prints it ("<unknown>" when unset).
+func age(t, now time.Time) string {
+	if t.IsZero() {
+		return "<unknown>"
+	}
+	return duration.HumanDuration(now.Sub(t))
+}
+
+// OperationView is one operation as `drover status OPERATION -o json|yaml`
+// prints it: the record and every target's progress.
+type OperationView struct {
+	consumers.Record
+	VMs []VMView `json:"vms"`
+}
+
+// VMView is one target's progress.
+type VMView struct {
+	Target string `json:"target"`
+	consumers.TargetProgress
+}
+
+// showOperation prints one operation with every VM.
+func (c *cli) showOperation(js jetstream.JetStream, key, format string) error {
+	ops, err := consumers.OpenOpStore(c.ctx, js)
+	if err != nil {
+		return fmt.Errorf("%w (has drover serve run against this NATS?)", err)
+	}
+	rec, _, found, err := ops.Get(c.ctx, key)
+	if err != nil {
+		return err
+	}
+	if !found {
+		return fmt.Errorf("operation %s does not exist (drover status lists the operations)", key)
+	}
+	view := OperationView{Record: rec, VMs: []VMView{}}
+	kv, err := js.KeyValue(c.ctx, consumers.BucketProgress)
+	switch {
+	case errors.Is(err, jetstream.ErrBucketNotFound):
+	case err != nil:
+		return fmt.Errorf("open %s: %w", consumers.BucketProgress, err)
+	default:
+		targets, err := consumers.ReadProgress(c.ctx, kv, key)
+		if err != nil {
+			return err
+		}
+		for t, p := range targets {
+			view.VMs = append(view.VMs, VMView{Target: t, TargetProgress: p})
+		}
+		sort.Slice(view.VMs, func(i, j int) bool { return view.VMs[i].Target < view.VMs[j].Target })
+	}
+	if format != "table" {
+		return write(c.out, format, view)
+	}
+	now := time.Now()
+	when := func(t time.Time) string {
+		if t.IsZero() {
+			return "-"
+		}
+		return t.Local().Format(time.DateTime) + " (" + age(t, now) + " ago)"
+	}
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	row := func(k, v string) {
+		if v != "" {
+			fmt.Fprintf(tw, "%s:\t%s\n", k, v)
+		}
+	}
+	row("Operation", rec.Key)
+	row("Workflow", rec.Workflow)
+	row("Target", rec.Target)
+	row("State", string(rec.State))
+	row("Phase", rec.Phase)
+	row("VMs", vmCounts(rec)+" done")
+	row("Generation", fmt.Sprintf("%d (attempts %d)", max(rec.Generation, 1), rec.Attempts))
+	row("Request", rec.EventType)
+	row("Created", when(rec.Created))
+	row("Started", when(rec.Started))
+	row("Updated", when(rec.Updated))
+	row("Finished", when(rec.Finished))
+	row("Waiting for", oneLine(rec.WaitReason))
+	row("Cancel", oneLine(rec.CancelReason))
+	row("Message", oneLine(rec.Message))
+	row("Last error", oneLine(rec.LastError))
+	_ = tw.Flush()
+	if len(view.VMs) == 0 {
+		fmt.Fprintln(c.out, "\nNo VMs.")
+		return nil
+	}
+	fmt.Fprintln(c.out)
+	start := rec.Started
+	if start.IsZero() {
+		start = rec.Created
+	}
+	tw = tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VM\tPHASE\tNODE\tUPDATED\tAFTER\tMESSAGE")
+	for _, vm := range view.VMs {
+		updated, after := "-", "-"
+		if !vm.Updated.IsZero() {
+			updated = vm.Updated.Local().Format("15:04:05")
+			if !start.IsZero() && !vm.Updated.Before(start) {
+				after = "+" + vm.Updated.Sub(start).Round(time.Second).String()
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", vm.Target, vm.Phase, orText(vm.Node, "-"), updated, after, oneLine(vm.Message))
+	}
+	return tw.Flush()
 }
 
 // vmCounts is "done/total" of a record's targets, "-" when it has none.
@@ -121,7 +286,7 @@ func oneLine(s string) string {
 // subscribes to the status subjects, where status events are published as
 // they are stored, rather than creating a JetStream consumer: reading status
 // then needs only the subscribe permission (see natsauth).
-func (c *cli) watchStatus(nc *nats.Conn, out string) error {
+func (c *cli) watchStatus(nc *nats.Conn, out, op string) error {
 	sub, err := nc.SubscribeSync(schemas.StatusSubjects)
 	if err != nil {
 		return fmt.Errorf("watch %s: %w", schemas.StatusSubjects, err)
@@ -146,9 +311,17 @@ func (c *cli) watchStatus(nc *nats.Conn, out string) error {
 			fmt.Fprintf(c.errOut, "skipping invalid status event %s: %v\n", e.ID(), err)
 			continue
 		}
-		if out == "json" {
+		if op != "" && st.Operation != op {
+			continue
+		}
+		switch out {
+		case "json":
 			b, _ := json.Marshal(st)
 			fmt.Fprintln(c.out, string(b))
+			continue
+		case "yaml":
+			b, _ := yaml.Marshal(st)
+			fmt.Fprintf(c.out, "---\n%s", b)
 			continue
 		}
 		at := e.Time().Local().Format("15:04:05")
@@ -174,104 +347,4 @@ func (c *cli) printVMs(st *schemas.Status, at string) {
 		}
 		fmt.Fprintln(c.out, line)
 	}
-}
-
-func (c *cli) dlq(args []string) error {
-	if len(args) == 0 {
-		return usagef("usage: drover dlq list|replay SEQ")
-	}
-	switch args[0] {
-	case "list":
-		cmd := c.command("drover dlq list [-o table|json]")
-		out := cmd.fs.String("o", "table", "output format: table or json")
-		limit := cmd.fs.Int("limit", 0, "list at most this many (0: all)")
-		if _, err := cmd.parse(args[1:], 0); err != nil {
-			return err
-		}
-		if err := checkOutput(*out); err != nil {
-			return err
-		}
-		nc, js, err := cmd.client.connect(c.ctx)
-		if err != nil {
-			return err
-		}
-		defer nc.Close()
-		dls, err := consumers.ListDeadLetters(c.ctx, js, *limit)
-		if err != nil {
-			return err
-		}
-		if *out == "json" {
-			type row struct {
-				Seq        uint64    `json:"seq"`
-				Time       time.Time `json:"time"`
-				Workflow   string    `json:"workflow"`
-				Subject    string    `json:"subject"`
-				Deliveries uint64    `json:"deliveries"`
-				Reason     string    `json:"reason"`
-				Data       string    `json:"data"`
-			}
-			rows := make([]row, 0, len(dls))
-			for _, d := range dls {
-				rows = append(rows, row{d.Seq, d.Time, d.Workflow, d.Subject, d.Deliveries, d.Reason, string(d.Data)})
-			}
-			return writeJSON(c.out, rows)
-		}
-		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "SEQ\tTIME\tWORKFLOW\tSUBJECT\tDELIVERIES\tREASON")
-		for _, d := range dls {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%s\n", d.Seq, d.Time.Local().Format("2006-01-02 15:04:05"), d.Workflow, d.Subject, d.Deliveries, oneLine(d.Reason))
-		}
-		return tw.Flush()
-	case "replay":
-		cmd := c.command("drover dlq replay SEQ")
-		pos, err := cmd.parse(args[1:], 1)
-		if err != nil {
-			return err
-		}
-		seq, err := strconv.ParseUint(pos[0], 10, 64)
-		if err != nil || seq == 0 {
-			return usagef("SEQ must be a positive dead-letter sequence number, got %q", pos[0])
-		}
-		nc, js, err := cmd.client.connect(c.ctx)
-		if err != nil {
-			return err
-		}
-		defer nc.Close()
-		res, _, err := consumers.ReplayDeadLetter(c.ctx, js, seq)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(c.out, "replayed dead letter %d to %s (stream %s seq %d); removed it from %s\n",
-			seq, res.Subject, res.Ack.Stream, res.Ack.Sequence, consumers.StreamDLQ)
-		if res.Operation != "" {
-			fmt.Fprintf(c.out, "operation %s runs again as generation %d\n", res.Operation, res.Generation)
-		}
-		return nil
-	default:
-		return usagef("unknown dlq command %q (want list or replay)", args[0])
-	}
-}
-
-// op reads and repairs operations.
-func (c *cli) op(args []string) error {
-	if len(args) == 0 || args[0] != "retry" {
-		return usagef("usage: drover op retry OPERATION")
-	}
-	cmd := c.command("drover op retry OPERATION")
-	pos, err := cmd.parse(args[1:], 1)
-	if err != nil {
-		return err
-	}
-	nc, js, err := cmd.client.connect(c.ctx)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	res, err := consumers.RetryOperation(c.ctx, js, pos[0])
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(c.out, "operation %s runs again as generation %d: its request was published to %s (stream %s seq %d)\n",
-		res.Operation, res.Generation, res.Subject, res.Ack.Stream, res.Ack.Sequence)
-	return nil
 }
