@@ -2,8 +2,9 @@
 # Builds the binaries the integration tests run into $1 (default .cache/bin at
 # the repository root): kube-apiserver and etcd (this module), or, when the
 # second argument is "alertmanager", the real Alertmanager (its own module in
-# alertmanager/), or, when it is "promtool", Prometheus's promtool (promtool/). Skips a binary that is already there and was built from the
-# same go.mod and go.sum, so a warm cache costs nothing.
+# alertmanager/), or, when it is "promtool", Prometheus's promtool (its own
+# module in promtool/). Skips a binary that is already there and was built
+# from the same go.mod and go.sum, so a warm cache costs nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/../../.cache/bin"}
