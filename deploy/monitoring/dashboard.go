@@ -5,6 +5,8 @@
 // metrics drover exports.
 package monitoring
 
+//lint:file-ignore SA1019 the v1 dashboard model (schemaVersion 42) is what file provisioning and Grafana's dashboard sidecar load on every Grafana in use; the SDK deprecates it in favour of dashboardv2, which needs Grafana 12's dashboard API
+
 import (
 	"encoding/json"
 	"fmt"
