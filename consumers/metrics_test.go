@@ -61,8 +61,12 @@ func TestMetricsFollowOperations(t *testing.T) {
 	nr := notReady("node-1", time.Now())
 	e.publish("nr-1", nr)
 	key := routeKey(t, nr, "nr-1")
-	gauge := func(v *prometheus.GaugeVec, labels ...string) float64 { return testutil.ToFloat64(v.WithLabelValues(labels...)) }
-	counter := func(v *prometheus.CounterVec, labels ...string) float64 { return testutil.ToFloat64(v.WithLabelValues(labels...)) }
+	gauge := func(v *prometheus.GaugeVec, labels ...string) float64 {
+		return testutil.ToFloat64(v.WithLabelValues(labels...))
+	}
+	counter := func(v *prometheus.CounterVec, labels ...string) float64 {
+		return testutil.ToFloat64(v.WithLabelValues(labels...))
+	}
 	e.eventually(func() bool {
 		return counter(m.GateWaits, schemas.WorkflowRecovery, "fencing") >= 2 &&
 			gauge(m.InPhase, schemas.WorkflowRecovery, "gate") == 1 &&
