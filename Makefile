@@ -13,7 +13,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/drover-io/drover/cmd/drover/app.Version=$(VERSION)
 STATICCHECK_VERSION := v0.6.1
 # Packages that need no control plane: run with the race detector.
-UNIT_PKGS := ./schemas/... ./natsauth/... ./consumers/... ./producers/... ./handlers/... ./cmd/... ./integration/natstest/...
+UNIT_PKGS := ./schemas/... ./natsauth/... ./consumers/... ./producers/... ./handlers/... ./cmd/... ./integration/natstest/... ./deploy/...
 GOTESTFLAGS ?=
 
 .DEFAULT_GOAL := help
@@ -34,8 +34,8 @@ image:
 ## test: every test: unit tests with -race, then the integration tests against a real kube-apiserver, etcd and nats-server
 test: test-unit test-integration
 
-## test-unit: tests that need no control plane (race detector on)
-test-unit: nats-server
+## test-unit: tests that need no control plane (race detector on); deploy/monitoring's run promtool on the alert rules
+test-unit: nats-server promtool
 	$(GO) test -race -count=1 $(GOTESTFLAGS) $(UNIT_PKGS)
 
 # The end-to-end tests (integration/e2e, integration/recovery) run drover beside the simulator, several
@@ -56,6 +56,10 @@ $(NATS_SERVER): go.mod go.sum
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the web page test" >&2; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## dashboard: regenerate the Grafana dashboard (deploy/monitoring/dashboard.json and its ConfigMap) from deploy/monitoring/dashboard.go
+dashboard:
+	$(GO) run ./deploy/monitoring/gen -dir deploy/monitoring
 
 ## bench: benchmarks that print figures (runtime vs raw JetStream, event encoding); asserts nothing about time
 bench:
@@ -90,17 +94,20 @@ $(TOOLS)/staticcheck:
 docs:
 	$(GO) run ./cmd/drover docs config --out docs/configuration.md
 
-## verify: formatting, go.mod tidiness, lint and generated docs; fails when a generated or tidied file would change
+## verify: formatting, go.mod tidiness, lint, the generated docs and dashboard; fails when a generated or tidied file would change
 verify: lint docs
 	git diff --exit-code -- docs/configuration.md || { echo "docs/configuration.md is out of date: run make docs and commit it"; exit 1; }
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
-	$(GO) mod tidy && (cd integration/tools && $(GO) mod tidy) && (cd integration/tools/alertmanager && $(GO) mod tidy)
-	git diff --exit-code -- go.mod go.sum integration/tools/go.mod integration/tools/go.sum integration/tools/alertmanager/go.mod integration/tools/alertmanager/go.sum
+	$(GO) mod tidy && (cd integration/tools && $(GO) mod tidy) && (cd integration/tools/alertmanager && $(GO) mod tidy) && (cd integration/tools/promtool && $(GO) mod tidy)
+	git diff --exit-code -- go.mod go.sum integration/tools/go.mod integration/tools/go.sum integration/tools/alertmanager/go.mod integration/tools/alertmanager/go.sum integration/tools/promtool/go.mod integration/tools/promtool/go.sum
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(GO) run ./deploy/monitoring/gen -dir "$$tmp" && \
+		diff -u deploy/monitoring/dashboard.json "$$tmp/dashboard.json" && diff -u deploy/monitoring/dashboard-configmap.yaml "$$tmp/dashboard-configmap.yaml" || \
+		{ echo "deploy/monitoring's dashboard differs from a fresh generation: run make dashboard"; exit 1; }
 
 ## clean: remove build outputs (keeps the control-plane cache)
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build image docs test test-unit test-integration nats-server chromium bench bench-sim bench-recovery bench-evacuation demo lint verify clean
+.PHONY: help build image docs test test-unit test-integration nats-server chromium dashboard bench bench-sim bench-recovery bench-evacuation demo lint verify clean
 
 -include integration/integration.mk

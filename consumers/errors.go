@@ -42,12 +42,21 @@ func IsTerminal(err error) bool {
 type WaitError struct {
 	After  time.Duration
 	Reason string
+	// Gate names what the handler waits for, in a word (the "reason" label
+	// of drover_gate_waits_total): fencing, storm, eviction...; "" is "other".
+	Gate string
 }
 
 func (e *WaitError) Error() string { return fmt.Sprintf("waiting %s: %s", e.After, e.Reason) }
 
 // Wait returns the outcome "check again after d": see WaitError.
 func Wait(d time.Duration, reason string) error { return &WaitError{After: d, Reason: reason} }
+
+// WaitFor is Wait naming the gate the handler waits at (a short word, the
+// metric label): drover_gate_waits_total counts the waits by gate.
+func WaitFor(d time.Duration, gate, reason string) error {
+	return &WaitError{After: d, Reason: reason, Gate: gate}
+}
 
 // YieldError is the outcome of a handler that saw Operation.Preempted,
 // checkpointed and stopped so that a higher-priority operation can take its

@@ -25,6 +25,21 @@ type Metrics struct {
 	Orphans     *prometheus.CounterVec
 	OldestAge   prometheus.Gauge
 	Operations  *prometheus.GaugeVec
+	// Finished counts operations that reached a final state (succeeded,
+	// failed, cancelled), by workflow, as the replica that settled them saw it.
+	Finished *prometheus.CounterVec
+	// GateWaits counts deliveries sent back to wait, by workflow and what
+	// they waited for: "lease" (another operation holds the node), or the
+	// gate a handler named with WaitFor (fencing, storm, eviction...);
+	// "other" for a plain Wait.
+	GateWaits *prometheus.CounterVec
+	// OldestOperation is the age (since created) of the oldest unfinished
+	// operation, by workflow and state, as the reconciler last counted.
+	OldestOperation *prometheus.GaugeVec
+	// InPhase counts unfinished operations by workflow and the phase of
+	// their last checkpoint (a recovery at its fencing gate: "gate"), as
+	// the reconciler last counted.
+	InPhase *prometheus.GaugeVec
 }
 
 // NewMetrics registers the runtime's metrics with reg (nil: not registered).
@@ -71,10 +86,39 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "drover", Name: "operations",
 			Help: "Unfinished operations by workflow and state (pending, running, waiting, suspended), as the reconciler last counted them.",
 		}, []string{"workflow", "state"}),
+		Finished: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "drover", Name: "operations_finished_total",
+			Help: "Operations that reached a final state, by workflow and state (succeeded, failed, cancelled).",
+		}, []string{"workflow", "state"}),
+		GateWaits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "drover", Name: "gate_waits_total",
+			Help: "Deliveries sent back to wait, by workflow and reason (lease, fencing, storm, paused, eviction, restart, release, lease_renewing, other).",
+		}, []string{"workflow", "reason"}),
+		OldestOperation: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "drover", Name: "operation_oldest_age_seconds",
+			Help: "Age since creation of the oldest unfinished operation, by workflow and state, as the reconciler last saw it.",
+		}, []string{"workflow", "state"}),
+		InPhase: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "drover", Name: "operations_in_phase",
+			Help: "Unfinished operations by workflow and the phase of their last checkpoint (recovery: detect, paused, storm, gate, cleanup...), as the reconciler last counted them.",
+		}, []string{"workflow", "phase"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.Messages, m.Duration, m.InFlight, m.DeadLetters, m.LeaseWaits, m.Preemptions,
-			m.LeasesLost, m.Orphans, m.OldestAge, m.Operations)
+			m.LeasesLost, m.Orphans, m.OldestAge, m.Operations, m.Finished, m.GateWaits, m.OldestOperation, m.InPhase)
 	}
 	return m
 }
+
+// finished counts an operation that reached a final state.
+func (m *Metrics) finished(workflow string, state State) {
+	if workflow != "" && state.Terminal() {
+		m.Finished.WithLabelValues(workflow, string(state)).Inc()
+	}
+}
+
+// GateOther is the gate label of a plain Wait.
+const GateOther = "other"
+
+// GateLease is the gate label of a delivery that waits for a lease.
+const GateLease = "lease"

@@ -98,11 +98,20 @@ func (r *Runtime) Reconcile(ctx context.Context) error {
 	now := time.Now()
 	bySeq := map[uint64]Record{}
 	counts := map[[2]string]int{}
+	oldestOp := map[[2]string]time.Duration{}
+	phases := map[[2]string]int{}
 	for _, rec := range recs {
 		if rec.Seq > 0 {
 			bySeq[rec.Seq] = rec
 		}
 		counts[[2]string{rec.Workflow, string(rec.State)}]++
+		if !rec.Created.IsZero() {
+			k := [2]string{rec.Workflow, string(rec.State)}
+			oldestOp[k] = max(oldestOp[k], now.Sub(rec.Created))
+		}
+		if rec.Phase != "" {
+			phases[[2]string{rec.Workflow, rec.Phase}]++
+		}
 	}
 	inStream := map[uint64]bool{}
 	var oldest time.Duration
@@ -127,6 +136,14 @@ func (r *Runtime) Reconcile(ctx context.Context) error {
 	r.metrics.Operations.Reset()
 	for k, n := range counts {
 		r.metrics.Operations.WithLabelValues(k[0], k[1]).Set(float64(n))
+	}
+	r.metrics.OldestOperation.Reset()
+	for k, age := range oldestOp {
+		r.metrics.OldestOperation.WithLabelValues(k[0], k[1]).Set(age.Seconds())
+	}
+	r.metrics.InPhase.Reset()
+	for k, n := range phases {
+		r.metrics.InPhase.WithLabelValues(k[0], k[1]).Set(float64(n))
 	}
 
 	for _, rec := range recs {

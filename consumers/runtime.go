@@ -516,6 +516,7 @@ func (r *Runtime) waitForLease(d *delivery, lk Lock, cur leaseValue) {
 		why = fmt.Sprintf("pre-empting operation %s (%s) on lease %s", cur.Operation, cur.Workflow, lk.Key)
 	}
 	r.metrics.LeaseWaits.WithLabelValues(d.wf.Name).Inc()
+	r.metrics.GateWaits.WithLabelValues(d.wf.Name, GateLease).Inc()
 	// Note the wait on the record (at most every few seconds), so that the
 	// reconciler knows the message is alive and people see why it waits.
 	if err == nil && (!found || rec.Seq != d.ev.StreamSeq || time.Since(rec.LastSeen) > r.cfg.OrphanAfter/4 || rec.WaitReason != why) {
@@ -886,6 +887,11 @@ func (r *Runtime) settle(d *delivery, herr, cause error) {
 	case IsTerminal(herr):
 		r.deadLetter(d, "handler failed: "+errorText(herr), "terminal")
 	case errors.As(herr, &wait):
+		gate := wait.Gate
+		if gate == "" {
+			gate = GateOther
+		}
+		r.metrics.GateWaits.WithLabelValues(d.wf.Name, gate).Inc()
 		r.suspend(d, StateWaiting, wait.Reason, wait.After, op.Key(), 0)
 	case preempted:
 		y := op.PreemptedBy()
@@ -961,6 +967,7 @@ func (r *Runtime) succeed(d *delivery) {
 			return
 		}
 		r.settled(d, ResultAcked)
+		r.metrics.finished(d.wf.Name, rec.State)
 		d.log.Info().Str("state", string(rec.State)).Int("attempt", rec.Attempts).Msg("operation finished; message acknowledged")
 		futs := r.status.publish(rec, phaseOf[rec.State], statusNote(rec, ""), d.op.nextStatusSeq, vmDeltas(d.op, d.op.progress.takeUnsent()))
 		r.releaseAsync(d, "", 0)(ctx)
@@ -1098,12 +1105,15 @@ func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 		return
 	}
 	var rec Record
+	marked := false // this delivery marked the operation failed
 	if k.Operation != "" {
 		var err error
 		rec, err = r.ops.Mutate(ctx, k.Operation, func(rec *Record) error {
+			marked = false
 			if rec.State.Terminal() {
 				return errNoChange
 			}
+			marked = true
 			rec.Workflow, rec.Target = d.wf.Name, k.Target
 			rec.State, rec.Holder, rec.LastError, rec.Finished = StateFailed, "", reason, time.Now().UTC()
 			rec.Due = time.Time{}
@@ -1113,11 +1123,15 @@ func (r *Runtime) deadLetter(d *delivery, reason, cause string) {
 			return nil
 		})
 		if err != nil {
+			marked = false
 			d.log.Warn().Err(err).Msg("could not mark the operation failed")
 		}
 	}
 	settle := func(context.Context) error { return d.msg.TermWithReason(truncate(reason, 256)) }
 	r.metrics.DeadLetters.WithLabelValues(d.wf.Name, cause).Inc()
+	if marked {
+		r.metrics.finished(d.wf.Name, StateFailed)
+	}
 	d.log.Error().Str("reason", reason).Msg("message dead-lettered")
 	if rec.State == StateFailed {
 		if d.op == nil {

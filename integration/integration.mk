@@ -9,4 +9,8 @@ controlplane:
 alertmanager:
 	integration/tools/build.sh $(DROVER_TEST_BIN) alertmanager
 
-.PHONY: controlplane alertmanager
+## promtool: build Prometheus's promtool (v0.316.0 = Prometheus 3.x, pinned in integration/tools/promtool) into DROVER_TEST_BIN for the alert-rule tests; skipped when up to date
+promtool:
+	integration/tools/build.sh $(DROVER_TEST_BIN) promtool
+
+.PHONY: controlplane alertmanager promtool

@@ -47,6 +47,8 @@ type Handler struct {
 	// Mover starts and follows live migrations; share it with the
 	// migration workflow so that both respect the limits together.
 	Mover *platform.Mover
+	// Metrics, nil: none recorded.
+	Metrics *Metrics
 
 	// planMu serializes plan and cordon in this process, so that two
 	// requests of one rack see each other's nodes in maintenance.
@@ -473,7 +475,7 @@ func (h *Handler) evacuate(ctx context.Context, op *consumers.Operation, st *Sta
 		if err := op.Checkpoint(ctx, "evicting", blocked, st); err != nil {
 			return err
 		}
-		return consumers.Wait(h.EvictionRetry, blocked)
+		return consumers.WaitFor(h.EvictionRetry, "eviction", blocked)
 	}
 	return h.finish(ctx, op, st)
 }
@@ -509,7 +511,8 @@ func (h *Handler) counts(st *State) string {
 // state, failed (terminal) when some could not.
 func (h *Handler) finish(ctx context.Context, op *consumers.Operation, st *State) error {
 	c := h.Cluster
-	if st.Finished.IsZero() {
+	first := st.Finished.IsZero()
+	if first {
 		st.Finished = time.Now().UTC()
 		st.Makespan = st.Finished.Sub(st.Started)
 	}
@@ -518,6 +521,13 @@ func (h *Handler) finish(ctx context.Context, op *consumers.Operation, st *State
 		if v.Fail {
 			failed = append(failed, v.Key()+": "+v.Reason)
 		}
+	}
+	if first {
+		outcome := "completed"
+		if len(failed) > 0 {
+			outcome = "failed"
+		}
+		h.Metrics.makespan(outcome, st.Makespan.Seconds())
 	}
 	figures := fmt.Sprintf("makespan %s (plan estimate %s, lower bound %s)", roundDur(st.Makespan), roundDur(st.Plan.Estimate), roundDur(st.Plan.LowerBound))
 	if len(failed) > 0 {

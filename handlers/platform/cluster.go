@@ -142,6 +142,9 @@ func New(cfg *rest.Config, opts Options) (*Cluster, error) {
 		expect: newExpectations(), ready: make(chan struct{}), changed: make(chan struct{})}
 	c.broadcaster = record.NewBroadcaster()
 	c.recorder = c.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "drover"})
+	if opts.Metrics.InFlight != nil {
+		opts.Metrics.InFlight.cluster.Store(c)
+	}
 	return c, nil
 }
 

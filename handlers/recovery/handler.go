@@ -158,7 +158,7 @@ func (h *Handler) beforeGate(ctx context.Context, op *consumers.Operation, c clu
 		case hl.Healthy && !hl.Ready:
 			// Not Ready for less than the lease timeout (starting up): not
 			// an incident yet, and not over either; look again.
-			return true, consumers.Wait(cfg.GatePoll, fmt.Sprintf("node %s is not Ready (%s) but renews its Lease: not an incident unless it stays so for %s", st.Node, hl.Detail, cfg.LeaseTimeout))
+			return true, consumers.WaitFor(cfg.GatePoll, "lease_renewing", fmt.Sprintf("node %s is not Ready (%s) but renews its Lease: not an incident unless it stays so for %s", st.Node, hl.Detail, cfg.LeaseTimeout))
 		case hl.Ready:
 			return true, h.finishEarly(ctx, op, st, "stale", fmt.Sprintf("stale: node %s is Ready again and renews its Lease; nothing done", st.Node))
 		case st.NodeUID == "":
@@ -296,7 +296,11 @@ func (h *Handler) wait(ctx context.Context, op *consumers.Operation, st *inciden
 			return err
 		}
 	}
-	return consumers.Wait(d, fmt.Sprintf("since %s: %s", st.WaitSince.UTC().Format("15:04:05"), why))
+	gate := phase
+	if phase == "gate" {
+		gate = "fencing"
+	}
+	return consumers.WaitFor(d, gate, fmt.Sprintf("since %s: %s", st.WaitSince.UTC().Format("15:04:05"), why))
 }
 
 func (h *Handler) checkpoint(ctx context.Context, op *consumers.Operation, st *incident, phase, msg string) error {
@@ -696,7 +700,7 @@ func (h *Handler) waitRunning(ctx context.Context, op *consumers.Operation, c cl
 		if time.Now().After(deadline) || onlyNoRoom(pending, st) {
 			// Without room, waiting here holds a worker for nothing: look
 			// again later (a node may come back, a VM may be stopped).
-			return consumers.Wait(8*h.Config.GatePoll, fmt.Sprintf("waiting for %d VMs to run elsewhere: %s%s", len(pending), vmNames(pending), noRoomNote(st)))
+			return consumers.WaitFor(8*h.Config.GatePoll, "restart", fmt.Sprintf("waiting for %d VMs to run elsewhere: %s%s", len(pending), vmNames(pending), noRoomNote(st)))
 		}
 		select {
 		case <-ctx.Done():
@@ -787,7 +791,7 @@ func (h *Handler) ready(ctx context.Context, op *consumers.Operation, p *schemas
 		return err
 	}
 	if !done {
-		return consumers.Wait(h.Config.GatePoll, msg)
+		return consumers.WaitFor(h.Config.GatePoll, "release", msg)
 	}
 	return op.Checkpoint(ctx, "done", msg, nil)
 }

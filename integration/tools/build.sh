@@ -2,8 +2,9 @@
 # Builds the binaries the integration tests run into $1 (default .cache/bin at
 # the repository root): kube-apiserver and etcd (this module), or, when the
 # second argument is "alertmanager", the real Alertmanager (its own module in
-# alertmanager/). Skips a binary that is already there and was built from the
-# same go.mod and go.sum, so a warm cache costs nothing.
+# alertmanager/), or, when it is "promtool", Prometheus's promtool (its own
+# module in promtool/). Skips a binary that is already there and was built
+# from the same go.mod and go.sum, so a warm cache costs nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/../../.cache/bin"}
@@ -31,8 +32,11 @@ controlplane)
 alertmanager)
   build alertmanager "$here/alertmanager" github.com/prometheus/alertmanager/cmd/alertmanager
   ;;
+promtool)
+  build promtool "$here/promtool" github.com/prometheus/prometheus/cmd/promtool
+  ;;
 *)
-  echo "build.sh: unknown target $what (controlplane or alertmanager)" >&2
+  echo "build.sh: unknown target $what (controlplane, alertmanager or promtool)" >&2
   exit 2
   ;;
 esac

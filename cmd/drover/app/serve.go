@@ -160,6 +160,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		return usageError{err}
 	}
 	rmetrics := recovery.NewMetrics(reg)
+	mmetrics := maintenance.NewMetrics(reg)
 	settings, err := settingsBucket(ctx, js, o.Replicas)
 	if err != nil {
 		return err
@@ -186,7 +187,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		if kube != nil {
 			switch name {
 			case schemas.WorkflowMaintenance:
-				wf.Handler = &maintenance.Handler{Cluster: cluster, Mover: mover}
+				wf.Handler = &maintenance.Handler{Cluster: cluster, Mover: mover, Metrics: mmetrics}
 			case schemas.WorkflowMigration:
 				wf.Handler = &migration.Handler{Cluster: cluster, Mover: mover}
 			}
