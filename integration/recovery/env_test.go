@@ -44,17 +44,17 @@ const ns = "default"
 // env is one test's world: a cluster, the simulator on it, a NATS server
 // and the drover replicas serving against both.
 type env struct {
-	t     testing.TB
-	ctx   context.Context
-	c     *cluster.Cluster
+	t   testing.TB
+	ctx context.Context
+	c   *cluster.Cluster
 	// droverKubeconfig acts as drover's ServiceAccount, bound to deploy/base's ClusterRole.
 	droverKubeconfig string
-	s     *sim.Simulator
-	scale float64
-	nats  *natstest.Server
-	nc    *nats.Conn
-	js    jetstream.JetStream
-	log   zerolog.Logger
+	s                *sim.Simulator
+	scale            float64
+	nats             *natstest.Server
+	nc               *nats.Conn
+	js               jetstream.JetStream
+	log              zerolog.Logger
 
 	mu      sync.Mutex
 	drovers []*drover
