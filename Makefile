@@ -9,6 +9,8 @@ export DROVER_TEST_BIN ?= $(CACHE)/bin
 # nats-server built from the module go.mod pins, for tests that run it as a separate process.
 NATS_SERVER := $(CACHE)/bin/nats-server
 export DROVER_NATS_SERVER ?= $(NATS_SERVER)
+# The workflow tests write which of deploy/base's permissions drover used, and which none did, here.
+export DROVER_RBAC_REPORT ?= $(CACHE)/rbac-report
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/drover-io/drover/cmd/drover/app.Version=$(VERSION)
 STATICCHECK_VERSION := v0.6.1
@@ -45,6 +47,10 @@ test-unit: nats-server promtool
 test-integration: controlplane alertmanager
 	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) $$($(GO) list ./integration/... | grep -v -e '/integration/e2e$$' -e '/integration/recovery$$')
 	$(GO) test -p 1 -count=1 -timeout 40m $(GOTESTFLAGS) ./integration/e2e/ ./integration/recovery/
+
+## deploy-check: render deploy/base and each overlay with kubectl kustomize, load their drover.yaml, kubectl apply --dry-run=server them against a test API server, check the base RBAC (part of make test)
+deploy-check: controlplane
+	$(GO) test -count=1 $(GOTESTFLAGS) ./integration/deploy/
 
 ## nats-server: build nats-server from the version go.mod pins into .cache/bin (tests run it as a separate process)
 nats-server: $(NATS_SERVER)
@@ -108,6 +114,6 @@ verify: lint docs
 clean:
 	rm -rf $(BIN)
 
-.PHONY: help build image docs test test-unit test-integration nats-server chromium dashboard bench bench-sim bench-recovery bench-evacuation demo lint verify clean
+.PHONY: help build image docs test test-unit test-integration deploy-check nats-server chromium dashboard bench bench-sim bench-recovery bench-evacuation demo lint verify clean
 
 -include integration/integration.mk

@@ -50,6 +50,9 @@ type Options struct {
 	BinDir string
 	// SkipCRDs leaves out installing drover's CRDs (see package crds).
 	SkipCRDs bool
+	// Audit makes the API server keep an audit log of the requests made through
+	// ImpersonatedConfig (and only those); AuditEvents reads it.
+	Audit bool
 }
 
 // Cluster is a running control plane. Stop it when done.
@@ -65,10 +68,15 @@ type Cluster struct {
 	StartupTime time.Duration
 
 	env          *envtest.Environment
-	apiserverPID int
-	etcdPID      int
-	stopOnce     sync.Once
-	stopErr      error
+	auditLog     string
+	userMu       sync.Mutex // guards impersonator*
+	impersonator *rest.Config
+	// impersonatorKubeconfig is the impersonator's kubeconfig (client certificate).
+	impersonatorKubeconfig []byte
+	apiserverPID           int
+	etcdPID                int
+	stopOnce               sync.Once
+	stopErr                error
 }
 
 // Start starts etcd and kube-apiserver from opts.BinDir, waits until the API server answers and
@@ -134,6 +142,11 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, fmt.Errorf("start cluster: %w", err)
 	}
 	api.Out, api.Err = apiserverLog, apiserverLog
+	if opts.Audit {
+		if c.auditLog, err = configureAudit(dir, api); err != nil {
+			return nil, fmt.Errorf("start cluster: %w", err)
+		}
+	}
 	etcdExec, err := dieWithParent(dir, etcdPath)
 	if err != nil {
 		return nil, fmt.Errorf("start cluster: %w", err)

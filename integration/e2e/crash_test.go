@@ -38,7 +38,7 @@ func serveProcess(t *testing.T, e *Env, name string) *exec.Cmd {
 	t.Helper()
 	bin, err := buildDrover()
 	require.NoError(t, err)
-	cmd := exec.Command(bin, "serve", "--nats-url", e.NATSURL, "--kubeconfig", e.Kubeconfig(),
+	cmd := exec.Command(bin, "serve", "--nats-url", e.NATSURL, "--kubeconfig", e.DroverKubeconfig,
 		"--http-listen", "127.0.0.1:0", "--ack-wait", "3s", "--shutdown-grace", "1s", "--log-level", "debug")
 	var logs bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs

@@ -33,6 +33,7 @@ import (
 	"github.com/drover-io/drover/cmd/drover/app"
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/integration/cluster"
+	"github.com/drover-io/drover/integration/deploy"
 	"github.com/drover-io/drover/integration/sim"
 )
 
@@ -64,6 +65,9 @@ type Env struct {
 
 	// HTTPAddr is where drover serve's /metrics listens.
 	HTTPAddr string
+	// DroverKubeconfig acts as drover's ServiceAccount (deploy/base's RBAC, installed by
+	// Start): drover serve uses it, so a permission the ClusterRole lacks fails the test.
+	DroverKubeconfig string
 
 	opts     Options
 	mu       sync.Mutex
@@ -86,11 +90,14 @@ func Start(ctx context.Context, o Options) (e *Env, err error) {
 			e.Close()
 		}
 	}()
-	e.Cluster, err = cluster.Start(ctx, cluster.Options{})
+	e.Cluster, err = cluster.Start(ctx, cluster.Options{Audit: true})
 	if err != nil {
 		return e, err
 	}
 	e.cleanups = append(e.cleanups, func() { _ = e.Cluster.Stop() })
+	if e.DroverKubeconfig, err = deploy.InstallRBAC(ctx, e.Cluster); err != nil {
+		return e, err
+	}
 	var sc *sim.Scenario
 	simOpts := sim.Options{TimeScale: o.TimeScale, Logger: ref(log.With().Str("component", "sim").Logger())}
 	if o.Scenario != "" {
@@ -160,7 +167,7 @@ func ref[T any](v T) *T { return &v }
 // ServeOptions are the options of the drover serve an Env starts.
 func (e *Env) ServeOptions() app.Options {
 	o := app.DefaultOptions()
-	o.NATSURL, o.HTTPListen, o.Kubeconfig = e.NATSURL, "127.0.0.1:0", e.Cluster.Kubeconfig
+	o.NATSURL, o.HTTPListen, o.Kubeconfig = e.NATSURL, "127.0.0.1:0", e.DroverKubeconfig
 	o.AckWait, o.ShutdownGrace = 6*time.Second, 3*time.Second
 	o.LogLevel = "debug"
 	if e.opts.Serve != nil {
@@ -236,6 +243,10 @@ func StartT(t *testing.T, o Options) *Env {
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("cluster at failure:\n%s", e.Describe(context.Background()))
+		}
+		e.StopServe()
+		if err := e.CheckRBAC(); err != nil {
+			t.Error(err)
 		}
 		e.Close()
 	})
@@ -379,7 +390,17 @@ func (e *Env) Describe(ctx context.Context) string {
 	return b.String()
 }
 
-// Kubeconfig is the cluster's kubeconfig file.
+// CheckRBAC reads what drover did as its ServiceAccount (the cluster's audit log), records it for
+// the package's RBAC report (deploy.WriteReport) and returns an error naming every request RBAC
+// refused. Call it before Close.
+func (e *Env) CheckRBAC() error {
+	if e.Cluster == nil {
+		return nil
+	}
+	return deploy.CheckAudit(e.Cluster)
+}
+
+// Kubeconfig is the cluster's (admin) kubeconfig file; drover uses DroverKubeconfig.
 func (e *Env) Kubeconfig() string { return e.Cluster.Kubeconfig }
 
 // Metric returns the sum of a counter's samples on drover serve's /metrics

@@ -32,6 +32,7 @@ import (
 	"github.com/drover-io/drover/cmd/drover/app"
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/integration/cluster"
+	"github.com/drover-io/drover/integration/deploy"
 	"github.com/drover-io/drover/integration/natstest"
 	"github.com/drover-io/drover/integration/sim"
 	"github.com/drover-io/drover/producers"
@@ -43,15 +44,17 @@ const ns = "default"
 // env is one test's world: a cluster, the simulator on it, a NATS server
 // and the drover replicas serving against both.
 type env struct {
-	t     testing.TB
-	ctx   context.Context
-	c     *cluster.Cluster
-	s     *sim.Simulator
-	scale float64
-	nats  *natstest.Server
-	nc    *nats.Conn
-	js    jetstream.JetStream
-	log   zerolog.Logger
+	t   testing.TB
+	ctx context.Context
+	c   *cluster.Cluster
+	// droverKubeconfig acts as drover's ServiceAccount, bound to deploy/base's ClusterRole.
+	droverKubeconfig string
+	s                *sim.Simulator
+	scale            float64
+	nats             *natstest.Server
+	nc               *nats.Conn
+	js               jetstream.JetStream
+	log              zerolog.Logger
 
 	mu      sync.Mutex
 	drovers []*drover
@@ -86,7 +89,17 @@ func newEnv(t testing.TB, o envOptions) *env {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	e := &env{t: t, ctx: ctx, scale: o.Scale, log: log}
-	e.c = cluster.StartT(t)
+	e.c = cluster.StartWithOptionsT(t, cluster.Options{Audit: true})
+	kubeconfig, err := deploy.InstallRBAC(ctx, e.c)
+	require.NoError(t, err)
+	e.droverKubeconfig = kubeconfig
+	// Runs after the drovers and the simulator stopped (cleanups run last first), before the
+	// cluster stops: a request RBAC refused drover fails the test.
+	t.Cleanup(func() {
+		if err := deploy.CheckAudit(e.c); err != nil {
+			t.Error(err)
+		}
+	})
 	opts := sim.Options{TimeScale: o.Scale, KubeVirtPods: sim.KubeVirtPods{VirtAPI: []string{"cp", "cp"}, VirtController: []string{"cp", "cp"}}}
 	if o.KubeVirtPods != nil {
 		opts.KubeVirtPods = *o.KubeVirtPods
@@ -134,7 +147,7 @@ func (e *env) scaled(d time.Duration) time.Duration { return time.Duration(float
 func (e *env) droverOptions() app.Options {
 	o := app.DefaultOptions()
 	o.NATSURL = e.nats.URL()
-	o.Kubeconfig = e.c.Kubeconfig
+	o.Kubeconfig = e.droverKubeconfig
 	o.HTTPListen = "127.0.0.1:0"
 	o.NodeLeaseTimeout = e.scaled(40 * time.Second)
 	o.WatchdogTimeout = e.scaled(60 * time.Second)
