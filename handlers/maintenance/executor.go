@@ -209,6 +209,11 @@ func (h *Handler) vmStates(p Plan, node string) []*VMState {
 func (h *Handler) planAndCordon(ctx context.Context, op *consumers.Operation, st *State) (done bool, err error) {
 	c := h.Cluster
 	req := st.Request
+	// Plan from caches that hold at least what the API server holds now: a
+	// node a person uncordoned just before asking must count as room.
+	if err := c.Fresh(ctx); err != nil {
+		return true, err
+	}
 	p := Make(inventory(c, req.Node, req.Mode, req.Force, op.Key()))
 	st.Plan = p
 	st.VMs = h.vmStates(p, req.Node)

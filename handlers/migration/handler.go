@@ -7,6 +7,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	kvv1 "kubevirt.io/api/core/v1"
 
@@ -69,6 +71,19 @@ func (h *Handler) migrate(ctx context.Context, op *consumers.Operation, req *sch
 	}
 	if st.VM.Name == "" {
 		vmi := c.VMI(req.Namespace, req.Name)
+		if vmi == nil || vmi.Status.Phase != kvv1.Running || !migratable(vmi) {
+			// Reject only what the API server says, not a cache that may
+			// not have seen the VM start yet.
+			live, err := c.KubeVirt.VirtualMachineInstances(req.Namespace).Get(ctx, req.Name, metav1.GetOptions{})
+			switch {
+			case apierrors.IsNotFound(err):
+				vmi = nil
+			case err != nil:
+				return fmt.Errorf("read VMI %s/%s (a retry helps): %w", req.Namespace, req.Name, err)
+			default:
+				vmi = live
+			}
+		}
 		if vmi == nil && c.VM(req.Namespace, req.Name) == nil && c.DeckhouseVM(req.Namespace, req.Name) == nil {
 			return consumers.Terminalf("rejected: VM %s/%s does not exist", req.Namespace, req.Name)
 		}
@@ -226,4 +241,10 @@ func (h *Handler) cancel(ctx context.Context, op *consumers.Operation, req *sche
 	}
 	platform.Report(ctx, op, v, msg)
 	return op.Checkpoint(ctx, "done", msg, nil)
+}
+
+// migratable is platform.Migratable without the reason.
+func migratable(vmi *kvv1.VirtualMachineInstance) bool {
+	ok, _ := platform.Migratable(vmi)
+	return ok
 }

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -560,3 +561,68 @@ func (e *expectations) pending(seen func(key string) bool) []any {
 
 // Options returns the options in effect, defaults filled in.
 func (c *Cluster) Options() Options { return c.opts }
+
+// freshTimeout bounds how long Fresh waits for the node cache to catch up.
+const freshTimeout = 10 * time.Second
+
+// Fresh waits until the node cache holds at least what a live read of the
+// API server returns now: every node in it at the same or a later version,
+// none that the API server no longer has. A workflow calls it before it
+// decides from the caches what a person may just have changed (an uncordon
+// right before a maintenance request), so it never rejects or plans from a
+// stale view. An error means the cache did not catch up in time (a retry
+// helps) or the API server could not be read.
+func (c *Cluster) Fresh(ctx context.Context) error {
+	live, err := c.Kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("read the nodes from the API server to check the cache (a retry helps): %w", err)
+	}
+	want := make(map[string]string, len(live.Items))
+	for i := range live.Items {
+		want[live.Items[i].Name] = live.Items[i].ResourceVersion
+	}
+	ctx, cancel := context.WithTimeout(ctx, freshTimeout)
+	defer cancel()
+	for {
+		changed := c.Changed()
+		lag := c.nodeCacheLag(want, live.ResourceVersion)
+		if lag == "" {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return fmt.Errorf("the node cache still lags the API server after %s (%s; a retry helps): %w", freshTimeout, lag, ctx.Err())
+		}
+	}
+}
+
+// nodeCacheLag says which node the cache has older than want (name to the
+// resourceVersion a live list at version listed returned), or holds though
+// the list did not and it is not newer than the list; "" when none.
+func (c *Cluster) nodeCacheLag(want map[string]string, listed string) string {
+	for name, rv := range want {
+		n := c.Node(name)
+		if n == nil {
+			return "node " + name + " not yet seen"
+		}
+		if n.ResourceVersion != rv && !newerVersion(n.ResourceVersion, rv) {
+			return "node " + name + " at version " + n.ResourceVersion + ", the API server has " + rv
+		}
+	}
+	for _, n := range c.Nodes() {
+		if _, ok := want[n.Name]; !ok && !newerVersion(n.ResourceVersion, listed) {
+			return "node " + n.Name + " deleted but still cached"
+		}
+	}
+	return ""
+}
+
+// newerVersion says whether resourceVersion a is later than b. Versions are
+// opaque to clients, but kube-apiserver's are etcd revisions: when both parse
+// as integers they are compared, otherwise only equality is trusted.
+func newerVersion(a, b string) bool {
+	x, errA := strconv.ParseUint(a, 10, 64)
+	y, errB := strconv.ParseUint(b, 10, 64)
+	return errA == nil && errB == nil && x > y
+}

@@ -15,9 +15,11 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/drover-io/drover/consumers"
 	"github.com/drover-io/drover/integration/cluster"
+	"github.com/drover-io/drover/integration/deploy"
 	"github.com/drover-io/drover/integration/natstest"
 	"github.com/drover-io/drover/producers"
 	"github.com/drover-io/drover/producers/nodemaintenance"
@@ -25,8 +27,21 @@ import (
 )
 
 func TestNodeMaintenanceResources(t *testing.T) {
-	c := cluster.StartT(t)
-	dyn, err := dynamic.NewForConfig(c.Config)
+	// The watcher acts as drover's ServiceAccount with deploy/base's RBAC:
+	// a permission it lacks fails the test (CheckAudit).
+	c := cluster.StartWithOptionsT(t, cluster.Options{Audit: true})
+	kubeconfig, err := deploy.InstallRBAC(context.Background(), c)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		if err := deploy.CheckAudit(c); err != nil {
+			t.Error(err)
+		}
+	})
+	saConfig, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	require.NoError(t, err)
+	dyn, err := dynamic.NewForConfig(saConfig)
+	require.NoError(t, err)
+	admin, err := dynamic.NewForConfig(c.Config)
 	require.NoError(t, err)
 	srv := natstest.Start(t)
 	js, err := jetstream.New(natstest.Connect(t, srv.URL()))
@@ -86,7 +101,7 @@ func TestNodeMaintenanceResources(t *testing.T) {
 	go func() { wDone <- w.Start(ctx) }()
 	t.Cleanup(func() { stop(); <-wDone })
 
-	res := dyn.Resource(nodemaintenance.Resource)
+	res := admin.Resource(nodemaintenance.Resource) // a person (or Flux) creates and deletes them
 	create := func(name, node string) *unstructured.Unstructured {
 		nm, err := res.Create(ctx, &unstructured.Unstructured{Object: map[string]any{
 			"apiVersion": "nodemaintenance.medik8s.io/v1beta1", "kind": "NodeMaintenance",
