@@ -3,8 +3,8 @@ package producers
 import "github.com/prometheus/client_golang/prometheus"
 
 // Metrics count what the producers receive and publish, by source
-// (ingress, nodewatch, alertmanager, gitops, nodemaintenance, cli) and
-// event type.
+// (ingress, nodewatch, alertmanager, gitops, evacuation, nodemaintenance)
+// and event type.
 type Metrics struct {
 	Received  *prometheus.CounterVec
 	Published *prometheus.CounterVec

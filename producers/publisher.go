@@ -37,12 +37,39 @@ const errCodeStoreFailed jetstream.ErrorCode = 10077
 // Publisher publishes validated events.
 type Publisher struct {
 	JS jetstream.JetStream
+	// Metrics, when set, count what Publish is given and what JetStream
+	// says (received, published, duplicate, rejected) under Source. Leave it
+	// nil for producers that count at their own edge (ingress, nodewatch,
+	// alertmanager, nodemaintenance), or they count twice.
+	Metrics *Metrics
+	Source  string
 }
 
 // Publish validates e, derives its subject from its payload and publishes it
 // in CloudEvents binary mode, waiting for JetStream's acknowledgement. An
 // invalid event returns an error wrapping schemas.ErrInvalid and is not sent.
 func (p *Publisher) Publish(ctx context.Context, e event.Event) (Result, error) {
+	res, err := p.publish(ctx, e)
+	if m := p.Metrics; m != nil {
+		m.Received.WithLabelValues(p.Source, e.Type()).Inc()
+		switch {
+		case errors.Is(err, schemas.ErrInvalid):
+			m.Rejected.WithLabelValues(p.Source, "invalid").Inc()
+		case errors.Is(err, ErrBackPressure):
+			m.Rejected.WithLabelValues(p.Source, "back_pressure").Inc()
+		case err != nil:
+			m.Rejected.WithLabelValues(p.Source, "unavailable").Inc()
+		default:
+			m.Published.WithLabelValues(p.Source, e.Type()).Inc()
+			if res.Duplicate {
+				m.Duplicate.WithLabelValues(p.Source, e.Type()).Inc()
+			}
+		}
+	}
+	return res, err
+}
+
+func (p *Publisher) publish(ctx context.Context, e event.Event) (Result, error) {
 	payload, err := schemas.Decode(e)
 	if err != nil {
 		return Result{}, err

@@ -31,6 +31,9 @@ import (
 // Source is the CloudEvents source of what the Git producer publishes.
 const Source = "drover/gitops"
 
+// MetricsSource labels this producer's metrics (producers.Metrics).
+const MetricsSource = "gitops"
+
 // Bucket is the KV bucket that keeps the producer's state.
 const Bucket = "drover-gitops"
 
@@ -57,6 +60,8 @@ type Config struct {
 	TrustedKeysFile string
 	// Replicas of the KV bucket (default 1).
 	Replicas int
+	// Metrics count what the poller publishes (source "gitops"); nil: not counted.
+	Metrics *producers.Metrics
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -102,7 +107,7 @@ func New(cfg Config, js jetstream.JetStream, log zerolog.Logger) (*Poller, error
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	p := &Poller{cfg: cfg, js: js, pub: &producers.Publisher{JS: js}, log: log.With().Str("component", "gitops").Str("repo", cfg.URL).Logger(),
+	p := &Poller{cfg: cfg, js: js, pub: &producers.Publisher{JS: js, Metrics: cfg.Metrics, Source: MetricsSource}, log: log.With().Str("component", "gitops").Str("repo", cfg.URL).Logger(),
 		kick: make(chan struct{}, 1), reported: map[string]bool{}}
 	read := func(name, file string) ([]byte, error) {
 		b, err := os.ReadFile(file)

@@ -296,13 +296,14 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 		if err != nil {
 			return err
 		}
-		w := &evacuation.Watcher{KubeVirt: kv, Publisher: pub, Log: log.With().Str("component", "evacuation").Logger()}
+		w := &evacuation.Watcher{KubeVirt: kv, Publisher: &producers.Publisher{JS: pub.JS, Metrics: producerMetrics, Source: "evacuation"}, Log: log.With().Str("component", "evacuation").Logger()}
 		cleanups = append(cleanups, runWithStreams(ctx, nc, w.Start))
 	}
 	if o.Git.URL != "" {
 		poller, err := gitops.New(gitops.Config{URL: o.Git.URL, Branch: o.Git.Branch, Path: o.Git.Path, Interval: o.Git.Interval,
 			TokenFile: o.Git.TokenFile, SSHKeyFile: o.Git.SSHKeyFile, KnownHostsFile: o.Git.KnownHostsFile,
-			WebhookSecretFile: o.Git.WebhookSecretFile, TrustedKeysFile: o.Git.TrustedKeysFile, Replicas: o.Replicas}, js, log)
+			WebhookSecretFile: o.Git.WebhookSecretFile, TrustedKeysFile: o.Git.TrustedKeysFile, Replicas: o.Replicas,
+			Metrics: producerMetrics}, js, log)
 		if err != nil {
 			return usageError{err}
 		}
