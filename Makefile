@@ -44,7 +44,7 @@ test-unit: nats-server promtool
 # clusters at once: they run after the other packages, one package at a time, so that they do not starve
 # the simulator's timing-sensitive tests or each other.
 ## test-integration: the control plane, the simulator and the end-to-end tests (builds kube-apiserver and etcd first when missing)
-test-integration: controlplane alertmanager
+test-integration: controlplane alertmanager nats-server
 	$(GO) test -count=1 -timeout 40m $(GOTESTFLAGS) $$($(GO) list ./integration/... | grep -v -e '/integration/e2e$$' -e '/integration/recovery$$')
 	$(GO) test -p 1 -count=1 -timeout 40m $(GOTESTFLAGS) ./integration/e2e/ ./integration/recovery/
 

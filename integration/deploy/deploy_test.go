@@ -133,7 +133,10 @@ func TestConfig(t *testing.T) {
 			require.Equal(t, "nats://nats.drover.svc:4222", o.NATSURL)
 			require.Equal(t, 1, o.Replicas)
 		},
-		"overlays/nats-cluster": func(t *testing.T, o app.Options) { require.Equal(t, 3, o.Replicas) },
+		"overlays/nats-cluster": func(t *testing.T, o app.Options) {
+			require.Equal(t, 3, o.Replicas)
+			require.Equal(t, "/var/run/secrets/drover/nats/drover.nk", o.Client.NKey, "drover authenticates with its nkey")
+		},
 		"overlays/deckhouse":    func(t *testing.T, o app.Options) { require.Equal(t, "deckhouse", o.Platform) },
 	}
 	for _, name := range deploy.Kustomizations {
@@ -156,7 +159,15 @@ func TestConfig(t *testing.T) {
 				env[e.Name] = e.Value
 			}
 			// The ConfigMap is mounted where --config points.
-			require.Equal(t, "/etc/drover", c.VolumeMounts[0].MountPath)
+			var cmMount string
+			for _, m := range c.VolumeMounts {
+				for _, v := range d.Spec.Template.Spec.Volumes {
+					if v.Name == m.Name && v.ConfigMap != nil {
+						cmMount = m.MountPath
+					}
+				}
+			}
+			require.Equal(t, "/etc/drover", cmMount)
 			o, err := app.LoadOptions([]string{"--config", file}, func(k string) string { return env[k] })
 			require.NoError(t, err)
 			require.Equal(t, "0.0.0.0:9090", o.HTTPListen, "the probes and the Service reach the HTTP listener")
