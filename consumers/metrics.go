@@ -110,6 +110,21 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
+// DeadLetterCauses are the cause labels of drover_dead_letters_total.
+var DeadLetterCauses = []string{"invalid", "terminal", "budget", "orphan"}
+
+// initWorkflow creates the counters alerts take increase() of at 0 for a
+// workflow: a series that first appears at 1 has no increase, so the first
+// dead letter of a replica's life would never alert.
+func (m *Metrics) initWorkflow(workflow string) {
+	for _, cause := range DeadLetterCauses {
+		m.DeadLetters.WithLabelValues(workflow, cause)
+	}
+	for _, st := range []State{StateSucceeded, StateFailed, StateCancelled} {
+		m.Finished.WithLabelValues(workflow, string(st))
+	}
+}
+
 // finished counts an operation that reached a final state.
 func (m *Metrics) finished(workflow string, state State) {
 	if workflow != "" && state.Terminal() {

@@ -92,3 +92,58 @@ func TestMetricsFollowOperations(t *testing.T) {
 	require.Equal(t, 1.0, counter(m.DeadLetters, schemas.WorkflowMaintenance, "terminal"))
 	require.Zero(t, counter(m.Finished, schemas.WorkflowMaintenance, string(consumers.StateSucceeded)))
 }
+
+// TestAlertedCountersStartAtZero: the counters alerts take increase() of
+// exist at 0 for every registered workflow as soon as the runtime is built.
+// A series born at 1 has no increase, so the first dead letter of a replica's
+// life would never fire DroverDeadLetters.
+func TestAlertedCountersStartAtZero(t *testing.T) {
+	e := newEnv(t)
+	reg := prometheus.NewRegistry()
+	m := consumers.NewMetrics(reg)
+	h := consumers.HandlerFunc(func(context.Context, *consumers.Operation, consumers.Event) error { return nil })
+	_, err := consumers.NewRuntime(natstest.Connect(t, e.srv.URL()), testConfig(), zerolog.Nop(), m,
+		consumers.Workflow{Name: schemas.WorkflowMaintenance, Handler: h}, consumers.Workflow{Name: schemas.WorkflowRecovery, Handler: h})
+	require.NoError(t, err)
+	n, err := testutil.GatherAndCount(reg, "drover_dead_letters_total")
+	require.NoError(t, err)
+	require.Equal(t, 8, n, "a series per workflow and cause")
+	for _, wf := range []string{schemas.WorkflowMaintenance, schemas.WorkflowRecovery} {
+		for _, cause := range []string{"invalid", "terminal", "budget", "orphan"} {
+			require.Zero(t, testutil.ToFloat64(m.DeadLetters.WithLabelValues(wf, cause)))
+		}
+		for _, state := range []string{"succeeded", "failed", "cancelled"} {
+			require.Zero(t, testutil.ToFloat64(m.Finished.WithLabelValues(wf, state)))
+		}
+	}
+	n, err = testutil.GatherAndCount(reg, "drover_operations_finished_total")
+	require.NoError(t, err)
+	require.Equal(t, 6, n, "a series per workflow and final state")
+}
+
+// TestCancelledBeforeItRanIsCounted: an operation cancelled before it ever
+// ran (here: the end of a maintenance arrives before its request) is final
+// at once, and counted cancelled; its late request then runs nothing and is
+// not counted again.
+func TestCancelledBeforeItRanIsCounted(t *testing.T) {
+	e := newEnv(t)
+	m := consumers.NewMetrics(prometheus.NewRegistry())
+	h := consumers.HandlerFunc(func(context.Context, *consumers.Operation, consumers.Event) error { return nil })
+	rt, err := consumers.NewRuntime(natstest.Connect(t, e.srv.URL()), testConfig(), zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel), m,
+		consumers.Workflow{Name: schemas.WorkflowMaintenance, Handler: h})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- rt.Start(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	cancelled := func() float64 {
+		return testutil.ToFloat64(m.Finished.WithLabelValues(schemas.WorkflowMaintenance, string(consumers.StateCancelled)))
+	}
+	e.publish("end-early", &schemas.MaintenanceEnded{Node: "node-2", RequestID: "req-late"})
+	e.eventually(func() bool { return cancelled() == 1 }, "the operation cancelled before it ran is counted")
+	e.publish("start-late", maintenance("node-2", "req-late"))
+	e.eventually(func() bool { return e.streamMsgs(consumers.StreamRequests) == 0 }, "late request settled")
+	require.Equal(t, consumers.StateCancelled, e.state(consumers.MaintenanceOperationKey("node-2", "req-late")))
+	require.Equal(t, 1.0, cancelled(), "counted once")
+}

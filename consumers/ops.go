@@ -231,6 +231,9 @@ func (s *OpStore) List(ctx context.Context, filter string) ([]Record, error) {
 type CancelResult struct {
 	Marked  []string          // operations marked cancel-requested (or cancelled outright)
 	Refused map[string]string // operation -> why it can no longer be cancelled
+	// Cancelled are the marked operations that never started and so were
+	// cancelled outright (final now), by workflow.
+	Cancelled map[string][]string
 }
 
 // RequestCancel marks every pending, waiting, suspended or running operation
@@ -257,8 +260,9 @@ func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, t
 		}
 	}
 	for _, key := range keys {
-		var refused string
+		var refused, outright string
 		_, err := s.Mutate(ctx, key, func(r *Record) error {
+			outright = ""
 			switch {
 			case r.State.Terminal(), r.CancelRequested:
 				return errNoChange
@@ -272,6 +276,7 @@ func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, t
 				if r.Workflow == "" {
 					r.Workflow, r.Target = workflow, target
 				}
+				outright = r.Workflow
 			}
 			r.CancelRequested = true
 			r.CancelReason = reason
@@ -285,6 +290,12 @@ func (s *OpStore) RequestCancel(ctx context.Context, filter, reason, workflow, t
 			continue
 		}
 		res.Marked = append(res.Marked, key)
+		if outright != "" {
+			if res.Cancelled == nil {
+				res.Cancelled = map[string][]string{}
+			}
+			res.Cancelled[outright] = append(res.Cancelled[outright], key)
+		}
 	}
 	return res, nil
 }

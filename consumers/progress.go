@@ -249,6 +249,32 @@ func purgeProgress(ctx context.Context, js jetstream.JetStream, kv jetstream.Key
 	return nil
 }
 
+// ReadProgressKeys returns every target's progress of an operation the way
+// a client without consumer permissions can: the keys from the bucket's
+// subject index, then a direct get of each (drover status OPERATION).
+func ReadProgressKeys(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, op string) (map[string]TargetProgress, error) {
+	keys, err := BucketKeys(ctx, js, BucketProgress, op+".*")
+	if err != nil {
+		return nil, fmt.Errorf("list progress of %s: %w", op, err)
+	}
+	out := make(map[string]TargetProgress, len(keys))
+	for _, key := range keys {
+		e, err := kv.Get(ctx, key)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue // purged meanwhile (a new generation)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read progress %s: %w", key, err)
+		}
+		var pe progressEntry
+		if json.Unmarshal(e.Value(), &pe) != nil || pe.Target == "" {
+			continue
+		}
+		out[pe.Target] = pe.TargetProgress
+	}
+	return out, nil
+}
+
 // ReadProgress returns every target's progress of an operation.
 func ReadProgress(ctx context.Context, kv jetstream.KeyValue, op string) (map[string]TargetProgress, error) {
 	b := &progressBook{op: op, cur: map[string]TargetProgress{}, revs: map[string]uint64{}}

@@ -159,6 +159,9 @@ func NewRuntime(nc *nats.Conn, cfg Config, log zerolog.Logger, metrics *Metrics,
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
+	for _, wf := range wfs {
+		metrics.initWorkflow(wf.Name)
+	}
 	host, _ := os.Hostname()
 	final, stopFinal := context.WithCancel(context.Background())
 	return &Runtime{final: final, stopFinal: stopFinal, cfg: cfg, nc: nc, js: js, log: log, metrics: metrics, workflows: wfs,
@@ -447,6 +450,11 @@ func (r *Runtime) route(d *delivery) bool {
 		}
 		if len(res.Marked) > 0 {
 			d.log.Info().Strs("cancelled", res.Marked).Msg("cancel requested")
+		}
+		for wf, keys := range res.Cancelled {
+			for range keys {
+				r.metrics.finished(wf, StateCancelled)
+			}
 		}
 		for key, why := range res.Refused {
 			d.log.Info().Str("refused", key).Str("why", why).Msg("cancel refused: the operation is past its point of no return")

@@ -107,9 +107,13 @@ func For(role Role, user string) (Grants, error) {
 		Publish:   []string{UserInfoSubject},
 		Subscribe: []string{InboxPrefix(user) + ".>", RoleSubjectPrefix + string(role)},
 	}
+	// Reading operations (drover status [OPERATION]): records and per-VM
+	// progress by the stream's subject index and direct gets, no consumer.
 	readOperations := []string{
 		jsAPI("STREAM.INFO", "KV_"+consumers.BucketOps),
 		jsAPI("DIRECT.GET", "KV_"+consumers.BucketOps) + ".$KV." + consumers.BucketOps + ".>",
+		jsAPI("STREAM.INFO", "KV_"+consumers.BucketProgress),
+		jsAPI("DIRECT.GET", "KV_"+consumers.BucketProgress) + ".$KV." + consumers.BucketProgress + ".>",
 	}
 	switch role {
 	case RoleOperator:
@@ -127,7 +131,6 @@ func For(role Role, user string) (Grants, error) {
 			// dlq replay, op retry: a new generation of the operation, its
 			// progress cleared.
 			kvSubjects(consumers.BucketOps),
-			jsAPI("STREAM.INFO", "KV_"+consumers.BucketProgress),
 			kvSubjects(consumers.BucketProgress),
 		)
 		g.PublishDeny = []string{"$KV." + consumers.BucketOps + "." + nodeStateKeys}

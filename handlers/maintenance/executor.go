@@ -527,12 +527,12 @@ func (h *Handler) finish(ctx context.Context, op *consumers.Operation, st *State
 			failed = append(failed, v.Key()+": "+v.Reason)
 		}
 	}
-	if first {
-		outcome := "completed"
-		if len(failed) > 0 {
-			outcome = "failed"
+	// Observed once the final checkpoint holds (Finished set): a retry
+	// after a failed checkpoint does not observe it again.
+	observe := func(outcome string) {
+		if first {
+			h.Metrics.makespan(outcome, st.Makespan.Seconds())
 		}
-		h.Metrics.makespan(outcome, st.Makespan.Seconds())
 	}
 	figures := fmt.Sprintf("makespan %s (plan estimate %s, lower bound %s)", roundDur(st.Makespan), roundDur(st.Plan.Estimate), roundDur(st.Plan.LowerBound))
 	if len(failed) > 0 {
@@ -542,12 +542,17 @@ func (h *Handler) finish(ctx context.Context, op *consumers.Operation, st *State
 		if err := op.Checkpoint(ctx, "failed", st.Message, st); err != nil {
 			return err
 		}
+		observe("failed")
 		return consumers.Terminal(errors.New(st.Message))
 	}
 	st.Outcome = "completed"
 	st.Message = fmt.Sprintf("completed: %s; %s", h.counts(st), figures)
 	c.RecordNode(st.Request.Node, corev1.EventTypeNormal, "MaintenanceCompleted", st.Message)
-	return op.Checkpoint(ctx, "completed", st.Message, st)
+	if err := op.Checkpoint(ctx, "completed", st.Message, st); err != nil {
+		return err
+	}
+	observe("completed")
+	return nil
 }
 
 // stepRestart shuts a VM down through its run strategy (never deleting the

@@ -137,7 +137,7 @@ func TestConfig(t *testing.T) {
 			require.Equal(t, 3, o.Replicas)
 			require.Equal(t, "/var/run/secrets/drover/nats/drover.nk", o.Client.NKey, "drover authenticates with its nkey")
 		},
-		"overlays/deckhouse":    func(t *testing.T, o app.Options) { require.Equal(t, "deckhouse", o.Platform) },
+		"overlays/deckhouse": func(t *testing.T, o app.Options) { require.Equal(t, "deckhouse", o.Platform) },
 	}
 	for _, name := range deploy.Kustomizations {
 		t.Run(name, func(t *testing.T) {

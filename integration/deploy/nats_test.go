@@ -88,6 +88,24 @@ func TestNATSClusterIsAuthenticated(t *testing.T) {
 		}
 	}
 	require.True(t, seedMounted, "%s is not in a mount of the Secret drover-nats", seed)
+	// The kubelet writes Secret files root-owned, group fsGroup, with defaultMode: the non-root
+	// process reads the seed through its group.
+	psc := dep.Spec.Template.Spec.SecurityContext
+	require.NotNil(t, psc.RunAsUser)
+	require.NotZero(t, *psc.RunAsUser, "drover runs as non-root")
+	require.NotNil(t, psc.FSGroup, "without fsGroup the non-root process cannot read a 0440 Secret")
+	require.NotNil(t, psc.RunAsGroup)
+	require.Equal(t, *psc.RunAsGroup, *psc.FSGroup)
+	for _, v := range dep.Spec.Template.Spec.Volumes {
+		if v.Secret != nil {
+			mode := int32(0o644)
+			if v.Secret.DefaultMode != nil {
+				mode = *v.Secret.DefaultMode
+			}
+			require.NotZero(t, mode&0o040, "Secret %s is not group-readable (mode %o)", v.Secret.SecretName, mode)
+			require.Zero(t, mode&0o007, "Secret %s is readable by others (mode %o)", v.Secret.SecretName, mode)
+		}
+	}
 	require.NotNil(t, find(t, objs, "NetworkPolicy", "nats"))
 
 	// The real server with the rendered configuration: a folder laid out as the pod sees it.

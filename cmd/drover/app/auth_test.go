@@ -345,6 +345,25 @@ func roleScenario(t *testing.T, s authSetup) {
 		code, out, errOut := s.as(t, chatbot, "status", "-o", "json")
 		require.Equal(t, ExitOK, code, errOut)
 		require.Contains(t, out, key)
+
+		// One operation with every VM: each role that reads status may (no
+		// JetStream consumer needed), the fencer may not. (Written once the
+		// operation has finished, so that no attempt takes it for its own.)
+		require.Eventually(t, func() bool {
+			recs := ops(key)
+			return len(recs) == 1 && !recs[0].Finished.IsZero()
+		}, 20*time.Second, 50*time.Millisecond)
+		pkv, err := s.admin.KeyValue(ctx, consumers.BucketProgress)
+		require.NoError(t, err)
+		_, err = pkv.Put(ctx, consumers.ProgressKey(key, "default/vm-7"), []byte(`{"target":"default/vm-7","phase":"Migrating","node":"node-9","generation":1,"attempt":1}`))
+		require.NoError(t, err)
+		for _, role := range []natsauth.Role{operator, chatbot, observer} {
+			code, out, errOut := s.as(t, role, "status", key)
+			require.Equal(t, ExitOK, code, "status %s as %s: %s", key, role, errOut)
+			require.Contains(t, out, "default/vm-7", "as %s", role)
+			require.Contains(t, out, "Migrating", "as %s", role)
+		}
+		refused(t, fencer, "$JS.API.STREAM.INFO.KV_drover-ops", "status", key)
 	})
 
 	t.Run("an observer publishes nothing", func(t *testing.T) {

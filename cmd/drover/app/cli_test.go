@@ -52,6 +52,13 @@ func TestCompletion(t *testing.T) {
 	require.Contains(t, out, "--reason")
 	require.Contains(t, out, "--request-id")
 	require.Contains(t, out, "--return-home")
+	// -o offers its formats, not file names.
+	code, out, _ = offline(t, "__complete", "status", "-o", "")
+	require.Equal(t, ExitOK, code)
+	for _, f := range []string{"table", "json", "yaml"} {
+		require.Contains(t, out, f+"\n")
+	}
+	require.Contains(t, out, ":4\n", "no file completion")
 	code, _, _ = offline(t, "completion", "tcsh")
 	require.Equal(t, ExitUsage, code)
 }

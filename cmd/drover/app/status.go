@@ -26,7 +26,9 @@ var outputFormats = []string{"table", "json", "yaml"}
 
 // outputFlag registers -o/--output on cmd.
 func outputFlag(cmd *cobra.Command) *string {
-	return cmd.Flags().StringP("output", "o", "table", "output format: "+strings.Join(outputFormats, ", "))
+	o := cmd.Flags().StringP("output", "o", "table", "output format: "+strings.Join(outputFormats, ", "))
+	_ = cmd.RegisterFlagCompletionFunc("output", cobra.FixedCompletions(outputFormats, cobra.ShellCompDirectiveNoFileComp))
+	return o
 }
 
 func checkOutput(o string) error {
@@ -170,7 +172,7 @@ func (c *cli) showOperation(js jetstream.JetStream, key, format string) error {
 	case err != nil:
 		return fmt.Errorf("open %s: %w", consumers.BucketProgress, err)
 	default:
-		targets, err := consumers.ReadProgress(c.ctx, kv, key)
+		targets, err := consumers.ReadProgressKeys(c.ctx, js, kv, key)
 		if err != nil {
 			return err
 		}
