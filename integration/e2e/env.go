@@ -12,7 +12,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"sort"
 	"strconv"
 	"strings"
@@ -437,17 +436,6 @@ func (e *Env) Metric(ctx context.Context, prefix string) (float64, error) {
 }
 
 // Kubectl is the kubectl binary the tests and the benchmark run: $KUBECTL,
-// else kubectl on PATH, else /usr/bin/kubectl. The machine image has it
-// (shared/DEPENDENCIES.md); the simulator's own drain tests rely on it too.
-func Kubectl() (string, error) {
-	if k := os.Getenv("KUBECTL"); k != "" {
-		return k, nil
-	}
-	if p, err := exec.LookPath("kubectl"); err == nil {
-		return p, nil
-	}
-	if _, err := os.Stat("/usr/bin/kubectl"); err != nil {
-		return "", err
-	}
-	return "/usr/bin/kubectl", nil
-}
+// else kubectl on PATH, else /usr/bin/kubectl (deploy.Kubectl). The machine
+// image has it (shared/DEPENDENCIES.md).
+func Kubectl() (string, error) { return deploy.Kubectl() }
