@@ -2,6 +2,7 @@ package gitops
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,6 +50,9 @@ type Config struct {
 	Interval time.Duration
 	// TokenFile holds a token for HTTPS (sent as the password of basic auth).
 	TokenFile string
+	// CAFile holds PEM certificates to trust for an HTTPS server whose
+	// certificate the system's roots do not sign (a private CA).
+	CAFile string
 	// SSHKeyFile is a private key for SSH; KnownHostsFile the known hosts.
 	SSHKeyFile     string
 	KnownHostsFile string
@@ -68,13 +72,15 @@ type Config struct {
 
 // Poller polls a repository and publishes the requests found in it.
 type Poller struct {
-	cfg     Config
-	js      jetstream.JetStream
-	pub     *producers.Publisher
-	log     zerolog.Logger
-	auth    transport.AuthMethod
-	keyring string
-	secret  []byte
+	cfg Config
+	js  jetstream.JetStream
+	pub *producers.Publisher
+	// caBundle is CAFile's content (nil: the system's roots).
+	caBundle []byte
+	log      zerolog.Logger
+	auth     transport.AuthMethod
+	keyring  string
+	secret   []byte
 
 	kick chan struct{}
 
@@ -115,6 +121,16 @@ func New(cfg Config, js jetstream.JetStream, log zerolog.Logger) (*Poller, error
 			return nil, fmt.Errorf("gitops: %s: %w", name, err)
 		}
 		return b, nil
+	}
+	if cfg.CAFile != "" {
+		b, err := read("CA file", cfg.CAFile)
+		if err != nil {
+			return nil, err
+		}
+		if !x509.NewCertPool().AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("gitops: CA file %s holds no PEM certificate", cfg.CAFile)
+		}
+		p.caBundle = b
 	}
 	switch {
 	case cfg.TokenFile != "":
@@ -272,7 +288,7 @@ func (p *Poller) open(ctx context.Context) error {
 // old one) and returns its commit.
 func (p *Poller) fetch(ctx context.Context) (*object.Commit, error) {
 	ref := plumbing.NewRemoteReferenceName("origin", p.cfg.Branch)
-	err := p.repo.FetchContext(ctx, &git.FetchOptions{RemoteName: "origin", Auth: p.auth, Force: true,
+	err := p.repo.FetchContext(ctx, &git.FetchOptions{RemoteName: "origin", Auth: p.auth, Force: true, CABundle: p.caBundle,
 		RefSpecs: []gitconfig.RefSpec{gitconfig.RefSpec("+refs/heads/" + p.cfg.Branch + ":" + ref.String())}})
 	if err != nil && !errors.Is(err, git.NoErrAlreadyUpToDate) {
 		return nil, fmt.Errorf("gitops: fetch %s of %s: %w", p.cfg.Branch, p.cfg.URL, err)

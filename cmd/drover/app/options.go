@@ -99,6 +99,7 @@ type GitOptions struct {
 	Path              string        `json:"path"`
 	Interval          time.Duration `json:"interval"`
 	TokenFile         string        `json:"tokenFile"`
+	CAFile            string        `json:"caFile"`
 	SSHKeyFile        string        `json:"sshKeyFile"`
 	KnownHostsFile    string        `json:"knownHostsFile"`
 	WebhookSecretFile string        `json:"webhookSecretFile"`
@@ -259,6 +260,7 @@ func (o *Options) fields() []field {
 	add("git-path", "glob of request files in the repository", str(&o.Git.Path))
 	add("git-interval", "how often to poll the repository (POST /git/webhook polls at once)", dur(&o.Git.Interval))
 	add("git-token-file", "file with a token for HTTPS", str(&o.Git.TokenFile))
+	add("git-ca-file", "PEM certificates to trust for the HTTPS Git server (a private CA); empty: the system's roots", str(&o.Git.CAFile))
 	add("git-ssh-key-file", "private key file for SSH", str(&o.Git.SSHKeyFile))
 	add("git-known-hosts", "known_hosts file for SSH", str(&o.Git.KnownHostsFile))
 	add("git-webhook-secret-file", "file with the secret POST /git/webhook checks (GitHub/Gitea HMAC, GitLab token)", str(&o.Git.WebhookSecretFile))

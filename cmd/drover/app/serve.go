@@ -301,7 +301,7 @@ func Serve(ctx context.Context, o Options, log zerolog.Logger, ready func(Info))
 	}
 	if o.Git.URL != "" {
 		poller, err := gitops.New(gitops.Config{URL: o.Git.URL, Branch: o.Git.Branch, Path: o.Git.Path, Interval: o.Git.Interval,
-			TokenFile: o.Git.TokenFile, SSHKeyFile: o.Git.SSHKeyFile, KnownHostsFile: o.Git.KnownHostsFile,
+			TokenFile: o.Git.TokenFile, CAFile: o.Git.CAFile, SSHKeyFile: o.Git.SSHKeyFile, KnownHostsFile: o.Git.KnownHostsFile,
 			WebhookSecretFile: o.Git.WebhookSecretFile, TrustedKeysFile: o.Git.TrustedKeysFile, Replicas: o.Replicas,
 			Metrics: producerMetrics}, js, log)
 		if err != nil {
