@@ -132,6 +132,31 @@ func TestDrainHonoursDisruptionBudget(t *testing.T) {
 		mustNode(t, s, n, NodeOptions{Labels: map[string]string{"role": "web"}})
 	}
 	mustNode(t, s, "other", NodeOptions{})
+	// Both web nodes schedulable (seen, Ready, no taint) before the pods exist, so that
+	// the scheduler spreads them two and one: a node still starting up would
+	// take none of them (a CI run on a busy machine put all three on web-a).
+	eventually(t, 30*time.Second, "web-a and web-b schedulable", func() (bool, string) {
+		var state []string
+		ok := true
+		for _, name := range []string{"web-a", "web-b"} {
+			// As the simulator's scheduler sees it (its cache).
+			obj, found, err := s.nodeInformer.GetStore().GetByKey(name)
+			require.NoError(t, err)
+			if !found {
+				ok = false
+				state = append(state, name+" not in the scheduler's cache")
+				continue
+			}
+			n := obj.(*corev1.Node)
+			ready := false
+			for _, c := range n.Status.Conditions {
+				ready = ready || (c.Type == corev1.NodeReady && c.Status == corev1.ConditionTrue)
+			}
+			ok = ok && ready && len(n.Spec.Taints) == 0 && !n.Spec.Unschedulable
+			state = append(state, fmt.Sprintf("%s ready=%t taints=%v", name, ready, n.Spec.Taints))
+		}
+		return ok, fmt.Sprint(state)
+	})
 	labels := map[string]string{"app": "web"}
 	rs := &appsv1.ReplicaSet{
 		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: testNS},
