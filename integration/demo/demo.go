@@ -147,19 +147,12 @@ func Run(ctx context.Context, o Options) (sum Summary, err error) {
 
 	r.scene(fmt.Sprintf("2. The KubeVirt/kubelet simulator: %d nodes, %d VMs, time x%g", o.Nodes, o.VMs, o.TimeScale))
 	simLog := log.With().Str("component", "sim").Logger()
-	r.s, err = sim.New(r.c.Config, sim.Options{TimeScale: o.TimeScale, Logger: &simLog})
+	var stopSim func() error
+	r.s, stopSim, err = sim.Start(ctx, r.c.Config, sim.Options{TimeScale: o.TimeScale, Logger: &simLog})
 	if err != nil {
 		return sum, err
 	}
-	simCtx, stopSim := context.WithCancel(ctx)
-	simDone := make(chan error, 1)
-	go func() { simDone <- r.s.Run(simCtx) }()
-	cleanups = append(cleanups, func() { stopSim(); <-simDone })
-	select {
-	case <-r.s.Ready():
-	case err := <-simDone:
-		return sum, fmt.Errorf("simulator: %w", err)
-	}
+	cleanups = append(cleanups, func() { _ = stopSim() })
 	start = time.Now()
 	seed, err := r.s.Seed(ctx, sim.SeedOptions{Nodes: o.Nodes, VMs: o.VMs})
 	if err != nil {

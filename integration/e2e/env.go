@@ -106,21 +106,14 @@ func Start(ctx context.Context, o Options) (e *Env, err error) {
 		}
 		sc.Configure(&simOpts)
 	}
-	e.Sim, err = sim.New(e.Cluster.Config, simOpts)
+	sctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	var stop func() error
+	e.Sim, stop, err = sim.Start(sctx, e.Cluster.Config, simOpts)
 	if err != nil {
 		return e, err
 	}
-	sctx, stop := context.WithCancel(context.WithoutCancel(ctx))
-	done := make(chan error, 1)
-	go func() { done <- e.Sim.Run(sctx) }()
-	e.cleanups = append(e.cleanups, func() { stop(); <-done })
-	select {
-	case <-e.Sim.Ready():
-	case err := <-done:
-		return e, fmt.Errorf("simulator: %w", err)
-	case <-time.After(90 * time.Second):
-		return e, fmt.Errorf("simulator not ready within 90s")
-	}
+	e.cleanups = append(e.cleanups, func() { _ = stop() })
 	e.Kube, e.KubeVirt = e.Sim.Kube, e.Sim.KubeVirt
 	if sc != nil {
 		if _, err := e.Sim.SeedScenario(ctx, sc); err != nil {

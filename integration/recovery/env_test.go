@@ -109,28 +109,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	if o.Sim != nil {
 		o.Sim(&opts)
 	}
-	s, err := sim.New(e.c.Config, opts)
-	require.NoError(t, err)
-	e.s = s
-	sctx, stop := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(sctx) }()
-	t.Cleanup(func() {
-		stop()
-		select {
-		case err := <-done:
-			require.NoError(t, err)
-		case <-time.After(30 * time.Second):
-			t.Error("simulator did not stop within 30s")
-		}
-	})
-	select {
-	case <-s.Ready():
-	case err := <-done:
-		t.Fatalf("simulator: %v", err)
-	case <-time.After(60 * time.Second):
-		t.Fatal("simulator not ready within 60s")
-	}
+	e.s = sim.StartT(t, e.c.Config, opts)
 	e.nats = natstest.Start(t)
 	t.Cleanup(e.stopDrovers) // before the NATS server stops
 	e.nc = natstest.Connect(t, e.nats.URL())

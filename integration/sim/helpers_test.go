@@ -67,28 +67,7 @@ func startSim(t *testing.T, opts Options) *Simulator {
 // returns it once it is ready; Run must return within 30 s of the end.
 func runSim(t *testing.T, c *cluster.Cluster, opts Options) *Simulator {
 	t.Helper()
-	s, err := New(c.Config, opts)
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			require.NoError(t, err)
-		case <-time.After(30 * time.Second):
-			t.Error("Run did not return within 30s of its context ending")
-		}
-	})
-	select {
-	case <-s.Ready():
-	case err := <-done:
-		t.Fatalf("Run: %v", err)
-	case <-time.After(60 * time.Second):
-		t.Fatal("simulator not ready within 60s")
-	}
-	return s
+	return StartT(t, c.Config, opts)
 }
 
 // eventually polls cond (reading the simulator's caches or the API) until it
